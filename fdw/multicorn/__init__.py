@@ -1,0 +1,142 @@
+"""Multicorn2's Python API, as run by the llmfdw FDW host.
+
+FDW classes import from here exactly as they would from Multicorn2
+(``from multicorn import ForeignDataWrapper, Qual``), so the same classes also
+run under a real Multicorn2.  The host (fdw/src) builds Qual and
+ColumnDefinition objects from this module; their shapes follow Multicorn2's.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, namedtuple
+from typing import Any, Iterable, Mapping
+
+__all__ = [
+    "ANY",
+    "ALL",
+    "ColumnDefinition",
+    "ForeignDataWrapper",
+    "Qual",
+    "SortKey",
+    "TableDefinition",
+]
+
+ANY = object()
+ALL = object()
+
+SortKey = namedtuple("SortKey", ["attname", "attnum", "is_reversed", "nulls_first", "collate"])
+
+
+class Qual:
+    """A restriction ``field_name operator value`` pushed down by Postgres.
+
+    ``operator`` is the operator's name (``=``, ``<>``, ``~~`` for LIKE, ...)
+    or, for ``col op ANY/ALL(array)``, a tuple ``(name, True)`` for ANY and
+    ``(name, False)`` for ALL; then ``value`` is a list.  ``IS NULL`` is
+    ``Qual(col, "=", None)`` and ``IS NOT NULL`` is ``Qual(col, "<>", None)``.
+    """
+
+    def __init__(self, field_name: str, operator: str | tuple[str, bool], value: Any) -> None:
+        self.field_name = field_name
+        self.operator = operator
+        self.value = value
+
+    @property
+    def is_list_operator(self) -> bool:
+        return isinstance(self.operator, tuple)
+
+    @property
+    def list_any_or_all(self) -> object | None:
+        if not self.is_list_operator:
+            return None
+        return ANY if self.operator[1] else ALL
+
+    def __repr__(self) -> str:
+        if self.is_list_operator:
+            name, any_ = self.operator
+            return f"{self.field_name} {name} {'ANY' if any_ else 'ALL'}({self.value!r})"
+        return f"{self.field_name} {self.operator} {self.value!r}"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Qual)
+            and (self.field_name, self.operator, self.value)
+            == (other.field_name, other.operator, other.value)
+        )
+
+    def __hash__(self) -> int:
+        value = tuple(self.value) if isinstance(self.value, list) else self.value
+        return hash((self.field_name, self.operator, value))
+
+
+class ColumnDefinition:
+    """A column of the foreign table, as the FDW class's constructor sees it."""
+
+    def __init__(
+        self,
+        column_name: str,
+        type_oid: int = 0,
+        typmod: int = 0,
+        type_name: str = "",
+        base_type_name: str = "",
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        self.column_name = column_name
+        self.type_oid = type_oid
+        self.typmod = typmod
+        self.type_name = type_name
+        self.base_type_name = base_type_name
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        return f"{self.column_name} {self.type_name}"
+
+    def to_statement(self) -> str:
+        return f'"{self.column_name}" {self.type_name}'
+
+
+class TableDefinition:
+    """A foreign table to create, as returned by import_schema()."""
+
+    def __init__(
+        self,
+        table_name: str,
+        columns: Iterable[ColumnDefinition] = (),
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        self.table_name = table_name
+        self.columns = list(columns)
+        self.options = dict(options or {})
+
+    def to_statement(self, schema_name: str, server_name: str) -> str:
+        cols = ",\n  ".join(c.to_statement() for c in self.columns)
+        stmt = f'CREATE FOREIGN TABLE "{schema_name}"."{self.table_name}" (\n  {cols}\n) SERVER "{server_name}"'
+        if self.options:
+            opts = ", ".join(f"{k} '{str(v).replace(chr(39), chr(39) * 2)}'" for k, v in self.options.items())
+            stmt += f" OPTIONS ({opts})"
+        return stmt
+
+
+class ForeignDataWrapper:
+    """Base class of FDW classes; subclassing is optional (methods are looked up by name)."""
+
+    _startup_cost = 20
+
+    def __init__(self, fdw_options: dict[str, str], fdw_columns: "OrderedDict[str, ColumnDefinition]") -> None:
+        self.fdw_options = fdw_options
+        self.fdw_columns = fdw_columns
+
+    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        return (100000000, len(columns) * 100)
+
+    def get_path_keys(self) -> list[tuple[tuple[str, ...], float]]:
+        return []
+
+    def execute(self, quals: list[Qual], columns: set[str], sortkeys: list[SortKey] | None = None) -> Iterable[Any]:
+        raise NotImplementedError("an FDW class must implement execute()")
+
+    def explain(self, quals: list[Qual], columns: set[str], sortkeys: list[SortKey] | None = None,
+                verbose: bool = False) -> Iterable[str]:
+        return []
+
+    def end_scan(self) -> None:
+        pass

@@ -1,0 +1,143 @@
+"""Key columns: which quals a virtual table needs, and what they become.
+
+As in Steampipe, each table declares its key columns: the quals that turn
+into request fields.  A required key column missing from the query fails
+with an error that names the column and the operators it accepts, and a hint
+with a query that works.  An operator a key column cannot turn into a
+request (``max_tokens > 5``) is an error too, rather than a silently empty
+result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from multicorn import Qual
+
+from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
+
+Check = Callable[[Any], "str | None"]
+
+
+@dataclass(frozen=True)
+class KeyColumn:
+    """A column whose quals become part of the request."""
+
+    name: str
+    required: bool = False
+    many: bool = False          # accepts col = ANY(array): one row per element
+    check: Check | None = None  # returns a message when a value is invalid
+
+    @property
+    def operators(self) -> str:
+        return "= or = ANY(array)" if self.many else "="
+
+
+@dataclass
+class Resolved:
+    """Values per key column.  values[name] is a list (several for ANY);
+    `empty` is True when the quals can match no row (e.g. col = NULL)."""
+
+    values: dict[str, list[Any]]
+    empty: bool = False
+
+    def one(self, name: str, default: Any = None) -> Any:
+        vals = self.values.get(name)
+        return vals[0] if vals else default
+
+
+def in_range(name: str, low: float, high: float, low_open: bool = False) -> Check:
+    """A check for a number within [low, high] (or (low, high])."""
+
+    def check(value: Any) -> str | None:
+        ok = (low < value if low_open else low <= value) and value <= high
+        if ok:
+            return None
+        bracket = "(" if low_open else "["
+        return f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}"
+
+    return check
+
+
+def at_least(name: str, low: int) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value >= low else f"{name} must be at least {low}, got {value!r}"
+
+    return check
+
+
+class KeyColumns:
+    """The key columns of one table, and how to read quals against them."""
+
+    def __init__(self, table: str, columns: Iterable[KeyColumn], example: str) -> None:
+        self.table = table
+        self.columns = {c.name: c for c in columns}
+        self.example = example
+
+    @property
+    def required(self) -> list[KeyColumn]:
+        return [c for c in self.columns.values() if c.required]
+
+    def has_required(self, quals: Iterable[Qual]) -> bool:
+        """Whether the quals (as seen at plan time) supply every required column."""
+        names = {q.field_name for q in quals if self._usable(q)}
+        return all(c.name in names for c in self.required)
+
+    def _usable(self, qual: Qual) -> bool:
+        col = self.columns.get(qual.field_name)
+        if col is None:
+            return False
+        if qual.is_list_operator:
+            return col.many and qual.operator == ("=", True)
+        return qual.operator == "="
+
+    def resolve(self, quals: Iterable[Qual]) -> Resolved:
+        """Collect the values of key columns; raise a clear error for a
+        missing required column, an unusable operator, or an invalid value."""
+        values: dict[str, list[Any]] = {}
+        empty = False
+        for qual in quals:
+            col = self.columns.get(qual.field_name)
+            if col is None:
+                continue  # an output column: Postgres filters on it
+            if not self._usable(qual):
+                raise LlmError(
+                    f"{self.table}.{col.name} only supports {col.operators}, not {_op(qual)}",
+                    hint=self.example,
+                    sqlstate=INVALID_PARAMETER_VALUE,
+                )
+            given = qual.value if qual.is_list_operator else [qual.value]
+            given = [v for v in given if v is not None]
+            if not given:
+                empty = True
+            for v in given:
+                self._check(col, v)
+            if col.name in values:  # several quals on one column: intersect
+                values[col.name] = [v for v in values[col.name] if v in given]
+                empty = empty or not values[col.name]
+            else:
+                values[col.name] = list(dict.fromkeys(given))  # distinct, in order
+        for col in self.required:
+            if col.name not in values and not empty:
+                raise LlmError(
+                    f'{self.table} needs a value for "{col.name}": add WHERE {col.name} {col.operators.split(" or ")[0]} ...',
+                    hint=self.example,
+                    sqlstate=INVALID_PARAMETER_VALUE,
+                )
+        return Resolved(values, empty)
+
+    def _check(self, col: KeyColumn, value: Any) -> None:
+        if col.check is None:
+            return
+        problem = col.check(value)
+        if problem:
+            raise LlmError(problem, sqlstate=INVALID_PARAMETER_VALUE)
+
+
+def _op(qual: Qual) -> str:
+    if qual.is_list_operator:
+        name, any_ = qual.operator
+        return f"{name} {'ANY' if any_ else 'ALL'}(array)"
+    if qual.value is None:
+        return "IS NULL" if qual.operator == "=" else "IS NOT NULL"
+    return {"~~": "LIKE", "~~*": "ILIKE", "!~~": "NOT LIKE"}.get(qual.operator, qual.operator)

@@ -1,0 +1,273 @@
+"""The virtual tables: llm.completions, llm.embeddings, llm.models.
+
+Each is a Multicorn-API FDW class.  A foreign server names
+``llmfdw.fdw.tables.SidecarTables`` as its wrapper; each foreign table's
+``table`` option picks the class.  Options (later wins): table, then server,
+then user mapping.  Server: ``address`` (required), ``timeout`` (seconds,
+default 600), ``tenant``; user mapping: ``token``.  Table: ``table``,
+``model`` (the default model).
+"""
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from typing import Any, Iterator
+
+from multicorn import ColumnDefinition, ForeignDataWrapper, Qual
+from multicorn.utils import check_interrupts
+
+from llmfdw.fdw.client import CallControl, SidecarClient, new_request_id
+from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
+from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, Resolved, at_least, in_range
+from llmfdw.v1 import llmfdw_pb2 as pb
+
+try:  # inside the llmfdw host
+    import _llmfdw_host as _host
+except ImportError:  # under a real Multicorn2, or plain Python
+    _host = None
+
+# Planner estimates.  A scan without its required qual can only fail, so it
+# is costed out of reach: the planner then prefers a parameterized nested
+# loop that feeds the qual from a join (as Steampipe does).
+UNUSABLE_ROWS = 1e9
+
+
+def _should_stop() -> bool:
+    if _host is not None:
+        return bool(_host.interrupt_pending())
+    check_interrupts()
+    return False
+
+
+def _time_left() -> float | None:
+    return _host.statement_time_left() if _host is not None else None
+
+
+class SidecarTable(ForeignDataWrapper):
+    """Common plumbing: options, the client, the request context."""
+
+    table = ""
+    keys: KeyColumns
+
+    def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
+        super().__init__(options, columns)
+        self.options = options
+        self.columns = columns
+        self.address = options.get("address")
+        if not self.address:
+            raise LlmError(
+                "the llmfdw server has no address option",
+                hint="ALTER SERVER llm_sidecar OPTIONS (ADD address 'unix:///path/to/sidecar.sock');",
+            )
+        try:
+            timeout = float(options.get("timeout", "600"))
+        except ValueError:
+            raise LlmError(f"option timeout must be a number of seconds, not {options['timeout']!r}",
+                           sqlstate=INVALID_PARAMETER_VALUE) from None
+        self.default_model = options.get("model", "")
+        self.client = SidecarClient(self.address, CallControl(_should_stop, _time_left, timeout))
+
+    def context(self) -> pb.RequestContext:
+        session = _host.session() if _host is not None else {}
+        database = session.get("database", "")
+        return pb.RequestContext(
+            tenant=self.options.get("tenant") or database,
+            token=self.options.get("token", ""),
+            request_id=new_request_id(),
+            database=database,
+            role=session.get("role", ""),
+        )
+
+    def model_for(self, resolved: Resolved) -> str:
+        model = resolved.one("model") or self.default_model
+        if not model:
+            raise LlmError(f"{self.table}: no model given and no default model",
+                           hint=f"Add WHERE model = '...', or ALTER FOREIGN TABLE llm.{self.table} "
+                                f"OPTIONS (ADD model '...'); SELECT name FROM llm.models; lists them.",
+                           sqlstate=INVALID_PARAMETER_VALUE)
+        return model
+
+    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        if not self.keys.has_required(quals):
+            return (UNUSABLE_ROWS, 1000)
+        rows = 1
+        for q in quals:
+            if q.is_list_operator and q.field_name in self.keys.columns and isinstance(q.value, list):
+                rows = max(rows, len(q.value))
+        return (rows, 1000)
+
+    def get_path_keys(self) -> list[tuple[tuple[str, ...], float]]:
+        return [((c.name,), 1) for c in self.keys.required]
+
+    def explain(self, quals: list[Qual], columns: set[str], sortkeys=None, verbose: bool = False,
+                **kwargs: Any) -> list[str]:
+        pushed = ", ".join(repr(q) for q in quals if q.field_name in self.keys.columns) or "none"
+        lines = [f"{self.table} via sidecar {self.address}",
+                 f"model: {self.default_model or '(from quals)'}",
+                 f"request quals: {pushed}"]
+        if verbose:
+            lines.append(f"columns: {', '.join(sorted(columns))}")
+        return lines
+
+
+class CompletionsTable(SidecarTable):
+    """One row per prompt: the model's completion and what it cost."""
+
+    table = "completions"
+    keys = KeyColumns(
+        "completions",
+        [
+            KeyColumn("prompt", required=True, many=True),
+            KeyColumn("model"),
+            KeyColumn("system"),
+            KeyColumn("max_tokens", check=at_least("max_tokens", 1)),
+            KeyColumn("temperature", check=in_range("temperature", 0, 2)),
+            KeyColumn("top_p", check=in_range("top_p", 0, 1, low_open=True)),
+            KeyColumn("seed"),
+            KeyColumn("stop"),
+        ],
+        example="SELECT completion FROM llm.completions WHERE prompt = 'What is the capital of France?';",
+    )
+
+    def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        resolved = self.keys.resolve(quals)
+        if resolved.empty:
+            return
+        model = self.model_for(resolved)
+        params = pb.GenerationParams()
+        for name in ("max_tokens", "temperature", "top_p", "seed"):
+            value = resolved.one(name)
+            if value is not None:
+                setattr(params, name, value)
+        stop = resolved.one("stop")
+        if stop:
+            params.stop.extend(stop if isinstance(stop, list) else [stop])
+        system = resolved.one("system") or ""
+        prompts = resolved.values["prompt"]
+        requests = [
+            pb.GenerateRequest(model=model, prompt=p, system=system, params=params, context=self.context())
+            for p in prompts
+        ]
+        texts: list[list[str]] = [[] for _ in prompts]
+        for index, message in self.client.generate_many(requests):
+            if message.HasField("delta"):
+                texts[index].append(message.delta)
+                continue
+            final = message.final
+            row = {
+                "prompt": prompts[index],
+                "model": model,
+                "system": resolved.one("system"),
+                "max_tokens": resolved.one("max_tokens"),
+                "temperature": resolved.one("temperature"),
+                "top_p": resolved.one("top_p"),
+                "seed": resolved.one("seed"),
+                "stop": resolved.one("stop"),
+                "completion": "".join(texts[index]),
+                "finish_reason": pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
+                "input_tokens": final.usage.input_tokens,
+                "output_tokens": final.usage.output_tokens,
+                "compute_ms": final.usage.compute_ns / 1e6,
+            }
+            yield row
+
+
+class EmbeddingsTable(SidecarTable):
+    """One row per distinct input: its embedding as a pgvector value.
+
+    ``input = ANY(array)`` sends the whole array as one Embed request; rows
+    stream back as the sidecar's batches complete.
+    """
+
+    table = "embeddings"
+    keys = KeyColumns(
+        "embeddings",
+        [KeyColumn("input", required=True, many=True), KeyColumn("model")],
+        example="SELECT embedding FROM llm.embeddings WHERE input = 'hello';  "
+                "-- or, for many rows at once: WHERE input = ANY(ARRAY(SELECT body FROM docs))",
+    )
+
+    def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
+        super().__init__(options, columns)
+        emb = columns.get("embedding")
+        # vector(N) has typmod N; -1 means any dimension
+        self.dimensions = emb.typmod if emb is not None and emb.typmod > 0 else None
+
+    def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        resolved = self.keys.resolve(quals)
+        if resolved.empty:
+            return
+        model = self.model_for(resolved)
+        inputs = resolved.values["input"]
+        request = pb.EmbedRequest(model=model, inputs=inputs, normalize=True, context=self.context())
+        want_vector = "embedding" in columns
+        for message in self.client.embed(request):
+            for emb in message.embeddings:
+                if self.dimensions is not None and emb.dimensions != self.dimensions:
+                    raise LlmError(
+                        f"model {model} returns {emb.dimensions}-dimensional vectors but "
+                        f"column embedding is vector({self.dimensions})",
+                        hint=f"ALTER FOREIGN TABLE llm.embeddings ALTER COLUMN embedding TYPE vector({emb.dimensions});"
+                             " or choose a model with matching dimensions.",
+                        sqlstate=INVALID_PARAMETER_VALUE,
+                    )
+                yield {
+                    "input": inputs[emb.index],
+                    "model": model,
+                    "embedding": _vector_text(emb.vector, emb.dimensions) if want_vector else None,
+                    "dimensions": emb.dimensions,
+                    "input_tokens": emb.input_tokens,
+                    "truncated": emb.truncated,
+                }
+
+
+def _vector_text(raw: bytes, dims: int) -> str:
+    """float32 little-endian bytes -> pgvector's text format."""
+    values = struct.unpack(f"<{dims}f", raw)
+    return "[" + ",".join(format(v, ".9g") for v in values) + "]"
+
+
+class ModelsTable(SidecarTable):
+    """What the sidecar serves, and whether each model is ready."""
+
+    table = "models"
+    keys = KeyColumns("models", [], example="SELECT * FROM llm.models;")
+
+    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        return (10, 200)
+
+    def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        response = self.client.list_models(pb.ListModelsRequest(context=self.context()))
+        for m in response.models:
+            yield {
+                "name": m.name,
+                "task": pb.Task.Name(m.task).removeprefix("TASK_").lower(),
+                "engine": m.engine,
+                "dimensions": m.dimensions or None,
+                "context_length": m.context_length or None,
+                "state": pb.ModelState.Name(m.state).removeprefix("MODEL_STATE_").lower(),
+                "error": m.error or None,
+                "source": m.source or None,
+            }
+
+
+TABLES: dict[str, type[SidecarTable]] = {
+    "completions": CompletionsTable,
+    "embeddings": EmbeddingsTable,
+    "models": ModelsTable,
+}
+
+
+class SidecarTables:
+    """The server's wrapper class: builds the class named by the table's
+    ``table`` option, so one server (one sidecar address) serves every table."""
+
+    def __new__(cls, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> SidecarTable:
+        kind = options.get("table")
+        if kind not in TABLES:
+            raise LlmError(
+                f"unknown llmfdw table kind {kind!r}; expected one of {', '.join(sorted(TABLES))}",
+                hint="CREATE FOREIGN TABLE ... SERVER llm_sidecar OPTIONS (table 'completions');",
+                sqlstate=INVALID_PARAMETER_VALUE,
+            )
+        return TABLES[kind](options, columns)

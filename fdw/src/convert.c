@@ -1,0 +1,465 @@
+/*-------------------------------------------------------------------------
+ *
+ * convert.c
+ *		  Values between Postgres and Python.
+ *
+ * Postgres -> Python (qual values): text types -> str, integers -> int,
+ * floats and numeric -> float, bool -> bool, bytea -> bytes, arrays -> list,
+ * NULL -> None, anything else -> its text output as str.  (Multicorn gives
+ * bool and int8 as strings; we give real types.)
+ *
+ * Python -> Postgres (result rows), in two steps so that nothing can throw a
+ * Postgres ERROR while the GIL is held:
+ *	1. with the GIL: each value becomes a C string in the column type's text
+ *	   input format (sequences become '{...}' for array columns and '[...]'
+ *	   otherwise, which is pgvector's format; dicts and lists become JSON for
+ *	   json/jsonb columns; bytes go to bytea columns as they are);
+ *	2. without the GIL: the type's input function parses it, so a vector(384)
+ *	   column rejects a 385-element list with pgvector's own error.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "llmfdw.h"
+
+#include "catalog/pg_type.h"
+#include "executor/tuptable.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
+
+/* ---------------------------------------------------------------------
+ * Postgres -> Python
+ * --------------------------------------------------------------------- */
+
+static PyObject *
+text_to_python(const char *s, Size len)
+{
+	char	   *utf8 = pg_server_to_any(s, len, PG_UTF8);
+
+	return PyUnicode_FromStringAndSize(utf8, utf8 == s ? len : strlen(utf8));
+}
+
+PyObject *
+llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
+{
+	Oid			base;
+	Oid			elemtype;
+
+	if (isnull)
+		Py_RETURN_NONE;
+
+	base = getBaseType(typid);
+	switch (base)
+	{
+		case TEXTOID:
+		case VARCHAROID:
+			{
+				text	   *t = DatumGetTextPP(value);
+
+				return text_to_python(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+			}
+		case BPCHAROID:
+			{
+				text	   *t = DatumGetTextPP(value);
+				Size		len = VARSIZE_ANY_EXHDR(t);
+				const char *s = VARDATA_ANY(t);
+
+				while (len > 0 && s[len - 1] == ' ')
+					len--;
+				return text_to_python(s, len);
+			}
+		case NAMEOID:
+			return text_to_python(NameStr(*DatumGetName(value)),
+								  strlen(NameStr(*DatumGetName(value))));
+		case INT2OID:
+			return PyLong_FromLong(DatumGetInt16(value));
+		case INT4OID:
+			return PyLong_FromLong(DatumGetInt32(value));
+		case INT8OID:
+			return PyLong_FromLongLong(DatumGetInt64(value));
+		case FLOAT4OID:
+			return PyFloat_FromDouble(DatumGetFloat4(value));
+		case FLOAT8OID:
+			return PyFloat_FromDouble(DatumGetFloat8(value));
+		case BOOLOID:
+			return PyBool_FromLong(DatumGetBool(value));
+		case BYTEAOID:
+			{
+				bytea	   *b = DatumGetByteaPP(value);
+
+				return PyBytes_FromStringAndSize(VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
+			}
+		case NUMERICOID:
+			{
+				char	   *s = OidOutputFunctionCall(F_NUMERIC_OUT, value);
+				PyObject   *str = PyUnicode_FromString(s);
+				PyObject   *f = str ? PyFloat_FromString(str) : NULL;
+
+				Py_XDECREF(str);
+				return f;
+			}
+		default:
+			break;
+	}
+
+	elemtype = get_element_type(base);
+	if (OidIsValid(elemtype))
+	{
+		ArrayType  *arr = DatumGetArrayTypeP(value);
+		int16		elmlen;
+		bool		elmbyval;
+		char		elmalign;
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n;
+		PyObject   *list;
+
+		get_typlenbyvalalign(elemtype, &elmlen, &elmbyval, &elmalign);
+		deconstruct_array(arr, elemtype, elmlen, elmbyval, elmalign,
+						  &elems, &nulls, &n);
+		list = PyList_New(n);
+		if (list == NULL)
+			return NULL;
+		for (int i = 0; i < n; i++)
+		{
+			PyObject   *item = llmfdw_datum_to_python(elems[i], nulls[i], elemtype);
+
+			if (item == NULL)
+			{
+				Py_DECREF(list);
+				return NULL;
+			}
+			PyList_SET_ITEM(list, i, item);
+		}
+		return list;
+	}
+
+	{
+		Oid			outfunc;
+		bool		varlena;
+		char	   *s;
+
+		getTypeOutputInfo(base, &outfunc, &varlena);
+		s = OidOutputFunctionCall(outfunc, value);
+		return text_to_python(s, strlen(s));
+	}
+}
+
+/* ---------------------------------------------------------------------
+ * Python -> text input format (GIL held; no Postgres errors but OOM)
+ * --------------------------------------------------------------------- */
+
+static bool append_value(StringInfo buf, PyObject *value, bool in_array);
+
+static bool
+append_utf8(StringInfo buf, PyObject *str)
+{
+	Py_ssize_t	len;
+	const char *s = PyUnicode_AsUTF8AndSize(str, &len);
+
+	if (s == NULL)
+		return false;
+	appendBinaryStringInfo(buf, s, len);
+	return true;
+}
+
+/* str(value) appended. */
+static bool
+append_str(StringInfo buf, PyObject *value)
+{
+	PyObject   *s = PyObject_Str(value);
+	bool		ok;
+
+	if (s == NULL)
+		return false;
+	ok = append_utf8(buf, s);
+	Py_DECREF(s);
+	return ok;
+}
+
+/* An array element, double-quoted with backslash escapes. */
+static bool
+append_array_element(StringInfo buf, PyObject *value)
+{
+	StringInfoData inner;
+
+	if (value == Py_None)
+	{
+		appendStringInfoString(buf, "NULL");
+		return true;
+	}
+	if (PyList_Check(value) || PyTuple_Check(value))
+		return append_value(buf, value, true);
+
+	initStringInfo(&inner);
+	if (!append_value(&inner, value, false))
+		return false;
+	appendStringInfoChar(buf, '"');
+	for (const char *p = inner.data; *p; p++)
+	{
+		if (*p == '"' || *p == '\\')
+			appendStringInfoChar(buf, '\\');
+		appendStringInfoChar(buf, *p);
+	}
+	appendStringInfoChar(buf, '"');
+	pfree(inner.data);
+	return true;
+}
+
+/* A sequence as '{a,b}' (array syntax) or '[a,b]' (vector syntax). */
+static bool
+append_sequence(StringInfo buf, PyObject *seq, bool array_syntax)
+{
+	PyObject   *fast = PySequence_Fast(seq, "expected a sequence");
+	Py_ssize_t	n;
+
+	if (fast == NULL)
+		return false;
+	n = PySequence_Fast_GET_SIZE(fast);
+	appendStringInfoChar(buf, array_syntax ? '{' : '[');
+	for (Py_ssize_t i = 0; i < n; i++)
+	{
+		PyObject   *item = PySequence_Fast_GET_ITEM(fast, i);
+		bool		ok;
+
+		if (i > 0)
+			appendStringInfoChar(buf, ',');
+		ok = array_syntax ? append_array_element(buf, item) : append_str(buf, item);
+		if (!ok)
+		{
+			Py_DECREF(fast);
+			return false;
+		}
+	}
+	appendStringInfoChar(buf, array_syntax ? '}' : ']');
+	Py_DECREF(fast);
+	return true;
+}
+
+static bool
+append_value(StringInfo buf, PyObject *value, bool in_array)
+{
+	if (PyUnicode_Check(value))
+		return append_utf8(buf, value);
+	if (PyBool_Check(value))
+	{
+		appendStringInfoString(buf, value == Py_True ? "true" : "false");
+		return true;
+	}
+	if (PyBytes_Check(value))
+	{
+		appendBinaryStringInfo(buf, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+		return true;
+	}
+	if (PyList_Check(value) || PyTuple_Check(value))
+		return append_sequence(buf, value, in_array);
+	if (PyObject_HasAttrString(value, "tolist"))
+	{
+		/* numpy arrays and scalars */
+		PyObject   *plain = PyObject_CallMethod(value, "tolist", NULL);
+		bool		ok;
+
+		if (plain == NULL)
+			return false;
+		ok = append_value(buf, plain, in_array);
+		Py_DECREF(plain);
+		return ok;
+	}
+	return append_str(buf, value);
+}
+
+static bool
+append_json(StringInfo buf, PyObject *value)
+{
+	PyObject   *dumps = llmfdw_import_attr("json", "dumps");
+	PyObject   *s;
+	bool		ok;
+
+	if (dumps == NULL)
+		return false;
+	s = PyObject_CallOneArg(dumps, value);
+	Py_DECREF(dumps);
+	if (s == NULL)
+		return false;
+	ok = append_utf8(buf, s);
+	Py_DECREF(s);
+	return ok;
+}
+
+/* One column's value in its type's text input format. */
+static bool
+format_value(PyObject *value, LlmfdwColumn *col, StringInfo buf)
+{
+	if (col->is_json && !PyUnicode_Check(value))
+		return append_json(buf, value);
+	if (col->is_array && (PyList_Check(value) || PyTuple_Check(value)))
+		return append_sequence(buf, value, true);
+	return append_value(buf, value, false);
+}
+
+/* ---------------------------------------------------------------------
+ * Rows
+ * --------------------------------------------------------------------- */
+
+/*
+ * Step 1 (GIL held): the needed columns of one result item as strings.
+ * item is a mapping (missing keys are NULL) or a sequence with exactly one
+ * value per column.  Returns false with a Python error set.
+ */
+bool
+llmfdw_row_to_strings(PyObject *item, LlmfdwColumn *columns, int natts,
+					  Bitmapset *needed, LlmfdwRowStrings *row)
+{
+	bool		is_mapping = PyDict_Check(item) || (!PySequence_Check(item) && PyMapping_Check(item));
+	Py_ssize_t	live = 0;
+
+	if (!is_mapping)
+	{
+		if (!PySequence_Check(item) || PyUnicode_Check(item))
+		{
+			PyErr_Format(PyExc_TypeError,
+						 "a result row must be a dict or a sequence, not %s",
+						 Py_TYPE(item)->tp_name);
+			return false;
+		}
+		for (int i = 0; i < natts; i++)
+			if (!columns[i].dropped)
+				live++;
+		if (PySequence_Size(item) != live)
+		{
+			PyErr_Format(PyExc_ValueError,
+						 "a result row has %zd values but the table has %zd columns",
+						 PySequence_Size(item), live);
+			return false;
+		}
+	}
+
+	for (int i = 0, pos = 0; i < natts; i++)
+	{
+		LlmfdwColumn *col = &columns[i];
+		PyObject   *value;
+		StringInfoData buf;
+
+		row->nulls[i] = true;
+		if (col->dropped)
+			continue;
+		pos++;
+		if (!bms_is_member(i + 1, needed))
+			continue;
+
+		if (is_mapping)
+		{
+			value = PyMapping_GetItemString(item, col->name);
+			if (value == NULL)
+			{
+				if (!PyErr_ExceptionMatches(PyExc_KeyError))
+					return false;
+				PyErr_Clear();
+				continue;
+			}
+		}
+		else
+			value = PySequence_GetItem(item, pos - 1);
+		if (value == NULL)
+			return false;
+		if (value == Py_None)
+		{
+			Py_DECREF(value);
+			continue;
+		}
+		if (col->is_bytea && PyBytes_Check(value))
+		{
+			row->binary[i] = true;
+			initStringInfo(&buf);
+			appendBinaryStringInfo(&buf, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+		}
+		else
+		{
+			row->binary[i] = false;
+			initStringInfo(&buf);
+			if (!format_value(value, col, &buf))
+			{
+				Py_DECREF(value);
+				return false;
+			}
+		}
+		Py_DECREF(value);
+		row->values[i] = buf.data;
+		row->lengths[i] = buf.len;
+		row->nulls[i] = false;
+	}
+	return true;
+}
+
+/*
+ * Step 2 (GIL not held): parse the strings with each column's input function
+ * into the slot.  Errors name the column, so a dimension mismatch reads
+ * "column embedding: expected 384 dimensions, not 768".
+ */
+void
+llmfdw_strings_to_slot(TupleTableSlot *slot, LlmfdwColumn *columns,
+					   LlmfdwRowStrings *row)
+{
+	int			natts = slot->tts_tupleDescriptor->natts;
+
+	ExecClearTuple(slot);
+	for (int i = 0; i < natts; i++)
+	{
+		LlmfdwColumn *col = &columns[i];
+
+		slot->tts_isnull[i] = row->nulls[i];
+		slot->tts_values[i] = (Datum) 0;
+		if (row->nulls[i])
+			continue;
+		if (row->binary[i])
+		{
+			bytea	   *b = palloc(VARHDRSZ + row->lengths[i]);
+
+			SET_VARSIZE(b, VARHDRSZ + row->lengths[i]);
+			memcpy(VARDATA(b), row->values[i], row->lengths[i]);
+			slot->tts_values[i] = PointerGetDatum(b);
+			continue;
+		}
+		{
+			char	   *s = pg_any_to_server(row->values[i], row->lengths[i], PG_UTF8);
+			ErrorContextCallback errcb;
+
+			errcb.callback = llmfdw_column_error_context;
+			errcb.arg = col->name;
+			errcb.previous = error_context_stack;
+			error_context_stack = &errcb;
+			slot->tts_values[i] = InputFunctionCall(&col->infunc, s,
+													col->ioparam, col->typmod);
+			error_context_stack = errcb.previous;
+		}
+	}
+	ExecStoreVirtualTuple(slot);
+}
+
+void
+llmfdw_column_error_context(void *arg)
+{
+	errcontext("converting the value of column \"%s\" returned by the FDW", (char *) arg);
+}
+
+/* A Python set of the names of the columns in attnos. */
+PyObject *
+llmfdw_column_names(Bitmapset *attnos, LlmfdwColumn *columns)
+{
+	PyObject   *set = PySet_New(NULL);
+	int			attno = -1;
+
+	if (set == NULL)
+		return NULL;
+	while ((attno = bms_next_member(attnos, attno)) >= 0)
+	{
+		PyObject   *name = PyUnicode_FromString(columns[attno - 1].name);
+
+		PySet_Add(set, name);
+		Py_DECREF(name);
+	}
+	return set;
+}

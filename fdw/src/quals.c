@@ -1,0 +1,351 @@
+/*-------------------------------------------------------------------------
+ *
+ * quals.c
+ *		  Restriction clauses -> Multicorn Qual objects, and the join clauses
+ *		  that can feed a parameterized scan.
+ *
+ * Supported forms (the column may be on either side of a commutable
+ * operator; binary-compatible casts on the column are looked through):
+ *	col OP value				Qual(col, "OP", value)
+ *	col OP ANY|ALL (array)		Qual(col, ("OP", True|False), [values])
+ *	col IS [NOT] NULL			Qual(col, "=" | "<>", None)
+ *	boolcol / NOT boolcol		Qual(col, "=", True | False)
+ * "value" is anything without Vars and without volatile functions: a Const,
+ * a Param (a join's outer value, an init-plan's result), a stable expression.
+ * Other clauses are simply not pushed down: Postgres rechecks every clause
+ * on the returned rows anyway, so nothing is ever silently wrong.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "llmfdw.h"
+
+#include "catalog/pg_type.h"
+#include "executor/executor.h"
+#include "nodes/makefuncs.h"
+#include "nodes/nodeFuncs.h"
+#include "optimizer/optimizer.h"
+#include "optimizer/pathnode.h"
+#include "optimizer/paths.h"
+#include "optimizer/restrictinfo.h"
+#include "utils/lsyscache.h"
+
+static Node *
+strip_relabel(Node *node)
+{
+	while (node && IsA(node, RelabelType))
+		node = (Node *) ((RelabelType *) node)->arg;
+	return node;
+}
+
+/* attnum if node is a user column of relid, else 0. */
+static AttrNumber
+own_column(Node *node, Index relid)
+{
+	Var		   *var;
+
+	node = strip_relabel(node);
+	if (node == NULL || !IsA(node, Var))
+		return 0;
+	var = (Var *) node;
+	if (var->varno != relid || var->varlevelsup != 0 || var->varattno <= 0)
+		return 0;
+	return var->varattno;
+}
+
+static bool
+usable_value(Node *node, bool consts_only)
+{
+	node = strip_relabel(node);
+	if (consts_only)
+		return IsA(node, Const);
+	return !contain_var_clause(node) && !contain_volatile_functions(node);
+}
+
+static LlmfdwQual *
+make_qual(AttrNumber attnum, Oid opno, Node *value)
+{
+	LlmfdwQual *q = palloc0(sizeof(LlmfdwQual));
+
+	q->attnum = attnum;
+	q->opname = get_opname(opno);
+	q->value = (Expr *) strip_relabel(value);
+	q->value_type = exprType((Node *) q->value);
+	return q;
+}
+
+static LlmfdwQual *
+qual_from_clause(Node *clause, Index relid, bool consts_only)
+{
+	if (IsA(clause, RestrictInfo))
+		clause = (Node *) ((RestrictInfo *) clause)->clause;
+
+	if (IsA(clause, OpExpr) && list_length(((OpExpr *) clause)->args) == 2)
+	{
+		OpExpr	   *op = (OpExpr *) clause;
+		Node	   *left = linitial(op->args);
+		Node	   *right = lsecond(op->args);
+		Oid			opno = op->opno;
+		AttrNumber	attnum = own_column(left, relid);
+
+		if (attnum == 0)
+		{
+			/* value OP col: swap, if the operator has a commutator */
+			attnum = own_column(right, relid);
+			opno = get_commutator(opno);
+			if (attnum == 0 || !OidIsValid(opno))
+				return NULL;
+			right = left;
+		}
+		if (!usable_value(right, consts_only))
+			return NULL;
+		return make_qual(attnum, opno, right);
+	}
+
+	if (IsA(clause, ScalarArrayOpExpr))
+	{
+		ScalarArrayOpExpr *saop = (ScalarArrayOpExpr *) clause;
+		AttrNumber	attnum = own_column(linitial(saop->args), relid);
+		LlmfdwQual *q;
+
+		if (attnum == 0 || !usable_value(lsecond(saop->args), consts_only))
+			return NULL;
+		q = make_qual(attnum, saop->opno, lsecond(saop->args));
+		q->is_array = true;
+		q->use_or = saop->useOr;
+		return q;
+	}
+
+	if (IsA(clause, NullTest))
+	{
+		NullTest   *nt = (NullTest *) clause;
+		AttrNumber	attnum = own_column((Node *) nt->arg, relid);
+		LlmfdwQual *q;
+
+		if (attnum == 0 || nt->argisrow)
+			return NULL;
+		q = palloc0(sizeof(LlmfdwQual));
+		q->attnum = attnum;
+		q->opname = pstrdup(nt->nulltesttype == IS_NULL ? "=" : "<>");
+		q->is_null_test = true;
+		q->value_type = UNKNOWNOID;
+		return q;
+	}
+
+	/* boolcol, NOT boolcol */
+	{
+		bool		positive = true;
+		Node	   *arg = clause;
+		AttrNumber	attnum;
+		LlmfdwQual *q;
+
+		if (is_notclause(arg))
+		{
+			positive = false;
+			arg = (Node *) get_notclausearg((Expr *) arg);
+		}
+		attnum = own_column(arg, relid);
+		if (attnum == 0 || exprType(arg) != BOOLOID)
+			return NULL;
+		q = palloc0(sizeof(LlmfdwQual));
+		q->attnum = attnum;
+		q->opname = pstrdup("=");
+		q->value = (Expr *) makeBoolConst(positive, false);
+		q->value_type = BOOLOID;
+		return q;
+	}
+}
+
+/*
+ * The pushable quals among clauses (RestrictInfos or bare expressions).
+ * At plan time (consts_only) only constants have values to show the FDW.
+ */
+List *
+llmfdw_extract_quals(List *clauses, Index relid, bool consts_only)
+{
+	List	   *quals = NIL;
+	ListCell   *lc;
+
+	foreach(lc, clauses)
+	{
+		LlmfdwQual *q = qual_from_clause(lfirst(lc), relid, consts_only);
+
+		if (q != NULL)
+			quals = lappend(quals, q);
+	}
+	return quals;
+}
+
+/* Compile the value expressions once per scan, not once per rescan. */
+void
+llmfdw_init_quals(List *quals, PlanState *parent)
+{
+	ListCell   *lc;
+
+	foreach(lc, quals)
+	{
+		LlmfdwQual *q = lfirst(lc);
+
+		if (q->value != NULL && !IsA(q->value, Const))
+			q->value_state = ExecInitExpr(q->value, parent);
+	}
+}
+
+/* Evaluate every qual's value (Params change on each rescan). */
+void
+llmfdw_eval_quals(List *quals, ExprContext *econtext)
+{
+	ListCell   *lc;
+
+	foreach(lc, quals)
+	{
+		LlmfdwQual *q = lfirst(lc);
+
+		if (q->is_null_test || q->value == NULL)
+		{
+			q->isnull = true;
+			q->datum = (Datum) 0;
+		}
+		else if (IsA(q->value, Const))
+		{
+			q->datum = ((Const *) q->value)->constvalue;
+			q->isnull = ((Const *) q->value)->constisnull;
+		}
+		else
+			q->datum = ExecEvalExpr(q->value_state, econtext, &q->isnull);
+	}
+}
+
+/*
+ * A Python list of multicorn.Qual.  Call with the GIL held.  When values are
+ * not known (EXPLAIN without ANALYZE, or plan time for non-constants) a
+ * Param's value is None, as in Multicorn.
+ */
+PyObject *
+llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)
+{
+	PyObject   *qual_class = llmfdw_multicorn_attr("Qual");
+	PyObject   *result;
+	ListCell   *lc;
+
+	if (qual_class == NULL)
+		return NULL;
+	result = PyList_New(0);
+	foreach(lc, quals)
+	{
+		LlmfdwQual *q = lfirst(lc);
+		PyObject   *op;
+		PyObject   *value;
+		PyObject   *qual;
+		Datum		datum = q->datum;
+		bool		isnull = q->isnull;
+		bool		known = values_known || q->is_null_test;
+
+		if (q->value != NULL && IsA(q->value, Const))
+		{
+			datum = ((Const *) q->value)->constvalue;
+			isnull = ((Const *) q->value)->constisnull;
+			known = true;
+		}
+
+		if (q->is_array)
+			op = Py_BuildValue("(sO)", q->opname, q->use_or ? Py_True : Py_False);
+		else
+			op = PyUnicode_FromString(q->opname);
+
+		if (!known || q->is_null_test)
+			value = Py_NewRef(Py_None);
+		else
+			value = llmfdw_datum_to_python(datum, isnull, q->value_type);
+		if (op == NULL || value == NULL)
+			qual = NULL;
+		else
+			qual = PyObject_CallFunction(qual_class, "sOO",
+										 columns[q->attnum - 1].name, op, value);
+		Py_XDECREF(op);
+		Py_XDECREF(value);
+		if (qual == NULL)
+		{
+			Py_DECREF(result);
+			Py_DECREF(qual_class);
+			return NULL;
+		}
+		PyList_Append(result, qual);
+		Py_DECREF(qual);
+	}
+	Py_DECREF(qual_class);
+	return result;
+}
+
+/* ---------------------------------------------------------------------
+ * Join clauses for parameterized paths
+ * --------------------------------------------------------------------- */
+
+typedef struct ColumnMatch
+{
+	Index		relid;
+	AttrNumber	attnum;
+} ColumnMatch;
+
+static bool
+ec_member_is_column(PlannerInfo *root, RelOptInfo *rel,
+					EquivalenceClass *ec, EquivalenceMember *em, void *arg)
+{
+	ColumnMatch *m = arg;
+
+	return own_column((Node *) em->em_expr, m->relid) == m->attnum;
+}
+
+/* Is clause "attnum = <something of other rels>"? */
+static bool
+is_equality_on(RestrictInfo *rinfo, Index relid, AttrNumber attnum)
+{
+	OpExpr	   *op;
+	Node	   *other;
+
+	if (!IsA(rinfo->clause, OpExpr))
+		return false;
+	op = (OpExpr *) rinfo->clause;
+	if (list_length(op->args) != 2 || strcmp(get_opname(op->opno), "=") != 0)
+		return false;
+	if (own_column(linitial(op->args), relid) == attnum)
+		other = lsecond(op->args);
+	else if (own_column(lsecond(op->args), relid) == attnum)
+		other = linitial(op->args);
+	else
+		return false;
+	return !contain_volatile_functions(other);
+}
+
+/*
+ * RestrictInfos "col = expression over other relations" that a scan of rel
+ * parameterized by those relations could use: explicit join clauses, and
+ * those the planner derives from equivalence classes (a.x = b.y AND
+ * b.y = col also gives col = a.x).  Mirrors postgres_fdw's approach.
+ */
+List *
+llmfdw_join_clauses_for(PlannerInfo *root, RelOptInfo *rel, AttrNumber attnum)
+{
+	List	   *result = NIL;
+	ListCell   *lc;
+
+	foreach(lc, rel->joininfo)
+	{
+		RestrictInfo *rinfo = lfirst(lc);
+
+		if (join_clause_is_movable_to(rinfo, rel) &&
+			is_equality_on(rinfo, rel->relid, attnum))
+			result = lappend(result, rinfo);
+	}
+
+	if (rel->has_eclass_joins)
+	{
+		ColumnMatch m = {rel->relid, attnum};
+
+		result = list_concat(result,
+							 generate_implied_equalities_for_column(root, rel,
+																	ec_member_is_column,
+																	&m,
+																	rel->lateral_referencers));
+	}
+	return result;
+}

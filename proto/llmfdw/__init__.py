@@ -1,0 +1,1 @@
+"""llmfdw: LLMs and embedding models as Postgres foreign tables."""
