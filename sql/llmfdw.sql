@@ -67,3 +67,61 @@ CREATE FOREIGN TABLE llm.models (
 
 GRANT USAGE ON SCHEMA llm TO PUBLIC;
 GRANT SELECT ON ALL TABLES IN SCHEMA llm TO PUBLIC;
+
+-- Helpers over the same foreign tables, for users who would rather call a
+-- function.  Each builds the query with only the parameters given, so every
+-- one of them is pushed down to the sidecar as a request field.
+
+CREATE OR REPLACE FUNCTION llm.complete(prompt text, model text DEFAULT NULL,
+                                        max_tokens integer DEFAULT NULL,
+                                        temperature double precision DEFAULT NULL,
+                                        system text DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE AS $fn$
+DECLARE
+  q text := 'SELECT completion FROM llm.completions WHERE prompt = $1';
+  answer text;
+BEGIN
+  IF prompt IS NULL THEN RETURN NULL; END IF;
+  IF model IS NOT NULL THEN q := q || ' AND model = $2'; END IF;
+  IF max_tokens IS NOT NULL THEN q := q || ' AND max_tokens = $3'; END IF;
+  IF temperature IS NOT NULL THEN q := q || ' AND temperature = $4'; END IF;
+  IF system IS NOT NULL THEN q := q || ' AND system = $5'; END IF;
+  EXECUTE q INTO answer USING prompt, model, max_tokens, temperature, system;
+  RETURN answer;
+END
+$fn$;
+COMMENT ON FUNCTION llm.complete IS 'The completion of one prompt (llm.completions underneath)';
+
+CREATE OR REPLACE FUNCTION llm.embed(input text, model text DEFAULT NULL)
+RETURNS vector LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE AS $fn$
+DECLARE
+  q text := 'SELECT embedding FROM llm.embeddings WHERE input = $1';
+  result vector;
+BEGIN
+  IF input IS NULL THEN RETURN NULL; END IF;
+  IF model IS NOT NULL THEN q := q || ' AND model = $2'; END IF;
+  EXECUTE q INTO result USING input, model;
+  RETURN result;
+END
+$fn$;
+COMMENT ON FUNCTION llm.embed IS 'The embedding of one text (llm.embeddings underneath)';
+
+-- The bulk form: the whole array goes to the sidecar as one Embed request
+-- (input = ANY(...)); rows come back in the array's order, one per element
+-- (duplicates embedded once), NULL elements give NULL embeddings.
+CREATE OR REPLACE FUNCTION llm.embed_batch(inputs text[], model text DEFAULT NULL)
+RETURNS TABLE (ord bigint, input text, embedding vector)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE AS $fn$
+DECLARE
+  q text := 'WITH e AS MATERIALIZED (SELECT input, embedding FROM llm.embeddings WHERE input = ANY($1)';
+BEGIN
+  IF model IS NOT NULL THEN q := q || ' AND model = $2'; END IF;
+  q := q || ') SELECT u.ord, u.input, e.embedding FROM unnest($1) WITH ORDINALITY AS u(input, ord)'
+         || ' LEFT JOIN e ON e.input = u.input ORDER BY u.ord';
+  RETURN QUERY EXECUTE q USING inputs, model;
+END
+$fn$;
+COMMENT ON FUNCTION llm.embed_batch IS 'Embeddings of many texts in one sidecar request, in input order';
+
+GRANT USAGE ON FOREIGN SERVER llm_sidecar TO PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA llm TO PUBLIC;

@@ -92,8 +92,9 @@ class SidecarTable(ForeignDataWrapper):
             return (UNUSABLE_ROWS, 1000)
         rows = 1
         for q in quals:
-            if q.is_list_operator and q.field_name in self.keys.columns and isinstance(q.value, list):
-                rows = max(rows, len(q.value))
+            if q.is_list_operator and q.field_name in self.keys.columns:
+                # a list known only at run time (= ANY($1), an init-plan array): guess
+                rows = max(rows, len(q.value) if isinstance(q.value, list) else 1000)
         return (rows, 1000)
 
     def get_path_keys(self) -> list[tuple[tuple[str, ...], float]]:

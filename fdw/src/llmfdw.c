@@ -41,6 +41,7 @@ typedef struct LlmfdwPlan
 {
 	PyObject   *instance;
 	LlmfdwColumn *columns;
+	int			natts;
 	int			width;
 	Cost		startup_cost;
 } LlmfdwPlan;
@@ -179,6 +180,7 @@ llmfdwGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 
 	rel = table_open(foreigntableid, NoLock);
 	natts = RelationGetDescr(rel)->natts;
+	plan->natts = natts;
 	plan->columns = llmfdw_columns(RelationGetDescr(rel));
 	table_close(rel, NoLock);
 	plan->width = natts * 100;
@@ -193,8 +195,7 @@ llmfdwGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 	foreach(lc, baserel->baserestrictinfo)
 		exprs = lappend(exprs, ((RestrictInfo *) lfirst(lc))->clause);
 	needed = needed_columns(exprs, baserel->relid, natts);
-	quals = llmfdw_extract_quals(baserel->baserestrictinfo, baserel->relid, true);
-	llmfdw_eval_quals(quals, NULL);
+	quals = llmfdw_extract_quals(baserel->baserestrictinfo, baserel->relid);
 
 	LLMFDW_WITH_PYTHON(st);
 	{
@@ -255,7 +256,7 @@ attnum_by_name(LlmfdwColumn *columns, int natts, const char *name)
 
 /* get_path_keys() -> [((col, ...), rows), ...] as C structs. */
 static List *
-declared_path_keys(LlmfdwPlan *plan, int natts)
+declared_path_keys(LlmfdwPlan *plan)
 {
 	List	   *result = NIL;
 	LlmfdwPyState st;
@@ -296,7 +297,7 @@ declared_path_keys(LlmfdwPlan *plan, int natts)
 			{
 				PyObject   *name = PySequence_GetItem(cols, i);
 				const char *s = name ? PyUnicode_AsUTF8(name) : NULL;
-				AttrNumber	attnum = s ? attnum_by_name(plan->columns, natts, s) : InvalidAttrNumber;
+				AttrNumber	attnum = s ? attnum_by_name(plan->columns, plan->natts, s) : InvalidAttrNumber;
 
 				Py_XDECREF(name);
 				PyErr_Clear();
@@ -326,8 +327,6 @@ static void
 llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid)
 {
 	LlmfdwPlan *plan = baserel->fdw_private;
-	int			natts = list_length(baserel->reltarget->exprs);
-	Relation	rel;
 	ListCell   *lc;
 
 	add_path(baserel, (Path *)
@@ -336,15 +335,11 @@ llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 									 plan->startup_cost + baserel->rows * plan->width,
 									 NIL, NULL, NULL, NIL, NIL));
 
-	rel = table_open(foreigntableid, NoLock);
-	natts = RelationGetDescr(rel)->natts;
-	table_close(rel, NoLock);
-
 	/*
 	 * For each declared key, and each way the key's first column can be
 	 * supplied by other relations, a path parameterized by those relations.
 	 */
-	foreach(lc, declared_path_keys(plan, natts))
+	foreach(lc, declared_path_keys(plan))
 	{
 		PathKeyDecl *decl = lfirst(lc);
 		List	   *first_choices = llmfdw_join_clauses_for(root, baserel,
@@ -394,16 +389,13 @@ llmfdwGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 					 ForeignPath *best_path, List *tlist, List *scan_clauses,
 					 Plan *outer_plan)
 {
+	LlmfdwPlan *plan = baserel->fdw_private;
 	List	   *clauses = extract_actual_clauses(scan_clauses, false);
 	List	   *exprs = list_concat(list_copy(baserel->reltarget->exprs), clauses);
-	Relation	rel = table_open(foreigntableid, NoLock);
-	int			natts = RelationGetDescr(rel)->natts;
-	Bitmapset  *needed;
+	Bitmapset  *needed = needed_columns(exprs, baserel->relid, plan->natts);
 	List	   *needed_list = NIL;
 	int			x = -1;
 
-	table_close(rel, NoLock);
-	needed = needed_columns(exprs, baserel->relid, natts);
 	while ((x = bms_next_member(needed, x)) >= 0)
 		needed_list = lappend_int(needed_list, x);
 
@@ -433,7 +425,7 @@ llmfdwBeginForeignScan(ForeignScanState *node, int eflags)
 	scan->columns = llmfdw_columns(desc);
 	foreach(lc, (List *) linitial(fsplan->fdw_private))
 		scan->needed = bms_add_member(scan->needed, lfirst_int(lc));
-	scan->quals = llmfdw_extract_quals(fsplan->fdw_exprs, fsplan->scan.scanrelid, false);
+	scan->quals = llmfdw_extract_quals(fsplan->fdw_exprs, fsplan->scan.scanrelid);
 	llmfdw_init_quals(scan->quals, &node->ss.ps);
 	scan->row.values = palloc0(sizeof(char *) * scan->natts);
 	scan->row.lengths = palloc0(sizeof(int) * scan->natts);

@@ -113,7 +113,7 @@ typedef struct LlmfdwQual
 	bool		isnull;
 } LlmfdwQual;
 
-extern List *llmfdw_extract_quals(List *clauses, Index relid, bool consts_only);
+extern List *llmfdw_extract_quals(List *clauses, Index relid);
 extern void llmfdw_init_quals(List *quals, PlanState *parent);
 extern void llmfdw_eval_quals(List *quals, ExprContext *econtext);
 extern PyObject *llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns,

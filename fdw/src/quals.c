@@ -53,11 +53,9 @@ own_column(Node *node, Index relid)
 }
 
 static bool
-usable_value(Node *node, bool consts_only)
+usable_value(Node *node)
 {
 	node = strip_relabel(node);
-	if (consts_only)
-		return IsA(node, Const);
 	return !contain_var_clause(node) && !contain_volatile_functions(node);
 }
 
@@ -74,7 +72,7 @@ make_qual(AttrNumber attnum, Oid opno, Node *value)
 }
 
 static LlmfdwQual *
-qual_from_clause(Node *clause, Index relid, bool consts_only)
+qual_from_clause(Node *clause, Index relid)
 {
 	if (IsA(clause, RestrictInfo))
 		clause = (Node *) ((RestrictInfo *) clause)->clause;
@@ -96,7 +94,7 @@ qual_from_clause(Node *clause, Index relid, bool consts_only)
 				return NULL;
 			right = left;
 		}
-		if (!usable_value(right, consts_only))
+		if (!usable_value(right))
 			return NULL;
 		return make_qual(attnum, opno, right);
 	}
@@ -107,7 +105,7 @@ qual_from_clause(Node *clause, Index relid, bool consts_only)
 		AttrNumber	attnum = own_column(linitial(saop->args), relid);
 		LlmfdwQual *q;
 
-		if (attnum == 0 || !usable_value(lsecond(saop->args), consts_only))
+		if (attnum == 0 || !usable_value(lsecond(saop->args)))
 			return NULL;
 		q = make_qual(attnum, saop->opno, lsecond(saop->args));
 		q->is_array = true;
@@ -157,17 +155,19 @@ qual_from_clause(Node *clause, Index relid, bool consts_only)
 
 /*
  * The pushable quals among clauses (RestrictInfos or bare expressions).
- * At plan time (consts_only) only constants have values to show the FDW.
+ * At plan time only constants have values; the FDW sees None for the rest
+ * (Multicorn hides those quals from get_rel_size; showing them lets an FDW
+ * know that col = ANY($1) will supply its required column).
  */
 List *
-llmfdw_extract_quals(List *clauses, Index relid, bool consts_only)
+llmfdw_extract_quals(List *clauses, Index relid)
 {
 	List	   *quals = NIL;
 	ListCell   *lc;
 
 	foreach(lc, clauses)
 	{
-		LlmfdwQual *q = qual_from_clause(lfirst(lc), relid, consts_only);
+		LlmfdwQual *q = qual_from_clause(lfirst(lc), relid);
 
 		if (q != NULL)
 			quals = lappend(quals, q);
@@ -217,8 +217,8 @@ llmfdw_eval_quals(List *quals, ExprContext *econtext)
 
 /*
  * A Python list of multicorn.Qual.  Call with the GIL held.  When values are
- * not known (EXPLAIN without ANALYZE, or plan time for non-constants) a
- * Param's value is None, as in Multicorn.
+ * not known (plan time, EXPLAIN) only constants have values; the value of
+ * anything else is None, as in Multicorn's EXPLAIN.
  */
 PyObject *
 llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)

@@ -1,0 +1,1 @@
+"""Deployment helpers for llmfdw: install placement (bootstrap) and the embedded default (embedded)."""

