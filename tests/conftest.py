@@ -71,11 +71,18 @@ def pg_server(work_dir, run_dir, backend_test_modules):
 
 
 @pytest.fixture(scope="session")
-def sidecar_socket(run_dir):
+def sidecar_log(work_dir):
+    path = work_dir / "log" / "sidecar.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sidecar_socket(run_dir, sidecar_log):
     from sidecar_process import running_sidecar  # tests/sidecar_process.py
 
     sock = run_dir / "sidecar.sock"
-    with running_sidecar(str(sock)):
+    with running_sidecar(str(sock), log_path=str(sidecar_log)):
         embedded.grant_socket_access(sock)  # the backend runs as another user
         yield str(sock)
 

@@ -1,0 +1,26 @@
+"""Engines behind one interface (base.py); build() picks one from the config.
+
+Each engine module is imported only when a model uses it, so a CPU host never
+imports vLLM and a GPU host never needs llama.cpp.
+"""
+from __future__ import annotations
+
+import importlib
+
+from llmfdw.sidecar.config import ModelConfig
+from llmfdw.sidecar.engines.base import Engine
+
+_CLASSES = {
+    ("llama_cpp", "generate"): ("llmfdw.sidecar.engines.llama_cpp", "LlamaCppEngine"),
+    ("sentence_transformers", "embed"): ("llmfdw.sidecar.engines.sentence_transformers", "SentenceTransformersEngine"),
+    ("vllm", "generate"): ("llmfdw.sidecar.engines.vllm", "VllmGenerationEngine"),
+    ("vllm", "embed"): ("llmfdw.sidecar.engines.vllm", "VllmEmbeddingEngine"),
+}
+
+
+def build(config: ModelConfig) -> Engine:
+    where = _CLASSES.get((config.engine, config.task))
+    if where is None:
+        raise ValueError(f"model {config.name}: engine {config.engine} cannot {config.task}")
+    module, cls = where
+    return getattr(importlib.import_module(module), cls)(config)

@@ -1,0 +1,80 @@
+"""The interface every engine implements, whatever runs the model.
+
+The servicer only talks to these classes; an engine never sees protobuf.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import numpy as np
+
+from llmfdw.sidecar.config import ModelConfig
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+@dataclass
+class GenerateParams:
+    max_tokens: int
+    temperature: float
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerateFinal:
+    finish_reason: str       # "stop" | "length" | "stop_string" | "cancelled"
+    input_tokens: int
+    output_tokens: int
+    compute_ns: int
+
+
+@dataclass
+class EmbeddingResult:
+    vector: np.ndarray       # float32
+    input_tokens: int
+    truncated: bool
+    compute_ns: int          # this input's share of its batch's engine time
+
+
+class EngineFailed(RuntimeError):
+    """The engine can no longer serve: the sidecar reports NOT_SERVING and exits."""
+
+
+class Engine(abc.ABC):
+    engine_name = ""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.state = LOADING
+        self.error = ""
+        self.dimensions = 0
+        self.context_length = config.context_length
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Load the weights; runs once at start, before the model is READY."""
+
+    async def close(self) -> None:
+        """Release the engine (on shutdown)."""
+
+
+class GenerationEngine(Engine):
+    @abc.abstractmethod
+    def generate(self, prompt: str, system: str, raw: bool,
+                 params: GenerateParams) -> AsyncIterator[str | GenerateFinal]:
+        """Yield text deltas, then one GenerateFinal.  Closing the iterator
+        (the caller went away) must stop the work within a decoding step."""
+
+
+class EmbeddingEngine(Engine):
+    @abc.abstractmethod
+    def embed(self, texts: list[str]) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
+        """Yield groups of (index into texts, result) as engine batches finish."""

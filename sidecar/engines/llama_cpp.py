@@ -1,0 +1,122 @@
+"""Generation on GGUF models on the CPU, with llama.cpp's own server loop.
+
+xllamacpp runs llama.cpp's server in-process: `parallel` slots decode
+concurrently (continuous batching), so requests from different Postgres
+sessions share decoding steps and a long answer never blocks a short one.
+
+Each request runs in a worker thread blocked in handle_chat_completions; its
+streaming callback forwards chunks to the event loop and returns True to
+make llama.cpp drop the request, which it does when the gRPC call went away.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
+
+from llmfdw.sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
+                                         GenerationEngine)
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+class LlamaCppEngine(GenerationEngine):
+    engine_name = "llama_cpp"
+
+    async def load(self) -> None:
+        import xllamacpp
+
+        cfg = self.config
+        params = xllamacpp.CommonParams()
+        params.model.path = cfg.path()
+        params.n_parallel = cfg.parallel
+        params.n_ctx = cfg.context_length * cfg.parallel   # each slot gets context_length
+        threads = cfg.threads or os.cpu_count() or 1
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.use_jinja = False        # llama.cpp's built-in template for the model
+        for key, value in cfg.engine_args.items():
+            setattr(params, key, value)
+        if not os.path.exists(params.model.path):
+            raise FileNotFoundError(params.model.path)
+        self._server = await asyncio.to_thread(xllamacpp.Server, params)
+        # One thread per in-flight request; the slots bound real concurrency.
+        self._pool = ThreadPoolExecutor(max_workers=max(8, cfg.parallel * 8), thread_name_prefix=cfg.name)
+        self.state = READY
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _request(self, prompt: str, system: str, raw: bool, params: GenerateParams) -> tuple[str, dict]:
+        body: dict[str, Any] = {
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.top_p is not None:
+            body["top_p"] = params.top_p
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = params.stop
+        if raw:
+            body["prompt"] = prompt
+            return "completions", body
+        messages = [{"role": "system", "content": system}] if system else []
+        body["messages"] = messages + [{"role": "user", "content": prompt}]
+        return "chat", body
+
+    async def generate(self, prompt: str, system: str, raw: bool,
+                       params: GenerateParams) -> AsyncIterator[str | GenerateFinal]:
+        kind, body = self._request(prompt, system, raw, params)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        done = object()
+
+        def on_chunk(chunk: Any) -> bool:
+            loop.call_soon_threadsafe(events.put_nowait, chunk)
+            return stop.is_set()
+
+        def run() -> None:
+            try:
+                handler = self._server.handle_chat_completions if kind == "chat" else self._server.handle_completions
+                result = handler(body, on_chunk)
+                if isinstance(result, dict) and "error" in result:
+                    loop.call_soon_threadsafe(events.put_nowait, result)
+            except Exception as err:  # the engine itself broke
+                loop.call_soon_threadsafe(events.put_nowait, EngineFailed(str(err)))
+            finally:
+                loop.call_soon_threadsafe(events.put_nowait, done)
+
+        started = time.monotonic_ns()
+        future = loop.run_in_executor(self._pool, run)
+        finish, usage, timings = "stop", {}, {}
+        try:
+            while True:
+                chunk = await events.get()
+                if chunk is done:
+                    break
+                if isinstance(chunk, Exception):
+                    raise chunk
+                if "error" in chunk:
+                    raise ValueError(chunk["error"].get("message", str(chunk["error"])))
+                usage = chunk.get("usage") or usage
+                timings = chunk.get("timings") or timings
+                for choice in chunk.get("choices", []):
+                    text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
+                    if text:
+                        yield text
+                    if choice.get("finish_reason"):
+                        finish = _FINISH.get(choice["finish_reason"], "stop")
+            compute_ns = int((timings.get("prompt_ms", 0) + timings.get("predicted_ms", 0)) * 1e6) \
+                or time.monotonic_ns() - started
+            yield GenerateFinal(finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), compute_ns)
+        finally:
+            # If the caller went away, the next token's callback tells llama.cpp
+            # to drop the request; the worker thread then returns on its own.
+            stop.set()
