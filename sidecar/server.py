@@ -20,7 +20,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from llmfdw.sidecar import engines
+from llmfdw.sidecar import engines, metrics
 from llmfdw.sidecar.config import DEFAULT_CONFIG, ConfigError, load_config
 from llmfdw.sidecar.engines.base import FAILED, Engine
 from llmfdw.sidecar.servicer import InferenceServicer
@@ -100,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", action="append", required=True,
                         help="unix:///abs/path.sock or host:port; repeatable")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
     try:
         config = load_config(args.config)
         models = {m.name: engines.build(m) for m in config.models}

@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
+from llmfdw.sidecar import metrics
 from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, Engine, EngineFailed,
                                          GenerateFinal, GenerateParams, GenerationEngine)
 from llmfdw.v1 import llmfdw_pb2 as pb
@@ -34,6 +35,14 @@ class InvalidRequest(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _status_of(err: BaseException) -> str:
+    if isinstance(err, (GeneratorExit, _Cancelled)):
+        return "CANCELLED"
+    if isinstance(err, InvalidRequest):
+        return err.code.name
+    return type(err).__name__
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -83,6 +92,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _log(self, rpc: str, request_id: str, model: str, ctx: pb.RequestContext, status: str,
              started: float, **extra) -> None:
+        """One structured log line and the metrics of a finished request."""
+        metrics.REQUESTS.labels(rpc, model, ctx.tenant, status).inc()
+        metrics.LATENCY.labels(rpc, model).observe(time.monotonic() - started)
+        metrics.INPUT_TOKENS.labels(model, ctx.tenant).inc(extra.get("input_tokens", 0))
+        metrics.OUTPUT_TOKENS.labels(model, ctx.tenant).inc(extra.get("output_tokens", 0))
+        if rpc == "Embed":
+            metrics.EMBEDDED.labels(model, ctx.tenant).inc(extra.get("embedded", 0))
         log.info(json.dumps({"event": "request", "rpc": rpc, "request_id": request_id, "model": model,
                              "tenant": ctx.tenant, "database": ctx.database, "status": status,
                              "duration_ms": round((time.monotonic() - started) * 1000, 3), **extra}))
@@ -104,6 +120,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         started = time.monotonic()
         request_id = self._request_id(request.context)
         status, usage = "OK", {}
+        in_flight = metrics.IN_FLIGHT.labels("Generate", request.model)
+        in_flight.inc()
+        first = True
         try:
             engine = self._engine(request.model, "generate")
             assert isinstance(engine, GenerationEngine)
@@ -118,15 +137,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             finish_reason=_FINISH[event.finish_reason], model=engine.name,
                             usage=pb.Usage(**usage)))
                     else:
+                        if first:
+                            metrics.FIRST_TOKEN.labels(engine.name).observe(time.monotonic() - started)
+                            first = False
                         yield pb.GenerateResponse(delta=event)
             finally:
                 await stream.aclose()
         except BaseException as err:
-            status = "CANCELLED" if isinstance(err, (GeneratorExit, _Cancelled)) else type(err).__name__
+            status = _status_of(err)
             if isinstance(err, Exception) and not isinstance(err, _Cancelled):
                 await self._fail(context, err)
             raise
         finally:
+            in_flight.dec()
             self._log("Generate", request_id, request.model, request.context, status, started, **usage)
 
     async def Embed(self, request: pb.EmbedRequest,
@@ -134,6 +157,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         started = time.monotonic()
         request_id = self._request_id(request.context)
         status, count, tokens = "OK", 0, 0
+        in_flight = metrics.IN_FLIGHT.labels("Embed", request.model)
+        in_flight.inc()
         try:
             engine = self._engine(request.model, "embed")
             assert isinstance(engine, EmbeddingEngine)
@@ -160,11 +185,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             finally:
                 await stream.aclose()
         except BaseException as err:
-            status = "CANCELLED" if isinstance(err, (GeneratorExit, _Cancelled)) else type(err).__name__
+            status = _status_of(err)
             if isinstance(err, Exception) and not isinstance(err, _Cancelled):
                 await self._fail(context, err)
             raise
         finally:
+            in_flight.dec()
             self._log("Embed", request_id, request.model, request.context, status, started,
                       inputs=len(request.inputs), embedded=count, input_tokens=tokens)
 

@@ -7,6 +7,7 @@ into the venv (`make test` does that first). Postgres is driven by the same func
 (deploy/embedded.py).
 
     sidecar_socket  (session)  path of the socket of a running, SERVING sidecar
+    sidecar_metrics_port (session) its Prometheus port (tests/sidecar_process.scrape reads it)
     pg_server       (session)  a running cluster (embedded.PgServer: .dsn(db), .tcp_uri(db), .port)
     pg_dsn          (session)  DSN of database llmfdw_test with sql/llmfdw.sql applied, pointing
                                at the sidecar
@@ -78,11 +79,16 @@ def sidecar_log(work_dir):
 
 
 @pytest.fixture(scope="session")
-def sidecar_socket(run_dir, sidecar_log):
+def sidecar_metrics_port():
+    return embedded.free_port()
+
+
+@pytest.fixture(scope="session")
+def sidecar_socket(run_dir, sidecar_log, sidecar_metrics_port):
     from sidecar_process import running_sidecar  # tests/sidecar_process.py
 
     sock = run_dir / "sidecar.sock"
-    with running_sidecar(str(sock), log_path=str(sidecar_log)):
+    with running_sidecar(str(sock), log_path=str(sidecar_log), metrics_port=sidecar_metrics_port):
         embedded.grant_socket_access(sock)  # the backend runs as another user
         yield str(sock)
 

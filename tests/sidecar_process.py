@@ -1,4 +1,4 @@
-"""Start a real sidecar process for tests, and wait until it serves."""
+"""Start a real sidecar process for tests, wait until it serves, read its metrics."""
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +34,9 @@ def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = N
 
 @contextlib.contextmanager
 def running_sidecar(socket_path: str, config_path: str | None = None, timeout: float = 120,
-                    log_path: str | None = None) -> Iterator[subprocess.Popen]:
-    args = [sys.executable, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{socket_path}"]
+                    log_path: str | None = None, metrics_port: int = 0) -> Iterator[subprocess.Popen]:
+    args = [sys.executable, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{socket_path}",
+            "--metrics-port", str(metrics_port)]
     if config_path:
         args += ["--config", config_path]
     log = open(log_path or os.devnull, "ab")
@@ -54,3 +55,20 @@ def running_sidecar(socket_path: str, config_path: str | None = None, timeout: f
                 proc.wait()
         log.close()
         Path(socket_path).unlink(missing_ok=True)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The sidecar's Prometheus samples: {(name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples called name whose labels include the given ones."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))

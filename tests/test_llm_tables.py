@@ -6,6 +6,8 @@ import numpy as np
 import psycopg
 import pytest
 
+from sidecar_process import sample, scrape
+
 
 def vec(conn, text: str) -> np.ndarray:
     row = conn.execute("SELECT embedding::text FROM llm.embeddings WHERE input = %s", (text,)).fetchone()
@@ -71,18 +73,26 @@ def test_join_with_a_user_table_gives_one_correct_row_per_user_row(conn):
         assert np.allclose(got, vec(conn, body), atol=1e-6)
 
 
-def test_any_array_returns_one_row_per_distinct_element(conn):
+def embed_calls(port: int) -> float:
+    return sample(scrape(port), "llmfdw_requests_total", rpc="Embed")
+
+
+def test_any_array_returns_one_row_per_distinct_element_from_one_request(conn, sidecar_metrics_port):
+    before = embed_calls(sidecar_metrics_port)
     rows = conn.execute(
         "SELECT input, vector_dims(embedding) FROM llm.embeddings "
         "WHERE input = ANY(ARRAY['one', 'two', 'three', 'two', ''])").fetchall()
     assert sorted(rows) == [("", 384), ("one", 384), ("three", 384), ("two", 384)]
+    assert embed_calls(sidecar_metrics_port) - before == 1
 
 
-def test_bulk_form_with_an_init_plan_array(conn):
-    conn.execute("CREATE TEMP TABLE many AS SELECT 'sentence number ' || g AS body FROM generate_series(1, 50) g")
+def test_bulk_form_with_an_init_plan_array(conn, sidecar_metrics_port):
+    conn.execute("CREATE TEMP TABLE many AS SELECT 'sentence number ' || g AS body FROM generate_series(1, 150) g")
+    before = embed_calls(sidecar_metrics_port)
     n = conn.execute(
         "SELECT count(*) FROM llm.embeddings WHERE input = ANY(ARRAY(SELECT body FROM many))").fetchone()[0]
-    assert n == 50
+    assert n == 150
+    assert embed_calls(sidecar_metrics_port) - before == 1
 
 
 def test_models_lists_what_the_sidecar_serves(conn):

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
+from llmfdw.sidecar import metrics
 from llmfdw.sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
 
@@ -77,8 +78,11 @@ class LlamaCppEngine(GenerationEngine):
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         done = object()
+        tokens = metrics.ENGINE_TOKENS.labels(self.name)
 
         def on_chunk(chunk: Any) -> bool:
+            if any((ch.get("delta") or {}).get("content") or ch.get("text") for ch in chunk.get("choices", ())):
+                tokens.inc()
             loop.call_soon_threadsafe(events.put_nowait, chunk)
             return stop.is_set()
 

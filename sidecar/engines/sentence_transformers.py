@@ -14,6 +14,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from llmfdw.sidecar import metrics
 from llmfdw.sidecar.engines.base import READY, EmbeddingEngine, EmbeddingResult
 
 
@@ -76,6 +77,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
             if not batch:
                 continue
             texts = [t for w in batch for t in w.texts]
+            metrics.BATCH_SIZE.labels(self.name).observe(len(texts))
             try:
                 vectors, tokens, elapsed = await asyncio.to_thread(self._encode, texts)
             except Exception as err:
