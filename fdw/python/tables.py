@@ -10,6 +10,8 @@ default 600), ``tenant``; user mapping: ``token``.  Table: ``table``,
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -215,17 +217,21 @@ class EmbeddingsTable(SidecarTable):
                 yield {
                     "input": inputs[emb.index],
                     "model": model,
-                    "embedding": _vector_text(emb.vector, emb.dimensions) if want_vector else None,
+                    "embedding": _vector_binary(emb.vector, emb.dimensions) if want_vector else None,
                     "dimensions": emb.dimensions,
                     "input_tokens": emb.input_tokens,
                     "truncated": emb.truncated,
                 }
 
 
-def _vector_text(raw: bytes, dims: int) -> str:
-    """float32 little-endian bytes -> pgvector's text format."""
-    values = struct.unpack(f"<{dims}f", raw)
-    return "[" + ",".join(format(v, ".9g") for v in values) + "]"
+def _vector_binary(raw: bytes, dims: int) -> bytes:
+    """float32 little-endian bytes -> pgvector's binary format (int16 dims,
+    int16 unused, big-endian float4s).  The host passes bytes to the column
+    type's receive function, so no float is ever formatted as text."""
+    values = array("f", raw)
+    if sys.byteorder == "little":
+        values.byteswap()
+    return struct.pack(">hh", dims, 0) + values.tobytes()
 
 
 class ModelsTable(SidecarTable):

@@ -16,6 +16,9 @@
  *	   json/jsonb columns; bytes go to bytea columns as they are);
  *	2. without the GIL: the type's input function parses it, so a vector(384)
  *	   column rejects a 385-element list with pgvector's own error.
+ * A bytes value for a column that is not bytea is taken as the type's binary
+ * (COPY BINARY / send) format and parsed by its receive function: an FDW can
+ * hand over a 384-float vector without formatting 384 numbers as text.
  *
  *-------------------------------------------------------------------------
  */
@@ -370,7 +373,7 @@ llmfdw_row_to_strings(PyObject *item, LlmfdwColumn *columns, int natts,
 			Py_DECREF(value);
 			continue;
 		}
-		if (col->is_bytea && PyBytes_Check(value))
+		if (PyBytes_Check(value) && (col->is_bytea || col->has_recv))
 		{
 			row->binary[i] = true;
 			initStringInfo(&buf);
@@ -414,7 +417,7 @@ llmfdw_strings_to_slot(TupleTableSlot *slot, LlmfdwColumn *columns,
 		slot->tts_values[i] = (Datum) 0;
 		if (row->nulls[i])
 			continue;
-		if (row->binary[i])
+		if (row->binary[i] && col->is_bytea)
 		{
 			bytea	   *b = palloc(VARHDRSZ + row->lengths[i]);
 
@@ -424,15 +427,30 @@ llmfdw_strings_to_slot(TupleTableSlot *slot, LlmfdwColumn *columns,
 			continue;
 		}
 		{
-			char	   *s = pg_any_to_server(row->values[i], row->lengths[i], PG_UTF8);
 			ErrorContextCallback errcb;
 
 			errcb.callback = llmfdw_column_error_context;
 			errcb.arg = col->name;
 			errcb.previous = error_context_stack;
 			error_context_stack = &errcb;
-			slot->tts_values[i] = InputFunctionCall(&col->infunc, s,
-													col->ioparam, col->typmod);
+			if (row->binary[i])
+			{
+				StringInfoData buf;
+
+				buf.data = row->values[i];
+				buf.len = row->lengths[i];
+				buf.maxlen = row->lengths[i] + 1;
+				buf.cursor = 0;
+				slot->tts_values[i] = ReceiveFunctionCall(&col->recvfunc, &buf,
+														  col->ioparam, col->typmod);
+			}
+			else
+			{
+				char	   *s = pg_any_to_server(row->values[i], row->lengths[i], PG_UTF8);
+
+				slot->tts_values[i] = InputFunctionCall(&col->infunc, s,
+														col->ioparam, col->typmod);
+			}
 			error_context_stack = errcb.previous;
 		}
 	}

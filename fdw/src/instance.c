@@ -141,6 +141,23 @@ llmfdw_columns(TupleDesc desc)
 		col->is_bytea = (base == BYTEAOID);
 		getTypeInputInfo(att->atttypid, &infunc, &col->ioparam);
 		fmgr_info(infunc, &col->infunc);
+		{
+			Oid			recvfunc;
+			Oid			recvparam;
+			HeapTuple	tp = SearchSysCache1(TYPEOID, ObjectIdGetDatum(att->atttypid));
+
+			col->has_recv = false;
+			if (HeapTupleIsValid(tp))
+			{
+				col->has_recv = OidIsValid(((Form_pg_type) GETSTRUCT(tp))->typreceive);
+				ReleaseSysCache(tp);
+			}
+			if (col->has_recv)
+			{
+				getTypeBinaryInputInfo(att->atttypid, &recvfunc, &recvparam);
+				fmgr_info(recvfunc, &col->recvfunc);
+			}
+		}
 	}
 	return cols;
 }

@@ -90,6 +90,8 @@ typedef struct LlmfdwColumn
 	bool		is_bytea;
 	FmgrInfo	infunc;			/* type input function */
 	Oid			ioparam;
+	FmgrInfo	recvfunc;		/* binary input function, if the type has one */
+	bool		has_recv;
 } LlmfdwColumn;
 
 extern PyObject *llmfdw_get_instance(Oid foreigntableid);
@@ -129,7 +131,7 @@ typedef struct LlmfdwRowStrings
 	char	  **values;
 	int		   *lengths;
 	bool	   *nulls;
-	bool	   *binary;			/* bytea taken as raw bytes */
+	bool	   *binary;			/* bytes: raw bytea, or the type's binary format */
 } LlmfdwRowStrings;
 
 extern PyObject *llmfdw_datum_to_python(Datum value, bool isnull, Oid typid);
