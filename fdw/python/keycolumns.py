@@ -111,7 +111,7 @@ class KeyColumns:
             if not given:
                 empty = True
             for v in given:
-                self._check(col, v)
+                self.check(col, v)
             if col.name in values:  # several quals on one column: intersect
                 values[col.name] = [v for v in values[col.name] if v in given]
                 empty = empty or not values[col.name]
@@ -126,7 +126,7 @@ class KeyColumns:
                 )
         return Resolved(values, empty)
 
-    def _check(self, col: KeyColumn, value: Any) -> None:
+    def check(self, col: KeyColumn, value: Any) -> None:
         if col.check is None:
             return
         problem = col.check(value)

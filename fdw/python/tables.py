@@ -21,6 +21,7 @@ from multicorn.utils import check_interrupts
 from llmfdw.fdw.client import CallControl, SidecarClient, new_request_id
 from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
 from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, Resolved, at_least, in_range
+from llmfdw.fdw.options import parse_options
 from llmfdw.v1 import llmfdw_pb2 as pb
 
 try:  # inside the llmfdw host
@@ -53,21 +54,25 @@ class SidecarTable(ForeignDataWrapper):
 
     def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
         super().__init__(options, columns)
-        self.options = options
         self.columns = columns
-        self.address = options.get("address")
+        self.options, self.defaults = parse_options(self.table, options)
+        self.address = self.options.get("address")
         if not self.address:
             raise LlmError(
                 "the llmfdw server has no address option",
                 hint="ALTER SERVER llm_sidecar OPTIONS (ADD address 'unix:///path/to/sidecar.sock');",
             )
-        try:
-            timeout = float(options.get("timeout", "600"))
-        except ValueError:
-            raise LlmError(f"option timeout must be a number of seconds, not {options['timeout']!r}",
-                           sqlstate=INVALID_PARAMETER_VALUE) from None
-        self.default_model = options.get("model", "")
+        for name, value in self.defaults.items():  # table defaults obey the key columns' checks
+            if name in self.keys.columns:
+                self.keys.check(self.keys.columns[name], value)
+        self.default_model = self.defaults.get("model", "")
+        timeout = self.options.get("timeout", 600.0)
         self.client = SidecarClient(self.address, CallControl(_should_stop, _time_left, timeout))
+
+    def param(self, resolved: Resolved, name: str) -> Any:
+        """A request parameter: from the query's quals, else the table's defaults."""
+        value = resolved.one(name)
+        return self.defaults.get(name) if value is None else value
 
     def context(self) -> pb.RequestContext:
         session = _host.session() if _host is not None else {}
@@ -81,7 +86,7 @@ class SidecarTable(ForeignDataWrapper):
         )
 
     def model_for(self, resolved: Resolved) -> str:
-        model = resolved.one("model") or self.default_model
+        model = self.param(resolved, "model")
         if not model:
             raise LlmError(f"{self.table}: no model given and no default model",
                            hint=f"Add WHERE model = '...', or ALTER FOREIGN TABLE llm.{self.table} "
@@ -139,13 +144,13 @@ class CompletionsTable(SidecarTable):
         model = self.model_for(resolved)
         params = pb.GenerationParams()
         for name in ("max_tokens", "temperature", "top_p", "seed"):
-            value = resolved.one(name)
+            value = self.param(resolved, name)
             if value is not None:
                 setattr(params, name, value)
         stop = resolved.one("stop")
         if stop:
             params.stop.extend(stop if isinstance(stop, list) else [stop])
-        system = resolved.one("system") or ""
+        system = self.param(resolved, "system") or ""
         prompts = resolved.values["prompt"]
         requests = [
             pb.GenerateRequest(model=model, prompt=p, system=system, params=params, context=self.context())
@@ -160,11 +165,11 @@ class CompletionsTable(SidecarTable):
             row = {
                 "prompt": prompts[index],
                 "model": model,
-                "system": resolved.one("system"),
-                "max_tokens": resolved.one("max_tokens"),
-                "temperature": resolved.one("temperature"),
-                "top_p": resolved.one("top_p"),
-                "seed": resolved.one("seed"),
+                "system": self.param(resolved, "system"),
+                "max_tokens": self.param(resolved, "max_tokens"),
+                "temperature": self.param(resolved, "temperature"),
+                "top_p": self.param(resolved, "top_p"),
+                "seed": self.param(resolved, "seed"),
                 "stop": resolved.one("stop"),
                 "completion": "".join(texts[index]),
                 "finish_reason": pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
