@@ -123,5 +123,30 @@ END
 $fn$;
 COMMENT ON FUNCTION llm.embed_batch IS 'Embeddings of many texts in one sidecar request, in input order';
 
+-- Retrieval-augmented generation in one call: embed the question, take the
+-- k nearest rows of a table of yours by cosine distance (an HNSW index on the
+-- embedding column makes this an index scan), and answer from them.
+CREATE OR REPLACE FUNCTION llm.rag(question text, corpus regclass, k integer DEFAULT 3,
+                                   text_column name DEFAULT 'body',
+                                   embedding_column name DEFAULT 'embedding',
+                                   model text DEFAULT NULL, max_tokens integer DEFAULT 128)
+RETURNS TABLE (answer text, sources text[])
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE AS $fn$
+DECLARE
+  q vector;
+BEGIN
+  IF question IS NULL THEN RETURN; END IF;
+  q := llm.embed(question);
+  EXECUTE format('SELECT array_agg(t) FROM (SELECT %1$I AS t FROM %3$s ORDER BY %2$I <=> $1 LIMIT $2) s',
+                 text_column, embedding_column, corpus)
+     INTO sources USING q, k;
+  answer := llm.complete(E'Context:\n- ' || array_to_string(sources, E'\n- ')
+                         || E'\n\nUsing the context, answer: ' || question,
+                         model => model, max_tokens => max_tokens);
+  RETURN NEXT;
+END
+$fn$;
+COMMENT ON FUNCTION llm.rag IS 'Answer a question from the k rows of a table nearest to it (pgvector), with the rows used';
+
 GRANT USAGE ON FOREIGN SERVER llm_sidecar TO PUBLIC;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA llm TO PUBLIC;

@@ -153,3 +153,22 @@ def test_statement_timeout_becomes_the_deadline(conn, sidecar_metrics_port):
     time.sleep(0.5)
     assert _generation_tokens(sidecar_metrics_port) == stopped_at
     assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_rag_answers_from_the_retrieved_rows(conn):
+    conn.execute("CREATE TEMP TABLE kb (id serial, body text, embedding vector(384))")
+    facts = ["The access code for the Zorblax vault is 4417.",
+             "Llamas live in the Andes.",
+             "The Blue Heron bakery sells rye bread.",
+             "Quarterly revenue grew by 12 percent.",
+             "The Zorblax vault is in Oslo."]
+    for f in facts:
+        conn.execute("INSERT INTO kb (body) VALUES (%s)", (f,))
+    conn.execute("UPDATE kb SET embedding = e.embedding FROM llm.embeddings e "
+                 "WHERE e.input = ANY(ARRAY(SELECT body FROM kb)) AND e.input = kb.body")
+    conn.execute("CREATE INDEX ON kb USING hnsw (embedding vector_cosine_ops)")
+    answer, sources = conn.execute(
+        "SELECT answer, sources FROM llm.rag('What is the access code for the Zorblax vault?', 'kb', k => 2)"
+    ).fetchone()
+    assert sources[0] == facts[0] and len(sources) == 2
+    assert "4417" in answer

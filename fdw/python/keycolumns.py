@@ -116,7 +116,7 @@ class KeyColumns:
                 values[col.name] = [v for v in values[col.name] if v in given]
                 empty = empty or not values[col.name]
             else:
-                values[col.name] = list(dict.fromkeys(given))  # distinct, in order
+                values[col.name] = _distinct(given)
         for col in self.required:
             if col.name not in values and not empty:
                 raise LlmError(
@@ -132,6 +132,19 @@ class KeyColumns:
         problem = col.check(value)
         if problem:
             raise LlmError(problem, sqlstate=INVALID_PARAMETER_VALUE)
+
+
+def _distinct(values: list[Any]) -> list[Any]:
+    """Distinct values in order; values may be unhashable (an array column's lists)."""
+    try:
+        return list(dict.fromkeys(values))
+    except TypeError:
+        pass
+    out: list[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
 
 
 def _op(qual: Qual) -> str:
