@@ -4,6 +4,7 @@
 #   make down     stop them
 #   make status   what is running
 #   make test     install what is missing and run the test suite (starts its own Postgres/sidecar)
+#   make bench    run the benchmarks (figures printed and written to bench/results/*.json)
 #   make install  only the install steps (system packages, venv, requirements, package, C extension)
 #
 # .venv and .state are plain directories in the repository, or symlinks to
@@ -38,7 +39,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/python
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps ext up down status test clean distclean
+.PHONY: help install sysdeps ext up down status test bench bench-fdw clean distclean
 
 help:
 	@sed -n '3,8s/^# //p' Makefile
@@ -93,6 +94,11 @@ status:
 
 test: install
 	$(PY) -m pytest tests
+
+bench: bench-fdw
+
+bench-fdw: install
+	$(PY) bench/bench_fdw.py
 
 clean:
 	rm -rf build *.egg-info
