@@ -42,7 +42,7 @@ export HF_HUB_OFFLINE := 1
 .PHONY: help install sysdeps ext up down status test bench bench-fdw clean distclean
 
 help:
-	@sed -n '3,8s/^# //p' Makefile
+	@sed -n '3,9s/^# //p' Makefile
 
 install: sysdeps $(STAMP)-package ext
 
