@@ -65,6 +65,21 @@ CREATE FOREIGN TABLE llm.models (
   source         text
 ) SERVER llm_sidecar OPTIONS (table 'models');
 
+-- What this database's tenant has used (the sidecar shows no other tenant).
+DROP FOREIGN TABLE IF EXISTS llm.usage;
+CREATE FOREIGN TABLE llm.usage (
+  tenant          text,
+  model           text,
+  requests        bigint,
+  errors          bigint,
+  input_tokens    bigint,
+  output_tokens   bigint,
+  embedded_inputs bigint,
+  queue_ms        double precision,
+  compute_ms      double precision,
+  since           timestamptz
+) SERVER llm_sidecar OPTIONS (table 'usage');
+
 GRANT USAGE ON SCHEMA llm TO PUBLIC;
 GRANT SELECT ON ALL TABLES IN SCHEMA llm TO PUBLIC;
 

@@ -73,9 +73,15 @@ class SidecarClient:
         return self._stream(self.stub.Embed, request)
 
     def list_models(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
-        for response in self._stream(self.stub.ListModels, request, unary=True):
+        return self._unary(self.stub.ListModels, request)
+
+    def usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
+        return self._unary(self.stub.Usage, request)
+
+    def _unary(self, method, request):
+        for response in self._stream(method, request, unary=True):
             return response
-        raise LlmError("the sidecar returned no model list")
+        raise LlmError("the sidecar returned no answer")
 
     def generate_many(self, requests: list[pb.GenerateRequest]) -> Iterator[tuple[int, pb.GenerateResponse]]:
         """Several Generate calls in flight at once (the sidecar batches them),

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, dict[str, Callable[[str], Any]]] = {
                     "top_p": float, "seed": int},
     "embeddings": {"model": str},
     "models": {},
+    "usage": {},
 }
 
 

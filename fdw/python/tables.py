@@ -13,6 +13,7 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
+from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual
@@ -263,10 +264,32 @@ class ModelsTable(SidecarTable):
             }
 
 
+class UsageTable(SidecarTable):
+    """Metered usage of this tenant (the sidecar never returns another tenant's)."""
+
+    table = "usage"
+    keys = KeyColumns("usage", [], example="SELECT * FROM llm.usage;")
+
+    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        return (10, 200)
+
+    def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        response = self.client.usage(pb.UsageRequest(context=self.context()))
+        since = datetime.fromtimestamp(response.since_unix_ns / 1e9, tz=timezone.utc).isoformat()
+        for r in response.rows:
+            yield {
+                "tenant": r.tenant, "model": r.model, "requests": r.requests, "errors": r.errors,
+                "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
+                "embedded_inputs": r.embedded_inputs, "queue_ms": r.queue_ns / 1e6,
+                "compute_ms": r.compute_ns / 1e6, "since": since,
+            }
+
+
 TABLES: dict[str, type[SidecarTable]] = {
     "completions": CompletionsTable,
     "embeddings": EmbeddingsTable,
     "models": ModelsTable,
+    "usage": UsageTable,
 }
 
 
