@@ -29,40 +29,37 @@ class LlmError(MulticornException):
         super().__init__(message, hint=hint, detail=detail, sqlstate=sqlstate)
 
 
+# status code -> (message template, hint, SQLSTATE); templates see {address}, {text}, {code}
+_BY_CODE: dict[grpc.StatusCode, tuple[str, str | None, str]] = {
+    grpc.StatusCode.UNAVAILABLE: (
+        "the llmfdw sidecar at {address} is not reachable: {text}",
+        "Start it (make up), or point the server at it: "
+        "ALTER SERVER llm_sidecar OPTIONS (SET address 'unix:///path/to/sidecar.sock').",
+        FDW_UNABLE_TO_ESTABLISH_CONNECTION),
+    grpc.StatusCode.NOT_FOUND: (
+        "{text}", "SELECT name, task FROM llm.models; lists the models the sidecar serves.", UNDEFINED_OBJECT),
+    grpc.StatusCode.INVALID_ARGUMENT: ("{text}", None, INVALID_PARAMETER_VALUE),
+    grpc.StatusCode.FAILED_PRECONDITION: (
+        "{text}", "SELECT name, task, state FROM llm.models; shows what each model can do.",
+        OBJECT_NOT_IN_PREREQUISITE_STATE),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (
+        "the sidecar did not answer in time: {text}",
+        "Raise the server's timeout option (seconds) or statement_timeout, or ask for fewer tokens.",
+        QUERY_CANCELED),
+    grpc.StatusCode.UNAUTHENTICATED: (
+        "the sidecar refused the credentials: {text}",
+        "Set the token in your user mapping: "
+        "ALTER USER MAPPING FOR CURRENT_USER SERVER llm_sidecar OPTIONS (SET token '...').",
+        INVALID_AUTHORIZATION),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (
+        "the sidecar is at its limit for this tenant: {text}",
+        "Retry later, or ask the operator to raise the tenant's limits.", TOO_MANY_CONNECTIONS),
+}
+
+
 def error_from_rpc(err: grpc.RpcError, address: str) -> LlmError:
     """A gRPC failure as an error that says what happened and what to do."""
     code = err.code()
-    text = err.details() or code.name
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return LlmError(
-            f"the llmfdw sidecar at {address} is not reachable: {text}",
-            hint="Start it (make up), or point the server at it: "
-                 "ALTER SERVER llm_sidecar OPTIONS (SET address 'unix:///path/to/sidecar.sock').",
-            sqlstate=FDW_UNABLE_TO_ESTABLISH_CONNECTION,
-        )
-    if code == grpc.StatusCode.NOT_FOUND:
-        return LlmError(text, hint="SELECT name, task FROM llm.models; lists the models the sidecar serves.",
-                        sqlstate=UNDEFINED_OBJECT)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return LlmError(text, sqlstate=INVALID_PARAMETER_VALUE)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return LlmError(text, hint="SELECT name, task, state FROM llm.models; shows what each model can do.",
-                        sqlstate=OBJECT_NOT_IN_PREREQUISITE_STATE)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return LlmError(
-            f"the sidecar did not answer in time: {text}",
-            hint="Raise the server's timeout option (seconds) or statement_timeout, or ask for fewer tokens.",
-            sqlstate=QUERY_CANCELED,
-        )
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        return LlmError(
-            f"the sidecar refused the credentials: {text}",
-            hint="Set the token in your user mapping: "
-                 "ALTER USER MAPPING FOR CURRENT_USER SERVER llm_sidecar OPTIONS (SET token '...').",
-            sqlstate=INVALID_AUTHORIZATION,
-        )
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return LlmError(f"the sidecar is at its limit for this tenant: {text}",
-                        hint="Retry later, or ask the operator to raise the tenant's limits.",
-                        sqlstate=TOO_MANY_CONNECTIONS)
-    return LlmError(f"the sidecar failed: {code.name}: {text}")
+    template, hint, sqlstate = _BY_CODE.get(code, ("the sidecar failed: {code}: {text}", None, FDW_ERROR))
+    message = template.format(address=address, text=err.details() or code.name, code=code.name)
+    return LlmError(message, hint=hint, sqlstate=sqlstate)

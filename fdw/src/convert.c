@@ -169,11 +169,10 @@ append_utf8(StringInfo buf, PyObject *str)
 	return true;
 }
 
-/* str(value) appended. */
+/* Append a new reference to a str (NULL: a Python error is set) and drop it. */
 static bool
-append_str(StringInfo buf, PyObject *value)
+append_new_str(StringInfo buf, PyObject *s)
 {
-	PyObject   *s = PyObject_Str(value);
 	bool		ok;
 
 	if (s == NULL)
@@ -181,6 +180,13 @@ append_str(StringInfo buf, PyObject *value)
 	ok = append_utf8(buf, s);
 	Py_DECREF(s);
 	return ok;
+}
+
+/* str(value) appended. */
+static bool
+append_str(StringInfo buf, PyObject *value)
+{
+	return append_new_str(buf, PyObject_Str(value));
 }
 
 /* An array element, double-quoted with backslash escapes. */
@@ -279,17 +285,12 @@ append_json(StringInfo buf, PyObject *value)
 {
 	PyObject   *dumps = llmfdw_import_attr("json", "dumps");
 	PyObject   *s;
-	bool		ok;
 
 	if (dumps == NULL)
 		return false;
 	s = PyObject_CallOneArg(dumps, value);
 	Py_DECREF(dumps);
-	if (s == NULL)
-		return false;
-	ok = append_utf8(buf, s);
-	Py_DECREF(s);
-	return ok;
+	return append_new_str(buf, s);
 }
 
 /* One column's value in its type's text input format. */
