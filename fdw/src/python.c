@@ -236,6 +236,7 @@ llmfdw_python_init(void)
 	char	   *rawpath;
 	List	   *dirs = NIL;
 	ListCell   *lc;
+	bool		path_ok;
 
 	if (python_ready)
 		return;
@@ -279,18 +280,23 @@ llmfdw_python_init(void)
 	result = setup ? PyObject_CallOneArg(setup, paths) : NULL;
 	Py_DECREF(paths);
 	Py_DECREF(globals);
-	if (result == NULL)
-	{
-		PyErr_Print();
-		ereport(ERROR,
-				(errcode(ERRCODE_FDW_ERROR),
-				 errmsg("llmfdw: could not set up sys.path from llmfdw.python_path")));
-	}
-	Py_DECREF(result);
+	path_ok = (result != NULL);
+	if (!path_ok)
+		PyErr_Print();			/* to the server log */
+	Py_XDECREF(result);
 
-	/* Hand the GIL back: from now on every entry takes it explicitly. */
+	/*
+	 * Hand the GIL back: from now on every entry takes it explicitly.  The
+	 * interpreter is up even if sys.path could not be set: it cannot be
+	 * started twice, and imports will then fail with a clear message.
+	 */
 	PyEval_SaveThread();
 	python_ready = true;
+	if (!path_ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_FDW_ERROR),
+				 errmsg("llmfdw: could not set up sys.path from llmfdw.python_path"),
+				 errhint("Check llmfdw.python_path in postgresql.conf; the server log has the Python error.")));
 }
 
 /* ---------------------------------------------------------------------
