@@ -52,6 +52,14 @@ def test_several_prompts_in_one_query(conn):
     assert all(r[1] for r in rows)
 
 
+def test_many_prompts_run_through_a_bounded_window(conn):
+    rows = conn.execute(
+        "SELECT prompt, output_tokens FROM llm.completions "
+        "WHERE prompt = ANY(ARRAY(SELECT 'Say the number ' || g FROM generate_series(1, 40) g)) AND max_tokens = 2"
+    ).fetchall()
+    assert len(rows) == 40 and all(0 < r[1] <= 2 for r in rows)
+
+
 def test_embedding_has_384_dims_and_is_meaningful(conn):
     assert conn.execute("SELECT vector_dims(embedding) FROM llm.embeddings WHERE input = 'hello'").fetchone() == (384,)
     close = cosine_distance(conn, "The cat sat on the mat.", "A cat was sitting on a rug.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -24,6 +25,9 @@ from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 
 # How often a waiting call asks Postgres whether to stop.
 POLL_SECONDS = 0.02
+# Calls one scan keeps open at once (prompt = ANY(array) runs its prompts
+# concurrently so the sidecar batches them, but not thousands at a time).
+MAX_IN_FLIGHT = 16
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _channels: dict[str, grpc.Channel] = {}
@@ -93,21 +97,32 @@ class SidecarClient:
             yield message
 
     def _streams(self, method, requests, unary: bool = False):
+        """Run the calls with at most MAX_IN_FLIGHT open at once, all under one
+        deadline; yield (request index, message) in arrival order."""
         inbox: queue.Queue = queue.Queue()
         calls = []
-        timeout = self._deadline()
+        deadline = time.monotonic() + self._deadline()
+        pending = iter(enumerate(requests))
+
+        def start_next() -> bool:
+            nxt = next(pending, None)
+            if nxt is None:
+                return False
+            index, request = nxt
+            timeout = max(0.001, deadline - time.monotonic())
+            if unary:
+                future = method.future(request, timeout=timeout)
+                future.add_done_callback(lambda f, i=index: _deliver_unary(inbox, i, f))
+                calls.append(future)
+            else:
+                call = method(request, timeout=timeout)
+                calls.append(call)
+                threading.Thread(target=_pump, args=(call, index, inbox), daemon=True,
+                                 name="llmfdw-grpc").start()
+            return True
+
         try:
-            for index, request in enumerate(requests):
-                if unary:
-                    future = method.future(request, timeout=timeout)
-                    future.add_done_callback(lambda f, i=index: _deliver_unary(inbox, i, f))
-                    calls.append(future)
-                else:
-                    call = method(request, timeout=timeout)
-                    calls.append(call)
-                    threading.Thread(target=_pump, args=(call, index, inbox), daemon=True,
-                                     name="llmfdw-grpc").start()
-            open_calls = len(calls)
+            open_calls = sum(start_next() for _ in range(MAX_IN_FLIGHT))
             while open_calls:
                 try:
                     index, item = inbox.get(timeout=POLL_SECONDS)
@@ -116,7 +131,7 @@ class SidecarClient:
                         raise QueryCanceled("query canceled")
                     continue
                 if item is _END:
-                    open_calls -= 1
+                    open_calls += start_next() - 1  # a call ended: start the next, if any
                 elif isinstance(item, grpc.RpcError):
                     raise error_from_rpc(item, self.address)
                 else:
