@@ -4,9 +4,12 @@
 
 Models load after the server is listening, so a supervisor can poll
 grpc.health.v1 (NOT_SERVING until every model is READY).  SIGTERM/SIGINT
-stop accepting calls and give in-flight ones a grace period.  A model that
-fails to load, or an engine that dies, makes the process exit non-zero so
-that a supervisor restarts it.
+turn health to NOT_SERVING, refuse new calls, give in-flight ones up to
+--grace seconds to finish, then exit 0.  A model that fails to load makes
+the process exit 2 and an engine that dies makes it exit 3, so that a
+supervisor restarts it; after a failed load it first answers health
+(NOT_SERVING) and ListModels (the model FAILED, with the error) for
+--fail-linger seconds, so that a probe or an operator sees why.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmfdw.sidecar import engines, metrics
-from llmfdw.sidecar.config import DEFAULT_CONFIG, ConfigError, load_config
-from llmfdw.sidecar.engines.base import FAILED, Engine
+from llmfdw.sidecar.config import DEFAULT_CONFIG, ConfigError, SidecarConfig, load_config
+from llmfdw.sidecar.engines.base import FAILED, READY, Engine
 from llmfdw.sidecar.servicer import InferenceServicer
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 
@@ -32,10 +35,12 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class Sidecar:
-    def __init__(self, models: dict[str, Engine], listen: list[str], grace: float) -> None:
+    def __init__(self, models: dict[str, Engine], config: SidecarConfig, listen: list[str], grace: float,
+                 fail_linger: float) -> None:
         self.models = models
         self.listen = listen
         self.grace = grace
+        self.fail_linger = fail_linger
         self.exit_code = 0
         self.stopping = asyncio.Event()
         self.health = health.aio.HealthServicer()
@@ -43,7 +48,8 @@ class Sidecar:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ])
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(models, self.engine_failed), self.server)
+        self.servicer = InferenceServicer(models, config, self.engine_failed)
+        pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for address in listen:
             if address.startswith("unix://"):
@@ -71,6 +77,7 @@ class Sidecar:
                 engine.state, engine.error = FAILED, f"{type(err).__name__}: {err}"
                 log.error("model %s failed to load: %s", engine.name, engine.error)
                 self.exit_code = 2
+                await asyncio.sleep(self.fail_linger)   # cut short by SIGTERM
                 self.stopping.set()
                 return
         await self.set_health(True)
@@ -87,10 +94,13 @@ class Sidecar:
         log.info("stopping: %.0f s grace for in-flight requests", self.grace)
         await self.set_health(False)
         loader.cancel()
-        await self.server.stop(self.grace)
+        if not await self.servicer.drain(self.grace):
+            log.warning("grace period over: cancelling the requests still running")
+        await self.server.stop(None)
         for engine in self.models.values():
-            if engine.state != FAILED:
+            if engine.state == READY:
                 await engine.close()
+        log.info("stopped (exit code %d)", self.exit_code)
         return self.exit_code
 
 
@@ -100,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", action="append", required=True,
                         help="unix:///abs/path.sock or host:port; repeatable")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--fail-linger", type=float, default=2.0,
+                        help="seconds health and ListModels report a failed model load before exiting")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
     parser.add_argument("--log-level", default="info")
@@ -112,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         models = {m.name: engines.build(m) for m in config.models}
+        log.info("auth %s; %d tenant(s) configured", config.auth, len(config.tenants))
     except (ConfigError, ValueError) as err:
         log.error("bad configuration: %s", err)
         return 2
 
     async def serve() -> int:  # gRPC's aio server must be made inside the running loop
-        return await Sidecar(models, args.listen, args.grace).run()
+        return await Sidecar(models, config, args.listen, args.grace, args.fail_linger).run()
 
     return asyncio.run(serve())
 

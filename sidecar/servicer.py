@@ -1,25 +1,34 @@
 """llmfdw.v1.Inference: protobuf in, engine calls, protobuf out.
 
 Validation lives here, so every engine gets clean parameters and every
-caller gets a status code with a message written for the SQL user.  A
-cancelled or expired call cancels the handler task; closing the engine's
-iterator then stops the model work (see each engine).
+caller gets a status code with a message written for the SQL user.  Each
+call is authenticated (tenants.authenticate), waits for an engine slot
+within its tenant's limits (tenants.Admission), is metered (metering) and
+ends in one structured log line.  A cancelled or expired call cancels the
+handler task; closing the engine's iterator then stops the model work (see
+each engine).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
 from asyncio import CancelledError as _Cancelled
-from typing import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 
 from llmfdw.sidecar import metrics
+from llmfdw.sidecar.config import SidecarConfig
 from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, Engine, EngineFailed,
                                          GenerateFinal, GenerateParams, GenerationEngine)
+from llmfdw.sidecar.metering import Metered, UsageBook
+from llmfdw.sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 
@@ -29,6 +38,9 @@ _TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED}
+_CODES: dict[type, grpc.StatusCode] = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+                                       LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                       ValueError: grpc.StatusCode.INVALID_ARGUMENT}
 
 
 class InvalidRequest(Exception):
@@ -42,13 +54,50 @@ def _status_of(err: BaseException) -> str:
         return "CANCELLED"
     if isinstance(err, InvalidRequest):
         return err.code.name
+    for cls, code in _CODES.items():
+        if isinstance(err, cls):
+            return code.name
     return type(err).__name__
 
 
+@dataclass
+class _Call:
+    """One request while it is served: who, what, and what it cost so far."""
+    rpc: str
+    model: str
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    tenant: str = ""           # set once authenticated
+    metered: bool = False      # the model is served: the request goes into the usage book
+    status: str = "OK"
+    usage: Metered = field(default_factory=Metered)
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, engines: dict[str, Engine], on_engine_failure) -> None:
+    def __init__(self, engines: dict[str, Engine], config: SidecarConfig,
+                 on_engine_failure: Callable[[Exception], None]) -> None:
         self.engines = engines
+        self.config = config
         self.on_engine_failure = on_engine_failure
+        # a generation model runs `parallel` requests at once; the embedding batcher takes all
+        self.admission = Admission({name: e.config.parallel if e.config.task == "generate" else None
+                                    for name, e in engines.items()})
+        self.book = UsageBook()
+        self.draining = False
+        self._active = 0                 # Generate and Embed calls being served
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new Generate/Embed calls; wait up to `grace` seconds for the
+        running ones.  True when none is left.  (Done here rather than by
+        grpc's own graceful stop, which stalled streaming calls in tests.)"""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     # -- helpers ---------------------------------------------------------
 
@@ -86,116 +135,142 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return GenerateParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                               seed=p.seed if p.HasField("seed") else None, stop=list(p.stop))
 
-    @staticmethod
-    def _request_id(ctx: pb.RequestContext) -> str:
-        return ctx.request_id or uuid.uuid4().hex[:16]
+    def _tenant(self, ctx: pb.RequestContext) -> str:
+        return authenticate(self.config, ctx.tenant, ctx.token)
 
-    def _log(self, rpc: str, request_id: str, model: str, ctx: pb.RequestContext, status: str,
-             started: float, **extra) -> None:
-        """One structured log line and the metrics of a finished request."""
-        metrics.REQUESTS.labels(rpc, model, ctx.tenant, status).inc()
-        metrics.LATENCY.labels(rpc, model).observe(time.monotonic() - started)
-        metrics.INPUT_TOKENS.labels(model, ctx.tenant).inc(extra.get("input_tokens", 0))
-        metrics.OUTPUT_TOKENS.labels(model, ctx.tenant).inc(extra.get("output_tokens", 0))
-        if rpc == "Embed":
-            metrics.EMBEDDED.labels(model, ctx.tenant).inc(extra.get("embedded", 0))
-        log.info(json.dumps({"event": "request", "rpc": rpc, "request_id": request_id, "model": model,
-                             "tenant": ctx.tenant, "database": ctx.database, "status": status,
-                             "duration_ms": round((time.monotonic() - started) * 1000, 3), **extra}))
+    @contextlib.asynccontextmanager
+    async def _serving(self, rpc: str, model: str, ctx: pb.RequestContext,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
+        """Authenticate, then on the way out: status code, usage book, metrics, log line."""
+        call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16])
+        in_flight = metrics.IN_FLIGHT.labels(rpc, model)
+        in_flight.inc()
+        self._active += 1
+        self._idle.clear()
+        try:
+            if self.draining:
+                raise InvalidRequest(grpc.StatusCode.UNAVAILABLE,
+                                     "the sidecar is shutting down and takes no new requests; retry shortly")
+            call.tenant = self._tenant(ctx)
+            yield call
+        except BaseException as err:
+            call.status = _status_of(err)
+            if isinstance(err, Exception):
+                await self._fail(context, err)
+            raise
+        finally:
+            in_flight.dec()
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+            self._finish(call, ctx)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, call: _Call, engine: Engine) -> AsyncIterator[None]:
+        """Wait for an engine slot within the tenant's limits; the wait is queue time."""
+        async with self.admission.slot(call.tenant, self.config.limits(call.tenant), engine.name) as waited:
+            call.usage.queue_ns = waited
+            yield
+
+    def _finish(self, call: _Call, ctx: pb.RequestContext) -> None:
+        """Meter, count and log a finished request (once, whatever its outcome)."""
+        u, model, tenant = call.usage, call.model, call.tenant
+        duration = time.monotonic() - call.started
+        if call.metered and tenant:
+            self.book.record(tenant, model, call.status == "OK", u)
+            metrics.INPUT_TOKENS.labels(model, tenant).inc(u.input_tokens)
+            metrics.OUTPUT_TOKENS.labels(model, tenant).inc(u.output_tokens)
+            metrics.EMBEDDED.labels(model, tenant).inc(u.embedded_inputs)
+            metrics.COMPUTE.labels(model, tenant).inc(u.compute_ns / 1e9)
+        metrics.REQUESTS.labels(call.rpc, model, tenant, call.status).inc()
+        metrics.LATENCY.labels(call.rpc, model).observe(duration)
+        log.info(json.dumps({"event": "request", "rpc": call.rpc, "request_id": call.request_id,
+                             "model": model, "tenant": tenant or ctx.tenant, "authenticated": bool(tenant),
+                             "database": ctx.database, "role": ctx.role, "status": call.status,
+                             "duration_ms": round(duration * 1000, 3), **asdict(u)}))
 
     async def _fail(self, context: grpc.aio.ServicerContext, err: Exception) -> None:
+        """Abort the call with the status code for `err` (context.abort raises)."""
         if isinstance(err, InvalidRequest):
             await context.abort(err.code, str(err))
         if isinstance(err, EngineFailed):
             self.on_engine_failure(err)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model engine failed: {err}")
-        if isinstance(err, ValueError):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        for cls, code in _CODES.items():
+            if isinstance(err, cls):
+                await context.abort(code, str(err))
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
 
     # -- RPCs ------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        started = time.monotonic()
-        request_id = self._request_id(request.context)
-        status, usage = "OK", {}
-        in_flight = metrics.IN_FLIGHT.labels("Generate", request.model)
-        in_flight.inc()
-        first = True
-        try:
+        async with self._serving("Generate", request.model, request.context, context) as call:
             engine = self._engine(request.model, "generate")
             assert isinstance(engine, GenerationEngine)
+            call.metered = True
             params = self._params(engine, request.params)
-            stream = engine.generate(request.prompt, request.system, request.raw, params)
-            try:
-                async for event in stream:
-                    if isinstance(event, GenerateFinal):
-                        usage = {"input_tokens": event.input_tokens, "output_tokens": event.output_tokens,
-                                 "compute_ns": event.compute_ns}
-                        yield pb.GenerateResponse(final=pb.GenerateFinal(
-                            finish_reason=_FINISH[event.finish_reason], model=engine.name,
-                            usage=pb.Usage(**usage)))
-                    else:
-                        if first:
-                            metrics.FIRST_TOKEN.labels(engine.name).observe(time.monotonic() - started)
-                            first = False
-                        yield pb.GenerateResponse(delta=event)
-            finally:
-                await stream.aclose()
-        except BaseException as err:
-            status = _status_of(err)
-            if isinstance(err, Exception) and not isinstance(err, _Cancelled):
-                await self._fail(context, err)
-            raise
-        finally:
-            in_flight.dec()
-            self._log("Generate", request_id, request.model, request.context, status, started, **usage)
+            async with self._slot(call, engine):
+                metrics.QUEUE_TIME.labels("Generate", engine.name).observe(call.usage.queue_ns / 1e9)
+                stream = engine.generate(request.prompt, request.system, request.raw, params, call.usage)
+                first = True
+                try:
+                    async for event in stream:
+                        if isinstance(event, GenerateFinal):
+                            u = call.usage
+                            yield pb.GenerateResponse(final=pb.GenerateFinal(
+                                finish_reason=_FINISH[event.finish_reason], model=engine.name,
+                                usage=pb.Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                                               queue_ns=u.queue_ns, compute_ns=u.compute_ns)))
+                        else:
+                            if first:
+                                metrics.FIRST_TOKEN.labels(engine.name).observe(time.monotonic() - call.started)
+                                first = False
+                            yield pb.GenerateResponse(delta=event)
+                finally:
+                    await stream.aclose()
 
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
-        started = time.monotonic()
-        request_id = self._request_id(request.context)
-        status, count, tokens = "OK", 0, 0
-        in_flight = metrics.IN_FLIGHT.labels("Embed", request.model)
-        in_flight.inc()
-        try:
+        async with self._serving("Embed", request.model, request.context, context) as call:
             engine = self._engine(request.model, "embed")
             assert isinstance(engine, EmbeddingEngine)
+            call.metered = True
             if not request.inputs:
                 raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "inputs must not be empty")
-            stream = engine.embed(list(request.inputs))
-            try:
-                async for group in stream:
-                    out = []
-                    compute = 0
-                    for index, result in group:
-                        v = result.vector
-                        if request.normalize:
-                            norm = float(np.linalg.norm(v))
-                            v = v / norm if norm > 0 else v
-                        out.append(pb.Embedding(index=index, vector=v.astype("<f4").tobytes(),
-                                                dimensions=v.shape[0], input_tokens=result.input_tokens,
-                                                truncated=result.truncated))
-                        compute += result.compute_ns
-                        tokens += result.input_tokens
-                    count += len(out)
-                    yield pb.EmbedResponse(embeddings=out, usage=pb.Usage(
-                        input_tokens=sum(e.input_tokens for e in out), compute_ns=compute))
-            finally:
-                await stream.aclose()
-        except BaseException as err:
-            status = _status_of(err)
-            if isinstance(err, Exception) and not isinstance(err, _Cancelled):
-                await self._fail(context, err)
-            raise
-        finally:
-            in_flight.dec()
-            self._log("Embed", request_id, request.model, request.context, status, started,
-                      inputs=len(request.inputs), embedded=count, input_tokens=tokens)
+            async with self._slot(call, engine):
+                stream = engine.embed(list(request.inputs), call.usage)
+                u = call.usage
+                try:
+                    async for group in stream:
+                        message = self._embeddings(group, request.normalize)
+                        if not u.embedded_inputs:   # the request's queue time goes in its first message
+                            message.usage.queue_ns = u.queue_ns
+                            metrics.QUEUE_TIME.labels("Embed", engine.name).observe(u.queue_ns / 1e9)
+                        u.embedded_inputs += len(message.embeddings)
+                        u.input_tokens += message.usage.input_tokens
+                        u.compute_ns += message.usage.compute_ns
+                        yield message
+                finally:
+                    await stream.aclose()
+
+    @staticmethod
+    def _embeddings(group, normalize: bool) -> pb.EmbedResponse:
+        out, compute = [], 0
+        for index, result in group:
+            v = result.vector
+            if normalize:
+                norm = float(np.linalg.norm(v))
+                v = v / norm if norm > 0 else v
+            out.append(pb.Embedding(index=index, vector=v.astype("<f4").tobytes(), dimensions=v.shape[0],
+                                    input_tokens=result.input_tokens, truncated=result.truncated))
+            compute += result.compute_ns
+        return pb.EmbedResponse(embeddings=out, usage=pb.Usage(
+            input_tokens=sum(e.input_tokens for e in out), compute_ns=compute))
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        await self._authenticated(request.context, context)
         models = []
         for engine in self.engines.values():
             cfg = engine.config
@@ -205,3 +280,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 source=str(cfg.source.get("package") or cfg.source.get("path", ""))))
         return pb.ListModelsResponse(models=models)
 
+    async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
+        tenant = await self._authenticated(request.context, context)
+        rows = [pb.UsageRow(tenant=tenant, model=model, requests=t.requests, errors=t.errors,
+                            input_tokens=t.input_tokens, output_tokens=t.output_tokens,
+                            embedded_inputs=t.embedded_inputs, queue_ns=t.queue_ns, compute_ns=t.compute_ns)
+                for model, t in self.book.rows(tenant)]
+        return pb.UsageResponse(rows=rows, since_unix_ns=self.book.since_unix_ns)
+
+    async def _authenticated(self, ctx: pb.RequestContext, context: grpc.aio.ServicerContext) -> str:
+        try:
+            return self._tenant(ctx)
+        except Unauthenticated as err:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+            raise

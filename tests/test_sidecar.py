@@ -139,3 +139,53 @@ def test_concurrent_generations_all_finish(stub):
     for t in threads:
         t.join(60)
     assert all(r is not None and r[1].usage.output_tokens > 0 for r in results)
+
+
+def test_eight_concurrent_generations_all_start_before_any_finishes(stub):
+    """Continuous batching over 8 slots: nobody waits for another's whole answer.
+    (bench/bench_sidecar.py measures the TTFT ratio against a single client.)"""
+    start = threading.Barrier(8)
+    firsts: list[float] = [0.0] * 8
+    ends: list[float] = [0.0] * 8
+
+    def run(i: int) -> None:
+        start.wait()
+        began = time.monotonic()
+        call = stub.Generate(pb.GenerateRequest(model=GEN, prompt=f"Write a long story about a {i}-legged cat.",
+                                                params=pb.GenerationParams(max_tokens=32)))
+        for n, message in enumerate(call):
+            if n == 0:
+                firsts[i] = time.monotonic() - began
+        ends[i] = time.monotonic() - began
+        assert message.final.usage.output_tokens == 32
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(ends)
+    assert max(firsts) < min(ends), f"time to first token {firsts} vs finish {ends}"
+
+
+def test_a_long_embed_request_does_not_hold_a_short_one_behind_it(stub):
+    long_inputs = [f"long request sentence {i} about tables and vectors" for i in range(1500)]
+    long_done: list[float] = []
+    long_started = threading.Event()
+
+    def run_long() -> None:
+        began = time.monotonic()
+        for message in stub.Embed(pb.EmbedRequest(model=EMB, inputs=long_inputs)):
+            long_started.set()
+        long_done.append(time.monotonic() - began)
+
+    worker = threading.Thread(target=run_long)
+    worker.start()
+    assert long_started.wait(30)
+    began = time.monotonic()
+    assert sorted(e.index for m in stub.Embed(pb.EmbedRequest(model=EMB, inputs=["short", "request"]))
+                  for e in m.embeddings) == [0, 1]
+    short = time.monotonic() - began
+    worker.join(120)
+    assert long_done, "the long request did not finish"
+    assert short < long_done[0] / 4, f"short request took {short:.2f} s beside a {long_done[0]:.2f} s one"

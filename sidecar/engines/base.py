@@ -11,6 +11,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from llmfdw.sidecar.config import ModelConfig
+from llmfdw.sidecar.metering import Metered
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 
@@ -68,13 +69,17 @@ class Engine(abc.ABC):
 
 class GenerationEngine(Engine):
     @abc.abstractmethod
-    def generate(self, prompt: str, system: str, raw: bool,
-                 params: GenerateParams) -> AsyncIterator[str | GenerateFinal]:
+    def generate(self, prompt: str, system: str, raw: bool, params: GenerateParams,
+                 usage: Metered) -> AsyncIterator[str | GenerateFinal]:
         """Yield text deltas, then one GenerateFinal.  Closing the iterator
-        (the caller went away) must stop the work within a decoding step."""
+        (the caller went away) must stop the work within a decoding step.
+        Keep `usage` current as the work goes (tokens, compute; add any wait
+        inside the engine to queue_ns), so that a cancelled request is metered too."""
 
 
 class EmbeddingEngine(Engine):
     @abc.abstractmethod
-    def embed(self, texts: list[str]) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
-        """Yield groups of (index into texts, result) as engine batches finish."""
+    def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
+        """Yield groups of (index into texts, result) as engine batches finish.
+        Add to usage.queue_ns the time the texts waited inside the engine before
+        it started on them; per-text tokens and compute travel in the results."""

@@ -7,6 +7,9 @@ sessions share decoding steps and a long answer never blocks a short one.
 Each request runs in a worker thread blocked in handle_chat_completions; its
 streaming callback forwards chunks to the event loop and returns True to
 make llama.cpp drop the request, which it does when the gRPC call went away.
+The sidecar's admission never hands llama.cpp more requests than it has
+slots, so a request starts decoding as soon as it gets here: its queue time
+is measured in admission, not hidden in llama.cpp's own task queue.
 """
 from __future__ import annotations
 
@@ -18,10 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from llmfdw.sidecar import metrics
+from llmfdw.sidecar.metering import Metered
 from llmfdw.sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
 
 _FINISH = {"stop": "stop", "length": "length"}
+# How long a cancelled request may take to leave its slot (llama.cpp checks at each token;
+# a long prompt still being read is not interrupted, so do not wait for it forever).
+STOP_WAIT_S = 2.0
 
 
 class LlamaCppEngine(GenerationEngine):
@@ -71,18 +78,21 @@ class LlamaCppEngine(GenerationEngine):
         body["messages"] = messages + [{"role": "user", "content": prompt}]
         return "chat", body
 
-    async def generate(self, prompt: str, system: str, raw: bool,
-                       params: GenerateParams) -> AsyncIterator[str | GenerateFinal]:
+    async def generate(self, prompt: str, system: str, raw: bool, params: GenerateParams,
+                       usage: Metered) -> AsyncIterator[str | GenerateFinal]:
         kind, body = self._request(prompt, system, raw, params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         done = object()
         tokens = metrics.ENGINE_TOKENS.labels(self.name)
+        decoded = 0
 
         def on_chunk(chunk: Any) -> bool:
+            nonlocal decoded
             if any((ch.get("delta") or {}).get("content") or ch.get("text") for ch in chunk.get("choices", ())):
                 tokens.inc()
+                decoded += 1
             loop.call_soon_threadsafe(events.put_nowait, chunk)
             return stop.is_set()
 
@@ -99,7 +109,8 @@ class LlamaCppEngine(GenerationEngine):
 
         started = time.monotonic_ns()
         future = loop.run_in_executor(self._pool, run)
-        finish, usage, timings = "stop", {}, {}
+        finish, counts, timings = "stop", {}, {}
+        completed = False
         try:
             while True:
                 chunk = await events.get()
@@ -109,7 +120,7 @@ class LlamaCppEngine(GenerationEngine):
                     raise chunk
                 if "error" in chunk:
                     raise ValueError(chunk["error"].get("message", str(chunk["error"])))
-                usage = chunk.get("usage") or usage
+                counts = chunk.get("usage") or counts
                 timings = chunk.get("timings") or timings
                 for choice in chunk.get("choices", []):
                     text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
@@ -117,10 +128,20 @@ class LlamaCppEngine(GenerationEngine):
                         yield text
                     if choice.get("finish_reason"):
                         finish = _FINISH.get(choice["finish_reason"], "stop")
-            compute_ns = int((timings.get("prompt_ms", 0) + timings.get("predicted_ms", 0)) * 1e6) \
+            # llama.cpp's own per-request timings: prompt processing plus decoding steps
+            # (under batching, steps are shared with the other slots' requests)
+            usage.input_tokens = counts.get("prompt_tokens", 0)
+            usage.output_tokens = counts.get("completion_tokens", decoded)
+            usage.compute_ns = int((timings.get("prompt_ms", 0) + timings.get("predicted_ms", 0)) * 1e6) \
                 or time.monotonic_ns() - started
-            yield GenerateFinal(finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), compute_ns)
+            completed = True
+            yield GenerateFinal(finish, usage.input_tokens, usage.output_tokens, usage.compute_ns)
         finally:
-            # If the caller went away, the next token's callback tells llama.cpp
-            # to drop the request; the worker thread then returns on its own.
-            stop.set()
+            if not completed:
+                # The caller went away or the request failed: the next token's callback
+                # tells llama.cpp to drop it.  Wait for that (one decoding step), so the
+                # slot is free before admission hands it on, and meter what it cost.
+                stop.set()
+                await asyncio.wait({future}, timeout=STOP_WAIT_S)
+                usage.output_tokens = decoded
+                usage.compute_ns = time.monotonic_ns() - started

@@ -1,28 +1,38 @@
 """Embeddings on the CPU with sentence-transformers, batched across callers.
 
-Texts from every concurrent Embed call are merged into engine batches of up
-to max_batch texts; a batch waits at most batch_wait_ms for company, so a
-lone request is not delayed and a busy sidecar runs full batches.  Results go
-back to each caller as its texts' batches finish.
+Every concurrent Embed call's texts are merged into engine batches of up to
+max_batch texts.  A batch that would not be full waits at most batch_wait_ms
+for company, so a lone request is barely delayed and a busy sidecar runs
+full batches.  Batches are filled round-robin from the requests waiting, an
+equal share each, so a request of 100,000 texts does not hold a request of
+3 behind it: the short one rides in the next batch.  Results go back to each
+caller as the batches holding its texts finish.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
 
 from llmfdw.sidecar import metrics
 from llmfdw.sidecar.engines.base import READY, EmbeddingEngine, EmbeddingResult
+from llmfdw.sidecar.metering import Metered
+
+Group = list[tuple[int, EmbeddingResult]]
 
 
 @dataclass
-class _Work:
+class _Request:
     texts: list[str]
-    indexes: list[int]
-    future: asyncio.Future
+    usage: Metered
+    arrived_ns: int
+    results: asyncio.Queue = field(default_factory=asyncio.Queue)   # Group or Exception
+    taken: int = 0             # texts already handed to a batch
+    started: bool = False      # a batch with its texts has started
 
 
 class SentenceTransformersEngine(EmbeddingEngine):
@@ -37,64 +47,98 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self._model = await asyncio.to_thread(SentenceTransformer, self.config.path(), device="cpu")
         self.dimensions = self._model.get_embedding_dimension()
         self.max_tokens = self.context_length = int(self._model.max_seq_length)
-        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._waiting: deque[_Request] = deque()    # requests with texts not yet batched
+        self._arrived = asyncio.Event()
+        self._depth = metrics.EMBED_QUEUE.labels(self.name)
         self._worker = asyncio.create_task(self._run(), name=f"{self.name}-batcher")
         self.state = READY
 
     async def close(self) -> None:
         self._worker.cancel()
 
-    async def embed(self, texts: list[str]) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
-        loop = asyncio.get_running_loop()
-        size = self.config.max_batch
-        pending = []
-        for start in range(0, len(texts), size):
-            work = _Work(texts[start:start + size], list(range(start, min(start + size, len(texts)))),
-                         loop.create_future())
-            pending.append(work.future)
-            self._queue.put_nowait(work)
+    async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
+        request = _Request(texts, usage, time.monotonic_ns())
+        self._waiting.append(request)
+        self._depth.inc(len(texts))
+        self._arrived.set()
+        delivered = 0
         try:
-            for next_done in asyncio.as_completed(pending):
-                yield await next_done
+            while delivered < len(texts):
+                group = await request.results.get()
+                if isinstance(group, Exception):
+                    raise group
+                delivered += len(group)
+                yield group
         finally:
-            for f in pending:
-                f.cancel()       # texts not yet batched are skipped
+            if request in self._waiting:   # the caller left: its texts not yet batched are dropped
+                self._waiting.remove(request)
+                self._depth.dec(len(texts) - request.taken)
+
+    def _pending(self) -> int:
+        return sum(len(r.texts) - r.taken for r in self._waiting)
+
+    def _take_batch(self) -> list[tuple[_Request, int, int]]:
+        """Up to max_batch texts, an equal share from each waiting request in turn;
+        a request not served in this batch is first in line for the next."""
+        room = self.config.max_batch
+        slices: list[tuple[_Request, int, int]] = []
+        while room and self._waiting:
+            share = max(1, room // len(self._waiting))
+            for _ in range(len(self._waiting)):
+                request = self._waiting.popleft()
+                k = min(share, room, len(request.texts) - request.taken)
+                slices.append((request, request.taken, request.taken + k))
+                request.taken += k
+                room -= k
+                if request.taken < len(request.texts):
+                    self._waiting.append(request)
+                if not room:
+                    break
+        self._depth.dec(sum(end - start for _, start, end in slices))
+        return slices
 
     async def _run(self) -> None:
-        """Take work, top it up to max_batch within batch_wait_ms, run it."""
+        """Wait for texts, top the batch up within batch_wait_ms, run it, deliver."""
         wait = self.config.batch_wait_ms / 1000
         while True:
-            batch = [await self._queue.get()]
+            await self._arrived.wait()
+            self._arrived.clear()
+            if not self._waiting:
+                continue
             deadline = time.monotonic() + wait
-            while sum(len(w.texts) for w in batch) < self.config.max_batch:
-                left = deadline - time.monotonic()
+            while self._pending() < self.config.max_batch and (left := deadline - time.monotonic()) > 0:
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left) if left > 0
-                                 else self._queue.get_nowait())
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                    self._arrived.clear()
+                except asyncio.TimeoutError:
                     break
-            batch = [w for w in batch if not w.future.cancelled()]
-            if not batch:
-                continue
-            texts = [t for w in batch for t in w.texts]
-            metrics.BATCH_SIZE.labels(self.name).observe(len(texts))
-            try:
-                vectors, tokens, elapsed = await asyncio.to_thread(self._encode, texts)
-            except Exception as err:
-                for w in batch:
-                    if not w.future.done():
-                        w.future.set_exception(err)
-                continue
-            share = elapsed // max(1, len(texts))
-            pos = 0
-            for w in batch:
-                n = len(w.texts)
-                results = [(idx, EmbeddingResult(vectors[pos + k], tokens[pos + k],
-                                                 tokens[pos + k] > self.max_tokens, share))
-                           for k, idx in enumerate(w.indexes)]
-                pos += n
-                if not w.future.done():
-                    w.future.set_result(results)
+            slices = self._take_batch()
+            if self._waiting:
+                self._arrived.set()        # more is waiting: no need to sleep before the next batch
+            await self._compute(slices)
+
+    async def _compute(self, slices: list[tuple[_Request, int, int]]) -> None:
+        now = time.monotonic_ns()
+        for request, _, _ in slices:
+            if not request.started:
+                request.started = True
+                request.usage.queue_ns += now - request.arrived_ns
+        texts = [t for request, start, end in slices for t in request.texts[start:end]]
+        metrics.BATCH_SIZE.labels(self.name).observe(len(texts))
+        try:
+            vectors, tokens, elapsed = await asyncio.to_thread(self._encode, texts)
+        except Exception as err:
+            for request, _, _ in slices:
+                request.results.put_nowait(err)
+            return
+        share = elapsed // len(texts)   # the batch's time, shared equally among its texts
+        pos = 0
+        for request, start, end in slices:
+            group = [(index, EmbeddingResult(vectors[pos + k], tokens[pos + k],
+                                             tokens[pos + k] > self.max_tokens, share))
+                     for k, index in enumerate(range(start, end))]
+            pos += end - start
+            request.results.put_nowait(group)
 
     def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int], int]:
         started = time.monotonic_ns()

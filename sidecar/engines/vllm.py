@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
+from llmfdw.sidecar.metering import Metered
 from llmfdw.sidecar.engines.base import (READY, EmbeddingEngine, EmbeddingResult, EngineFailed,
                                          GenerateFinal, GenerateParams, GenerationEngine)
 
@@ -54,8 +55,8 @@ class VllmGenerationEngine(GenerationEngine):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    async def generate(self, prompt: str, system: str, raw: bool,
-                       params: GenerateParams) -> AsyncIterator[str | GenerateFinal]:
+    async def generate(self, prompt: str, system: str, raw: bool, params: GenerateParams,
+                       usage: Metered) -> AsyncIterator[str | GenerateFinal]:
         from vllm import SamplingParams
 
         sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
@@ -97,7 +98,7 @@ class VllmEmbeddingEngine(EmbeddingEngine):
     async def close(self) -> None:
         self._llm.shutdown()
 
-    async def embed(self, texts: list[str]) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
+    async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
         import asyncio
         from vllm import PoolingParams
 

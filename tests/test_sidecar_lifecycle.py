@@ -1,0 +1,93 @@
+"""The sidecar process's life: SIGTERM drains, a model that fails to load ends it non-zero.
+
+Each test starts a sidecar of its own with only the generation model (no torch
+import: it starts in about a second).
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmfdw.v1 import llmfdw_pb2 as pb
+from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from sidecar_process import running_sidecar
+
+GEN = "smollm2-135m-instruct"
+PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "models.yaml"
+
+
+def write_config(path: Path, **changes) -> Path:
+    model = next(m for m in yaml.safe_load(PACKAGED.read_text())["models"] if m["name"] == GEN)
+    path.write_text(yaml.safe_dump({"models": [{**model, **changes}]}))
+    return path
+
+
+def health(stub) -> int:
+    return stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+
+
+def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(tmp_path):
+    sock = tmp_path / "s.sock"
+    with running_sidecar(str(sock), str(write_config(tmp_path / "c.yaml")), log_path=str(tmp_path / "log")) as proc, \
+            grpc.insecure_channel(f"unix://{sock}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        call = stub.Generate(pb.GenerateRequest(model=GEN, prompt="Write a long story about a dragon.",
+                                                params=pb.GenerationParams(max_tokens=150)))
+        messages = [next(call)]                       # decoding has begun
+        reader = threading.Thread(target=lambda: messages.extend(call))
+        reader.start()
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while health(health_pb2_grpc.HealthStub(channel)) != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(stub.Generate(pb.GenerateRequest(model=GEN, prompt="Hello")))
+        assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in exc.value.details()
+        assert reader.is_alive(), "the long generation should still be running during the drain"
+        reader.join(30)
+        final = messages[-1].final
+        assert final.finish_reason == pb.FINISH_REASON_LENGTH and final.usage.output_tokens == 150
+        assert proc.wait(30) == 0
+
+
+def test_a_model_that_fails_to_load_is_shown_then_the_process_exits_2(tmp_path):
+    missing = tmp_path / "no-such-model.gguf"
+    config = write_config(tmp_path / "c.yaml", source={"path": str(missing)})
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "llmfdw.sidecar.server", "--config", str(config),
+                             "--listen", f"unix://{sock}", "--fail-linger", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline and proc.poll() is None
+                try:
+                    model = stub.ListModels(pb.ListModelsRequest(), timeout=1).models[0]
+                    if model.state == pb.MODEL_STATE_FAILED:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+            assert "no-such-model.gguf" in model.error
+            assert health(health_pb2_grpc.HealthStub(channel)) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as exc:
+                list(stub.Generate(pb.GenerateRequest(model=GEN, prompt="Hello")))
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in exc.value.details()
+        assert proc.wait(30) == 2
+        assert b"no-such-model.gguf" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
