@@ -39,7 +39,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/python
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps ext up down status test bench bench-fdw clean distclean
+.PHONY: help install sysdeps ext up down status test bench bench-sidecar bench-fdw clean distclean
 
 help:
 	@sed -n '3,9s/^# //p' Makefile
@@ -95,7 +95,10 @@ status:
 test: install
 	$(PY) -m pytest tests
 
-bench: bench-fdw
+bench: bench-sidecar bench-fdw
+
+bench-sidecar: install
+	$(PY) bench/bench_sidecar.py
 
 bench-fdw: install
 	$(PY) bench/bench_fdw.py

@@ -17,9 +17,7 @@ Prints a table and writes bench/results/fdw.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -32,19 +30,7 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deploy import embedded  # noqa: E402
-
-WORDS = ("database vector search model query index table row column token embedding "
-         "postgres sidecar batch latency cache cluster replica tenant metric").split()
-
-
-def corpus(n: int) -> list[str]:
-    """Distinct sentences of 8-16 words, deterministic."""
-    out = []
-    for i in range(n):
-        k = 8 + i % 9
-        out.append(f"Document {i}: " + " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(k)))
-    return out
-
+from bench.common import corpus, save  # noqa: E402
 
 def engine_alone(texts: list[str], batch: int) -> float:
     from sentence_transformers import SentenceTransformer
@@ -83,7 +69,7 @@ def main() -> int:
     state.chmod(0o755)
     layout = embedded.Layout(state)
     texts = corpus(args.rows)
-    results: dict = {"rows": args.rows, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    results: dict = {"rows": args.rows}
     try:
         uri = embedded.up(layout, port=embedded.free_port(), demo=False)
         with psycopg.connect(uri, autocommit=True) as conn:
@@ -127,9 +113,7 @@ def main() -> int:
     print(f"bulk / engine throughput: {results['bulk_vs_engine']:.1%}")
     print(f"new connection: first query {results['connection_first_query_ms']:.0f} ms "
           f"(starts Python, imports, opens the channel), next query {results['connection_next_query_ms']:.1f} ms")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save(results, args.out)
     return 0
 
 

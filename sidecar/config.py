@@ -40,6 +40,7 @@ class ModelConfig:
     context_length: int = 2048
     parallel: int = 4            # concurrent sequences (llama.cpp slots, vLLM max_num_seqs)
     max_batch: int = 64          # texts per embedding batch
+    max_batch_tokens: int = 8192  # padded tokens per embedding batch (texts x the longest)
     batch_wait_ms: float = 2.0   # how long a batch waits for more texts
     threads: int | None = None   # CPU threads (default: all cores)
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +157,7 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> SidecarConfig:
             raise ConfigError(f"model {m.name} is configured twice")
         _check_limit(m.parallel, 1, f"model {m.name}: parallel")
         _check_limit(m.max_batch, 1, f"model {m.name}: max_batch")
+        _check_limit(m.max_batch_tokens, 1, f"model {m.name}: max_batch_tokens")
         names.add(m.name)
     auth = _auth_mode(raw.get("auth", "off"), str(path))
     defaults = _build(Limits, raw.get("default_limits") or {}, f"{path}: default_limits")

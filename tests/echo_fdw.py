@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from multicorn import ForeignDataWrapper
-from multicorn.utils import MulticornException, check_interrupts, log_to_postgres, ERROR, WARNING
+from multicorn.utils import check_interrupts, log_to_postgres, ERROR, WARNING
 
 calls: list[str] = []
 

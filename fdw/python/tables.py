@@ -1,4 +1,4 @@
-"""The virtual tables: llm.completions, llm.embeddings, llm.models.
+"""The virtual tables: llm.completions, llm.embeddings, llm.models, llm.usage.
 
 Each is a Multicorn-API FDW class.  A foreign server names
 ``llmfdw.fdw.tables.SidecarTables`` as its wrapper; each foreign table's

@@ -1,12 +1,15 @@
 """Embeddings on the CPU with sentence-transformers, batched across callers.
 
 Every concurrent Embed call's texts are merged into engine batches of up to
-max_batch texts.  A batch that would not be full waits at most batch_wait_ms
-for company, so a lone request is barely delayed and a busy sidecar runs
-full batches.  Batches are filled round-robin from the requests waiting, an
-equal share each, so a request of 100,000 texts does not hold a request of
-3 behind it: the short one rides in the next batch.  Results go back to each
-caller as the batches holding its texts finish.
+max_batch texts and max_batch_tokens padded tokens (texts times the longest
+of them: what the model really computes, so a few long texts make a small
+batch and many short ones a full one).  A batch that would not be full waits
+at most batch_wait_ms for company, so a lone request is barely delayed and a
+busy sidecar runs full batches.  Batches are filled round-robin from the
+requests waiting, a text from each in turn, so a request of 100,000 texts
+does not hold a request of 3 behind it: the short one rides in the next
+batch.  Results go back to each caller as the batches holding its texts
+finish.  Texts are tokenized once, on arrival, for the budget and the metering.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ from llmfdw.sidecar.metering import Metered
 Group = list[tuple[int, EmbeddingResult]]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
     texts: list[str]
+    tokens: list[int]          # each text's length in tokens, before truncation
     usage: Metered
     arrived_ns: int
     results: asyncio.Queue = field(default_factory=asyncio.Queue)   # Group or Exception
@@ -57,7 +61,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self._worker.cancel()
 
     async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
-        request = _Request(texts, usage, time.monotonic_ns())
+        request = _Request(texts, await asyncio.to_thread(self._count, texts), usage, time.monotonic_ns())
         self._waiting.append(request)
         self._depth.inc(len(texts))
         self._arrived.set()
@@ -77,24 +81,29 @@ class SentenceTransformersEngine(EmbeddingEngine):
     def _pending(self) -> int:
         return sum(len(r.texts) - r.taken for r in self._waiting)
 
+    def _count(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self._model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
     def _take_batch(self) -> list[tuple[_Request, int, int]]:
-        """Up to max_batch texts, an equal share from each waiting request in turn;
-        a request not served in this batch is first in line for the next."""
-        room = self.config.max_batch
-        slices: list[tuple[_Request, int, int]] = []
-        while room and self._waiting:
-            share = max(1, room // len(self._waiting))
-            for _ in range(len(self._waiting)):
-                request = self._waiting.popleft()
-                k = min(share, room, len(request.texts) - request.taken)
-                slices.append((request, request.taken, request.taken + k))
-                request.taken += k
-                room -= k
-                if request.taken < len(request.texts):
-                    self._waiting.append(request)
-                if not room:
-                    break
-        self._depth.dec(sum(end - start for _, start, end in slices))
+        """Texts within max_batch and max_batch_tokens, one from each waiting request in
+        turn; the next batch starts with the request after the last one served here.
+        A text longer than the whole budget still goes, alone."""
+        taken: dict[_Request, int] = {}
+        count = longest = 0
+        while self._waiting and count < self.config.max_batch:
+            request = self._waiting[0]
+            n = min(request.tokens[request.taken + taken.get(request, 0)], self.max_tokens)
+            if count and (count + 1) * max(longest, n) > self.config.max_batch_tokens:
+                break
+            taken[request] = taken.get(request, 0) + 1
+            count, longest = count + 1, max(longest, n)
+            self._waiting.popleft()
+            if request.taken + taken[request] < len(request.texts):
+                self._waiting.append(request)
+        slices = [(request, request.taken, request.taken + k) for request, k in taken.items()]
+        for request, k in taken.items():
+            request.taken += k
+        self._depth.dec(count)
         return slices
 
     async def _run(self) -> None:
@@ -126,7 +135,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
         texts = [t for request, start, end in slices for t in request.texts[start:end]]
         metrics.BATCH_SIZE.labels(self.name).observe(len(texts))
         try:
-            vectors, tokens, elapsed = await asyncio.to_thread(self._encode, texts)
+            vectors, elapsed = await asyncio.to_thread(self._encode, texts)
         except Exception as err:
             for request, _, _ in slices:
                 request.results.put_nowait(err)
@@ -134,15 +143,14 @@ class SentenceTransformersEngine(EmbeddingEngine):
         share = elapsed // len(texts)   # the batch's time, shared equally among its texts
         pos = 0
         for request, start, end in slices:
-            group = [(index, EmbeddingResult(vectors[pos + k], tokens[pos + k],
-                                             tokens[pos + k] > self.max_tokens, share))
+            group = [(index, EmbeddingResult(vectors[pos + k], request.tokens[index],
+                                             request.tokens[index] > self.max_tokens, share))
                      for k, index in enumerate(range(start, end))]
             pos += end - start
             request.results.put_nowait(group)
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int], int]:
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, int]:
         started = time.monotonic_ns()
         vectors = self._model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
                                      normalize_embeddings=False, show_progress_bar=False)
-        tokens = [len(ids) for ids in self._model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        return vectors.astype(np.float32, copy=False), tokens, time.monotonic_ns() - started
+        return vectors.astype(np.float32, copy=False), time.monotonic_ns() - started
