@@ -14,6 +14,8 @@ finish.  Texts are tokenized once, on arrival, for the budget and the metering.
 from __future__ import annotations
 
 import asyncio
+import copy
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self._model = await asyncio.to_thread(SentenceTransformer, self.config.path(), device="cpu")
         self.dimensions = self._model.get_embedding_dimension()
         self.max_tokens = self.context_length = int(self._model.max_seq_length)
+        self._counter = copy.deepcopy(self._model.tokenizer)
+        self._counting = threading.Lock()
         self._waiting: deque[_Request] = deque()    # requests with texts not yet batched
         self._arrived = asyncio.Event()
         self._depth = metrics.EMBED_QUEUE.labels(self.name)
@@ -82,7 +86,10 @@ class SentenceTransformersEngine(EmbeddingEngine):
         return sum(len(r.texts) - r.taken for r in self._waiting)
 
     def _count(self, texts: list[str]) -> list[int]:
-        return [len(ids) for ids in self._model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        # A fast tokenizer is not safe to share between threads (encode sets its padding
+        # and truncation while it runs), so counting has its own copy, used by one thread at a time.
+        with self._counting:
+            return [len(ids) for ids in self._counter(texts, add_special_tokens=True)["input_ids"]]
 
     def _take_batch(self) -> list[tuple[_Request, int, int]]:
         """Texts within max_batch and max_batch_tokens, one from each waiting request in
