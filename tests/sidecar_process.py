@@ -73,3 +73,15 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     """Sum of the samples called name whose labels include the given ones."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def long_generation_underway(stub, model: str, deltas: int = 3):
+    """A Generate call of up to 1000 tokens that has streamed `deltas` messages: decoding, to cancel."""
+    from llmfdw.v1 import llmfdw_pb2 as pb
+
+    call = stub.Generate(pb.GenerateRequest(
+        model=model, prompt="Write a very long story about a dragon and a knight.",
+        params=pb.GenerationParams(max_tokens=1000)))
+    for _ in range(deltas):
+        next(call)
+    return call

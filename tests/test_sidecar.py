@@ -10,7 +10,7 @@ import pytest
 
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
-from sidecar_process import sample, scrape
+from sidecar_process import long_generation_underway, sample, scrape
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
@@ -105,12 +105,7 @@ def test_errors_have_codes_and_say_what_is_wrong(stub, call, code, words):
 
 
 def test_cancel_stops_the_engine(stub, sidecar_metrics_port):
-    call = stub.Generate(pb.GenerateRequest(
-        model=GEN, prompt="Write a very long story about a dragon and a knight.",
-        params=pb.GenerationParams(max_tokens=1000)))
-    for i, _ in enumerate(call):
-        if i == 3:
-            break
+    call = long_generation_underway(stub, GEN)
     before = sample(scrape(sidecar_metrics_port), "llmfdw_engine_tokens_total", model=GEN)
     cancelled_at = time.monotonic()
     call.cancel()

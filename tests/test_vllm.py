@@ -24,7 +24,7 @@ from deploy import embedded
 from deploy.vllm_env import smollm2_dir
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
-from sidecar_process import running_sidecar, sample, scrape
+from sidecar_process import long_generation_underway, running_sidecar, sample, scrape
 
 VLLM_PYTHON = os.environ.get("LLMFDW_VLLM_PYTHON", "")
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="needs the vLLM venv: run `make test-vllm`")
@@ -175,12 +175,7 @@ def test_max_tokens_and_stop_strings(sidecar):
 
 def test_a_cancelled_generation_is_aborted_in_vllm(sidecar):
     stub, port = sidecar
-    call = stub.Generate(pb.GenerateRequest(
-        model=GEN, prompt="Write a very long story about a dragon and a knight.",
-        params=pb.GenerationParams(max_tokens=1000)))
-    for i, _ in enumerate(call):
-        if i == 3:
-            break
+    call = long_generation_underway(stub, GEN)
     before = sample(scrape(port), "llmfdw_engine_tokens_total", model=GEN)
     call.cancel()
     # vLLM gets the abort at once and drops the request at its next step: give it 0.5 s
