@@ -49,15 +49,19 @@ class InvalidRequest(Exception):
         self.code = code
 
 
+def _code_of(err: BaseException) -> grpc.StatusCode | None:
+    """The status code for an error the caller caused or may retry; None for our own failures."""
+    if isinstance(err, InvalidRequest):
+        return err.code
+    return next((code for cls, code in _CODES.items() if isinstance(err, cls)), None)
+
+
 def _status_of(err: BaseException) -> str:
+    """A request's outcome for metrics and the log: a status code's name, else the error's type."""
     if isinstance(err, (GeneratorExit, _Cancelled)):
         return "CANCELLED"
-    if isinstance(err, InvalidRequest):
-        return err.code.name
-    for cls, code in _CODES.items():
-        if isinstance(err, cls):
-            return code.name
-    return type(err).__name__
+    code = _code_of(err)
+    return code.name if code else type(err).__name__
 
 
 @dataclass
@@ -191,14 +195,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _fail(self, context: grpc.aio.ServicerContext, err: Exception) -> None:
         """Abort the call with the status code for `err` (context.abort raises)."""
-        if isinstance(err, InvalidRequest):
-            await context.abort(err.code, str(err))
         if isinstance(err, EngineFailed):
             self.on_engine_failure(err)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model engine failed: {err}")
-        for cls, code in _CODES.items():
-            if isinstance(err, cls):
-                await context.abort(code, str(err))
+        code = _code_of(err)
+        if code:
+            await context.abort(code, str(err))
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
 
     # -- RPCs ------------------------------------------------------------

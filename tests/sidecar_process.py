@@ -6,30 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-
-def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll grpc.health.v1 until SERVING; fail early if the process died."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {proc.returncode} before serving")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"sidecar at {address} not SERVING after {timeout:.0f} s")
+from deploy import embedded
 
 
 @contextlib.contextmanager
@@ -41,10 +21,10 @@ def running_sidecar(socket_path: str, config_path: str | None = None, timeout: f
     if config_path:
         args += ["--config", config_path]
     log = open(log_path or os.devnull, "ab")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=embedded.sidecar_env())
     try:
-        wait_serving(f"unix://{socket_path}", timeout, proc)
+        embedded.wait_serving(f"unix://{socket_path}", timeout, alive=lambda: proc.poll() is None,
+                              log_file=Path(log_path) if log_path else None)
         yield proc
     finally:
         if proc.poll() is None:

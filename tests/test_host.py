@@ -5,11 +5,12 @@ conversions, paths, errors, cancellation) that the llm.* tables build on.
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
 import pytest
+
+from backend_cancel import cancel_from_another_session
 
 
 @pytest.fixture(scope="module")
@@ -133,24 +134,8 @@ def test_statement_timeout_interrupts_a_waiting_scan(conn, echo):
 
 
 def test_pg_cancel_backend_interrupts_a_waiting_scan(conn, pg_dsn, echo):
-    pid = conn.info.backend_pid
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            conn.execute("SELECT * FROM echo.wait")
-        except psycopg.Error as err:
-            result["error"] = err
-            result["at"] = time.monotonic()
-
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.5)
-    with psycopg.connect(pg_dsn, autocommit=True) as other:
-        sent = time.monotonic()
-        other.execute("SELECT pg_cancel_backend(%s)", (pid,))
-    t.join(10)
-    assert isinstance(result.get("error"), psycopg.errors.QueryCanceled)
-    assert "user request" in str(result["error"])
-    assert result["at"] - sent < 0.25
+    error, after = cancel_from_another_session(conn, pg_dsn, "SELECT * FROM echo.wait")
+    assert isinstance(error, psycopg.errors.QueryCanceled)
+    assert "user request" in str(error)
+    assert after < 0.25
     assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -67,7 +67,7 @@ def sidecar(tmp_path_factory):
                 print(f"\nvLLM sidecar SERVING after {time.monotonic() - started:.1f} s (both models loaded)")
                 with grpc.insecure_channel(f"unix://{tmp / 's.sock'}") as channel:
                     yield pb_grpc.InferenceStub(channel), port
-        except (RuntimeError, TimeoutError) as err:
+        except RuntimeError as err:   # not SERVING in time, or exited
             pytest.fail(f"{err}; sidecar log:\n{log.read_text()[-6000:]}")
 
 

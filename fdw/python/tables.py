@@ -240,14 +240,18 @@ def _vector_binary(raw: bytes, dims: int) -> bytes:
     return struct.pack(">hh", dims, 0) + values.tobytes()
 
 
-class ModelsTable(SidecarTable):
+class ListingTable(SidecarTable):
+    """A table the sidecar returns whole, from one call: no quals needed, a few rows."""
+
+    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        return (10, 200)
+
+
+class ModelsTable(ListingTable):
     """What the sidecar serves, and whether each model is ready."""
 
     table = "models"
     keys = KeyColumns("models", [], example="SELECT * FROM llm.models;")
-
-    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
-        return (10, 200)
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         response = self.client.list_models(pb.ListModelsRequest(context=self.context()))
@@ -264,14 +268,11 @@ class ModelsTable(SidecarTable):
             }
 
 
-class UsageTable(SidecarTable):
+class UsageTable(ListingTable):
     """Metered usage of this tenant (the sidecar never returns another tenant's)."""
 
     table = "usage"
     keys = KeyColumns("usage", [], example="SELECT * FROM llm.usage;")
-
-    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
-        return (10, 200)
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         response = self.client.usage(pb.UsageRequest(context=self.context()))
