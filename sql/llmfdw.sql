@@ -11,14 +11,29 @@
 
 CREATE EXTENSION IF NOT EXISTS vector;
 CREATE EXTENSION IF NOT EXISTS llmfdw;
+ALTER EXTENSION llmfdw UPDATE;
+
+-- Roles get the models through this role, never through the server itself:
+-- USAGE on the server would let a role create its own user mapping.
+SELECT NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'llm_user') AS need_role \gset
+\if :need_role
+  CREATE ROLE llm_user NOLOGIN;
+\endif
+COMMENT ON ROLE llm_user IS 'May query the llm.* tables and call the llm.* functions: GRANT llm_user TO your_role';
 
 SELECT NOT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar') AS need_server \gset
 \if :need_server
-  CREATE SERVER llm_sidecar FOREIGN DATA WRAPPER llmfdw
-    OPTIONS (wrapper 'llmfdw.fdw.tables.SidecarTables', address :'sidecar_address');
+  CREATE SERVER llm_sidecar FOREIGN DATA WRAPPER llmfdw OPTIONS (address :'sidecar_address');
 \else
   ALTER SERVER llm_sidecar OPTIONS (SET address :'sidecar_address');
+  -- servers made by earlier versions named the (now default) class
+  SELECT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar'
+                 AND 'wrapper=llmfdw.fdw.tables.SidecarTables' = ANY (srvoptions)) AS old_wrapper \gset
+  \if :old_wrapper
+    ALTER SERVER llm_sidecar OPTIONS (DROP wrapper);
+  \endif
 \endif
+REVOKE USAGE ON FOREIGN SERVER llm_sidecar FROM PUBLIC;
 
 CREATE SCHEMA IF NOT EXISTS llm;
 COMMENT ON SCHEMA llm IS 'Models served by the llmfdw sidecar, as foreign tables';
@@ -80,8 +95,10 @@ CREATE FOREIGN TABLE llm.usage (
   since           timestamptz
 ) SERVER llm_sidecar OPTIONS (table 'usage');
 
-GRANT USAGE ON SCHEMA llm TO PUBLIC;
-GRANT SELECT ON ALL TABLES IN SCHEMA llm TO PUBLIC;
+REVOKE ALL ON SCHEMA llm FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA llm FROM PUBLIC;
+GRANT USAGE ON SCHEMA llm TO llm_user;
+GRANT SELECT ON ALL TABLES IN SCHEMA llm TO llm_user;
 
 -- Helpers over the same foreign tables, for users who would rather call a
 -- function.  Each builds the query with only the parameters given, so every
@@ -151,6 +168,14 @@ DECLARE
   q vector;
 BEGIN
   IF question IS NULL THEN RETURN; END IF;
+  IF k IS NULL OR k < 1 THEN
+    RAISE EXCEPTION 'llm.rag: k must be at least 1, got %', coalesce(k::text, 'NULL')
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'k is how many rows of the corpus the answer may use, e.g. k => 3.';
+  END IF;
+  IF max_tokens IS NOT NULL AND max_tokens < 1 THEN
+    RAISE EXCEPTION 'llm.rag: max_tokens must be at least 1, got %', max_tokens
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
   q := llm.embed(question);
   EXECUTE format('SELECT array_agg(t) FROM (SELECT %1$I AS t FROM %3$s ORDER BY %2$I <=> $1 LIMIT $2) s',
                  text_column, embedding_column, corpus)
@@ -163,5 +188,5 @@ END
 $fn$;
 COMMENT ON FUNCTION llm.rag IS 'Answer a question from the k rows of a table nearest to it (pgvector), with the rows used';
 
-GRANT USAGE ON FOREIGN SERVER llm_sidecar TO PUBLIC;
-GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA llm TO PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA llm FROM PUBLIC;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA llm TO llm_user;

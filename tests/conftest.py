@@ -6,7 +6,10 @@ down at the end of the session. The C extension and the Python package must alre
 into the venv (`make test` does that first). Postgres is driven by the same functions as `make up`
 (deploy/embedded.py).
 
-    sidecar_socket  (session)  path of the socket of a running, SERVING sidecar
+    session_sidecar (session)  the running, SERVING sidecar (subprocess.Popen), run as the server
+                               OS user when the tests run as root, as `make up` runs it
+    sidecar_socket  (session)  path of its socket (mode 0600 in a 0700 directory, both the
+                               server user's)
     sidecar_metrics_port (session) its Prometheus port (tests/sidecar_process.scrape reads it)
     pg_server       (session)  a running cluster (embedded.PgServer: .dsn(db), .tcp_uri(db), .port)
     pg_dsn          (session)  DSN of database llmfdw_test with sql/llmfdw.sql applied, pointing
@@ -84,13 +87,23 @@ def sidecar_metrics_port():
 
 
 @pytest.fixture(scope="session")
-def sidecar_socket(run_dir, sidecar_log, sidecar_metrics_port):
+def sidecar_socket_path(run_dir):
+    """Where the session's sidecar listens: a directory of its own, as in `make up`."""
+    return embedded.make_server_dir(run_dir / "sidecar", 0o700) / "sidecar.sock"
+
+
+@pytest.fixture(scope="session")
+def session_sidecar(sidecar_socket_path, sidecar_log, sidecar_metrics_port):
     from sidecar_process import running_sidecar  # tests/sidecar_process.py
 
-    sock = run_dir / "sidecar.sock"
-    with running_sidecar(str(sock), log_path=str(sidecar_log), metrics_port=sidecar_metrics_port):
-        embedded.grant_socket_access(sock)  # the backend runs as another user
-        yield str(sock)
+    with running_sidecar(str(sidecar_socket_path), log_path=str(sidecar_log),
+                         metrics_port=sidecar_metrics_port) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def sidecar_socket(session_sidecar, sidecar_socket_path):
+    return str(sidecar_socket_path)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,12 @@ def test_up_twice_is_idempotent_then_down_stops_everything(work_dir):
         assert "Paris" in first.stdout  # the demo completion
         layout = embedded.Layout(state)
         pids = (embedded.running_server(layout.pgdata), embedded.sidecar_pid(layout))
+        # The sidecar runs as Postgres's OS user, never root, behind an owner-only socket.
+        server_uid = layout.pgdata.stat().st_uid
+        assert server_uid != 0 and Path(f"/proc/{pids[1]}").stat().st_uid == server_uid
+        sock = layout.sidecar_socket.stat()
+        assert (stat.S_IMODE(sock.st_mode), sock.st_uid) == (0o600, server_uid)
+        assert stat.S_IMODE(layout.sidecar_run_dir.stat().st_mode) == 0o700
 
         second = run("up")  # no --port: it must find the running server, not start another
         assert second.returncode == 0, second.stdout + second.stderr

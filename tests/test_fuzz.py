@@ -80,7 +80,7 @@ def test_nulls_empties_and_huge_inputs(conn):
     assert conn.execute("SELECT vector_dims(embedding) FROM llm.embeddings WHERE input = ''").fetchone() == (384,)
     row = conn.execute("SELECT completion IS NOT NULL FROM llm.completions WHERE prompt = '' AND max_tokens = 3").fetchone()
     assert row == (True,)
-    huge = "All work and no play makes Jack a dull boy. " * 24000   # ~1 MB
+    huge = "All work and no play makes Jack a dull boy. " * 23000   # ~1 MB, under max_input_bytes
     row = conn.execute("SELECT truncated, input_tokens FROM llm.embeddings WHERE input = %s", (huge,)).fetchone()
     assert row[0] is True and row[1] > 256
     with pytest.raises(psycopg.Error) as exc:

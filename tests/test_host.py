@@ -95,7 +95,7 @@ def test_python_failures_are_sql_errors_and_the_session_survives(conn, echo, tab
     if table == "error":
         assert exc.value.diag.message_hint == "ask nicely"
     if table == "crash":
-        assert "Traceback" in exc.value.diag.message_detail
+        assert exc.value.diag.message_detail == "The Python traceback is in the server log."
     assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
@@ -109,9 +109,7 @@ def test_warning_reaches_the_client(conn, echo):
 def test_wrapper_validation(conn, echo):
     with pytest.raises(psycopg.Error, match="No module named 'no_such_module'"):
         conn.execute("CREATE SERVER bad FOREIGN DATA WRAPPER llmfdw OPTIONS (wrapper 'no_such_module.X')")
-    with pytest.raises(psycopg.Error, match="needs the wrapper option"):
-        conn.execute("CREATE SERVER bad FOREIGN DATA WRAPPER llmfdw")
-    with pytest.raises(psycopg.Error, match="belongs on the foreign server"):
+    with pytest.raises(psycopg.Error, match='option "wrapper" belongs on a foreign server'):
         conn.execute("CREATE FOREIGN TABLE echo.bad (i int) SERVER echo OPTIONS (wrapper 'x.Y')")
 
 

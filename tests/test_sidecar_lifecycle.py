@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
-from sidecar_process import running_sidecar
+from sidecar_process import running_sidecar, sidecar_process
 
 GEN = "smollm2-135m-instruct"
 PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "models.yaml"
@@ -64,10 +63,7 @@ def test_a_model_that_fails_to_load_is_shown_then_the_process_exits_2(tmp_path):
     missing = tmp_path / "no-such-model.gguf"
     config = write_config(tmp_path / "c.yaml", source={"path": str(missing)})
     sock = tmp_path / "s.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "llmfdw.sidecar.server", "--config", str(config),
-                             "--listen", f"unix://{sock}", "--fail-linger", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with sidecar_process(str(sock), str(config), stdout=subprocess.PIPE, extra=("--fail-linger", "4")) as proc:
         with grpc.insecure_channel(f"unix://{sock}") as channel:
             stub = pb_grpc.InferenceStub(channel)
             deadline = time.monotonic() + 30
@@ -87,7 +83,3 @@ def test_a_model_that_fails_to_load_is_shown_then_the_process_exits_2(tmp_path):
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in exc.value.details()
         assert proc.wait(30) == 2
         assert b"no-such-model.gguf" in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -1,6 +1,8 @@
-"""Tenants against a real sidecar with `auth: required`: tokens, limits, and usage that adds up."""
+"""Tenants against a real sidecar with `auth: required`: tokens, limits (with the marker that tells
+an admission rejection from any other), and usage that adds up."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import yaml
 
 from deploy import embedded
+from llmfdw.sidecar.servicer import ADMISSION_REJECTED
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 from sidecar_process import running_sidecar, sample, scrape
@@ -16,7 +19,8 @@ from sidecar_process import running_sidecar, sample, scrape
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
 PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "models.yaml"
-TOKENS = {"acme": "acme-s3cret", "beta": "beta-s3cret", "ledger": "ledger-s3cret"}
+TOKENS = {"acme": "acme-s3cret", "beta": "beta-s3cret", "ledger": "ledger-s3cret", "pair": "pair-s3cret"}
+MARKER = ADMISSION_REJECTED[0]    # ("llmfdw-rejected", "queue-full")
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +32,7 @@ def tenant_sidecar(tmp_path_factory):
         {"name": "acme", "token": TOKENS["acme"], "max_in_flight": 1, "max_queued": 1},
         {"name": "beta", "token": TOKENS["beta"], "max_in_flight": 1, "max_queued": 0},
         {"name": "ledger", "token": TOKENS["ledger"]},
+        {"name": "pair", "token": TOKENS["pair"], "max_in_flight": 2, "max_queued": 2},
     ])
     (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
     port = embedded.free_port()
@@ -84,6 +89,7 @@ def test_over_its_limits_a_tenant_gets_resource_exhausted(tenant_sidecar):
         list(stub.Generate(gen_request("acme")))
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "'acme'" in exc.value.details() and "max_queued 1" in exc.value.details()
+    assert MARKER in exc.value.trailing_metadata()
     # another tenant is not held up by acme's backlog
     assert list(stub.Generate(gen_request("ledger", max_tokens=2)))[-1].final.usage.output_tokens == 2
     # beta may queue nothing: its second request is refused at once, naming max_in_flight
@@ -93,6 +99,7 @@ def test_over_its_limits_a_tenant_gets_resource_exhausted(tenant_sidecar):
         list(stub.Generate(gen_request("beta")))
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "'beta'" in exc.value.details() and "max_in_flight 1" in exc.value.details()
+    assert MARKER in exc.value.trailing_metadata()
     beta.cancel()
     # when acme's running request goes, its queued one runs
     running.cancel()
@@ -128,8 +135,9 @@ def test_usage_adds_up_to_the_requests_and_shows_only_the_caller(tenant_sidecar)
             row["embedded_inputs"] += len(message.embeddings)
             for name in ("input_tokens", "queue_ns", "compute_ns"):
                 row[name] += getattr(message.usage, name)
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as exc:
         list(stub.Generate(gen_request("ledger", temperature=3)))
+    assert MARKER not in (exc.value.trailing_metadata() or ())   # only admission rejections carry it
     want[GEN]["requests"] += 1
     want[GEN]["errors"] += 1
 
@@ -141,3 +149,32 @@ def test_usage_adds_up_to_the_requests_and_shows_only_the_caller(tenant_sidecar)
     # the other tenants see their own rows, never ledger's
     assert all(r.tenant == "acme" for r in stub.Usage(pb.UsageRequest(context=ctx("acme"))).rows)
     assert stub.Usage(pb.UsageRequest(context=ctx("beta"))).since_unix_ns > 0
+
+
+def test_a_caller_that_backs_off_on_the_marker_runs_more_prompts_than_its_limits(tenant_sidecar):
+    """pair may run 2 and queue 2; five prompts at once get one rejection marked queue-full,
+    and retrying it (as the FDW does while its other calls are open) completes all five."""
+    stub, _ = tenant_sidecar
+    start = threading.Barrier(5)
+    rejections: list[tuple] = []
+    outputs: list[int] = []
+
+    def run(i: int) -> None:
+        start.wait()
+        while True:
+            try:
+                outputs.append(list(stub.Generate(gen_request("pair", f"Tell me about the number {i}.",
+                                                              max_tokens=48)))[-1].final.usage.output_tokens)
+                return
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+                rejections.append(tuple(err.trailing_metadata()))
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(outputs) == 5 and all(outputs)
+    assert rejections and all(MARKER in r for r in rejections)

@@ -92,7 +92,7 @@ def generate(stub, prompt: str, **params) -> tuple[list[str], pb.GenerateFinal]:
 
 def test_an_unknown_engine_arg_stops_the_sidecar_at_start(tmp_path):
     sock = tmp_path / "s.sock"
-    proc = subprocess.run([VLLM_PYTHON, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{sock}",
+    proc = subprocess.run([VLLM_PYTHON, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{sock}", "--allow-root",
                            "--config", str(config(tmp_path / "bad.yaml", max_num_seq=8))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

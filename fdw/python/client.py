@@ -10,6 +10,7 @@ and the time left under statement_timeout.
 """
 from __future__ import annotations
 
+import heapq
 import queue
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from llmfdw.fdw.errors import LlmError, QueryCanceled, error_from_rpc
+from llmfdw.fdw.errors import PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled, error_from_rpc
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 
@@ -29,6 +30,17 @@ POLL_SECONDS = 0.02
 # concurrently so the sidecar batches them, but not thousands at a time).
 MAX_IN_FLIGHT = 16
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC's default reconnect backoff grows to 120 s: a backend that queried while the sidecar
+# was down kept failing for seconds after it came back.  Retry the connection at least every
+# second instead (a local socket is cheap to try).
+RECONNECT_BACKOFF_MS = {"initial": 100, "min": 100, "max": 1000}
+# Trailing metadata the sidecar puts on a RESOURCE_EXHAUSTED that only means "the tenant's
+# queue is full now": a scan with calls of its own still open waits for one of them instead.
+REJECTED_KEY, QUEUE_FULL = "llmfdw-rejected", "queue-full"
+
+# This backend's session, for the sidecar's fairness between sessions of one tenant (each
+# backend is its own process and imports this module once).
+SESSION_ID = uuid.uuid4().hex
 
 _channels: dict[str, grpc.Channel] = {}
 _END = object()
@@ -43,10 +55,19 @@ def channel_for(address: str) -> grpc.Channel:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                *((f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in RECONNECT_BACKOFF_MS.items()),
             ],
         )
         _channels[address] = chan
     return chan
+
+
+def forget_channel(address: str) -> None:
+    """Close the cached channel after the sidecar was unreachable: the next call connects
+    afresh instead of waiting out the old channel's backoff."""
+    chan = _channels.pop(address, None)
+    if chan is not None:
+        chan.close()
 
 
 @dataclass
@@ -64,7 +85,16 @@ class SidecarClient:
     def __init__(self, address: str, control: CallControl) -> None:
         self.address = address
         self.control = control
-        self.stub = pb_grpc.InferenceStub(channel_for(address))
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.InferenceStub | None = None
+
+    @property
+    def stub(self) -> pb_grpc.InferenceStub:
+        """A stub on the current channel (a new one after forget_channel)."""
+        chan = channel_for(self.address)
+        if chan is not self._channel:
+            self._channel, self._stub = chan, pb_grpc.InferenceStub(chan)
+        return self._stub
 
     def _deadline(self) -> float:
         left = self.control.time_left()
@@ -98,17 +128,23 @@ class SidecarClient:
 
     def _streams(self, method, requests, unary: bool = False):
         """Run the calls with at most MAX_IN_FLIGHT open at once, all under one
-        deadline; yield (request index, message) in arrival order."""
+        deadline; yield (request index, message) in arrival order.  A call the
+        sidecar turns away because the tenant's queue is full is sent again
+        once one of this scan's own calls ends, so a scan never needs more
+        room than its tenant has."""
+        for request in requests:
+            _check_size(request)
         inbox: queue.Queue = queue.Queue()
         calls = []
         deadline = time.monotonic() + self._deadline()
-        pending = iter(enumerate(requests))
+        pending = list(enumerate(requests))  # a heap: lowest index first
+        window = MAX_IN_FLIGHT
+        open_calls = 0
+        answered: set[int] = set()
+        next_poll = time.monotonic() + POLL_SECONDS
 
-        def start_next() -> bool:
-            nxt = next(pending, None)
-            if nxt is None:
-                return False
-            index, request = nxt
+        def start_next() -> None:
+            index, request = heapq.heappop(pending)
             timeout = max(0.001, deadline - time.monotonic())
             if unary:
                 future = method.future(request, timeout=timeout)
@@ -119,26 +155,57 @@ class SidecarClient:
                 calls.append(call)
                 threading.Thread(target=_pump, args=(call, index, inbox), daemon=True,
                                  name="llmfdw-grpc").start()
-            return True
 
         try:
-            open_calls = sum(start_next() for _ in range(MAX_IN_FLIGHT))
-            while open_calls:
+            while open_calls or pending:
+                while pending and open_calls < window:
+                    start_next()
+                    open_calls += 1
+                # ask Postgres at least every POLL_SECONDS, also while messages keep coming
+                # (tokens of several streams arrive faster than that)
+                if time.monotonic() >= next_poll:
+                    if self.control.should_stop():
+                        raise QueryCanceled("query canceled")
+                    next_poll = time.monotonic() + POLL_SECONDS
                 try:
                     index, item = inbox.get(timeout=POLL_SECONDS)
                 except queue.Empty:
-                    if self.control.should_stop():
-                        raise QueryCanceled("query canceled")
                     continue
                 if item is _END:
-                    open_calls += start_next() - 1  # a call ended: start the next, if any
+                    open_calls -= 1
                 elif isinstance(item, grpc.RpcError):
+                    open_calls -= 1
+                    if open_calls and index not in answered and _queue_full(item):
+                        heapq.heappush(pending, (index, requests[index]))
+                        window = open_calls  # wait for one of ours to end before trying again
+                        continue
+                    if item.code() == grpc.StatusCode.UNAVAILABLE:
+                        forget_channel(self.address)
                     raise error_from_rpc(item, self.address)
                 else:
+                    answered.add(index)
                     yield index, item
         finally:
             for call in calls:
                 call.cancel()
+
+
+def _check_size(request) -> None:
+    size = request.ByteSize()
+    if size > MAX_MESSAGE_BYTES:
+        raise LlmError(
+            f"the request is {size / 2**20:.1f} MiB; requests to the sidecar are limited to "
+            f"{MAX_MESSAGE_BYTES // 2**20} MiB",
+            hint="Send fewer or shorter inputs per query (split the array), or shorten the prompt.",
+            sqlstate=PROGRAM_LIMIT_EXCEEDED)
+
+
+def _queue_full(err: grpc.RpcError) -> bool:
+    """Whether the sidecar turned the call away only because the tenant's queue is full."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    metadata = err.trailing_metadata() or ()
+    return any(key == REJECTED_KEY and value == QUEUE_FULL for key, value in metadata)
 
 
 def _pump(call, index: int, inbox: queue.Queue) -> None:

@@ -21,6 +21,8 @@ INVALID_AUTHORIZATION = "28000"
 TOO_MANY_CONNECTIONS = "53300"
 QUERY_CANCELED = "57014"
 OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
+PROGRAM_LIMIT_EXCEEDED = "54000"
+CANNOT_CONNECT_NOW = "57P03"
 
 
 class LlmError(MulticornException):
@@ -57,9 +59,21 @@ _BY_CODE: dict[grpc.StatusCode, tuple[str, str | None, str]] = {
 }
 
 
+# UNAVAILABLE the sidecar itself sends (it is up, but cannot serve this now), by message start
+_SIDECAR_UNAVAILABLE = ("model ", "the sidecar is shutting down", "the model engine failed")
+
+
 def error_from_rpc(err: grpc.RpcError, address: str) -> LlmError:
     """A gRPC failure as an error that says what happened and what to do."""
     code = err.code()
+    text = err.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE and text.startswith(_SIDECAR_UNAVAILABLE):
+        return LlmError(text, hint="Retry shortly; SELECT name, state, error FROM llm.models; shows each model.",
+                        sqlstate=CANNOT_CONNECT_NOW)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in text:
+        return LlmError(f"a message to or from the sidecar is too large: {text}",
+                        hint="Send fewer or shorter inputs per query (split the array).",
+                        sqlstate=PROGRAM_LIMIT_EXCEEDED)
     template, hint, sqlstate = _BY_CODE.get(code, ("the sidecar failed: {code}: {text}", None, FDW_ERROR))
-    message = template.format(address=address, text=err.details() or code.name, code=code.name)
+    message = template.format(address=address, text=text, code=code.name)
     return LlmError(message, hint=hint, sqlstate=sqlstate)

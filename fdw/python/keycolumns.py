@@ -59,9 +59,30 @@ def in_range(name: str, low: float, high: float, low_open: bool = False) -> Chec
     return check
 
 
-def at_least(name: str, low: int) -> Check:
+INT32_MAX = 2**31 - 1
+
+
+def int_range(name: str, low: int, high: int = INT32_MAX) -> Check:
+    """A check for an integer within [low, high] (the request field is an int32)."""
+
     def check(value: Any) -> str | None:
-        return None if value >= low else f"{name} must be at least {low}, got {value!r}"
+        if low <= value <= high:
+            return None
+        return f"{name} must be between {low} and {high}, got {value!r}"
+
+    return check
+
+
+def text_list(name: str) -> Check:
+    """A check for an array of non-empty strings (an empty stop string would stop at once)."""
+
+    def check(value: Any) -> str | None:
+        items = value if isinstance(value, list) else [value]
+        if any(item is None for item in items):
+            return f"{name} must not contain NULL"
+        if any(item == "" for item in items):
+            return f"{name} must not contain empty strings"
+        return None
 
     return check
 
@@ -106,7 +127,10 @@ class KeyColumns:
                     hint=self.example,
                     sqlstate=INVALID_PARAMETER_VALUE,
                 )
-            given = qual.value if qual.is_list_operator else [qual.value]
+            if qual.is_list_operator:
+                given = qual.value if qual.value is not None else []  # col = ANY(NULL): no row
+            else:
+                given = [qual.value]
             given = [v for v in given if v is not None]
             if not given:
                 empty = True

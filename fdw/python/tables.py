@@ -19,9 +19,9 @@ from typing import Any, Iterator
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual
 from multicorn.utils import check_interrupts
 
-from llmfdw.fdw.client import CallControl, SidecarClient, new_request_id
+from llmfdw.fdw.client import SESSION_ID, CallControl, SidecarClient, new_request_id
 from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
-from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, Resolved, at_least, in_range
+from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, Resolved, in_range, int_range, text_list
 from llmfdw.fdw.options import parse_options
 from llmfdw.v1 import llmfdw_pb2 as pb
 
@@ -70,6 +70,21 @@ class SidecarTable(ForeignDataWrapper):
         timeout = self.options.get("timeout", 600.0)
         self.client = SidecarClient(self.address, CallControl(_should_stop, _time_left, timeout))
 
+    @property
+    def request_columns(self) -> list[str]:
+        """Columns whose quals become request fields and whose values each row echoes.  The
+        host refuses a plan that leaves a condition on one of them out of the request (the
+        echoed default would then be filtered: a silently wrong result)."""
+        return list(self.keys.columns)
+
+    # ---- Batched joins (fdw/src/batchjoin.c) ----
+    @property
+    def batch_key_columns(self) -> list[str]:
+        """Key columns a join may send for a whole batch of outer rows as one
+        "column = ANY(list)" qual: the host matches each returned row to its
+        outer rows by the key values it echoes (see request_columns)."""
+        return [c.name for c in self.keys.columns.values() if c.many]
+
     def param(self, resolved: Resolved, name: str) -> Any:
         """A request parameter: from the query's quals, else the table's defaults."""
         value = resolved.one(name)
@@ -84,6 +99,7 @@ class SidecarTable(ForeignDataWrapper):
             request_id=new_request_id(),
             database=database,
             role=session.get("role", ""),
+            session=SESSION_ID,
         )
 
     def model_for(self, resolved: Resolved) -> str:
@@ -129,11 +145,11 @@ class CompletionsTable(SidecarTable):
             KeyColumn("prompt", required=True, many=True),
             KeyColumn("model"),
             KeyColumn("system"),
-            KeyColumn("max_tokens", check=at_least("max_tokens", 1)),
+            KeyColumn("max_tokens", check=int_range("max_tokens", 1)),
             KeyColumn("temperature", check=in_range("temperature", 0, 2)),
             KeyColumn("top_p", check=in_range("top_p", 0, 1, low_open=True)),
             KeyColumn("seed"),
-            KeyColumn("stop"),
+            KeyColumn("stop", check=text_list("stop")),
         ],
         example="SELECT completion FROM llm.completions WHERE prompt = 'What is the capital of France?';",
     )

@@ -27,7 +27,6 @@
 #include "catalog/pg_type.h"
 #include "executor/tuptable.h"
 #include "lib/stringinfo.h"
-#include "mb/pg_wchar.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -36,14 +35,6 @@
 /* ---------------------------------------------------------------------
  * Postgres -> Python
  * --------------------------------------------------------------------- */
-
-static PyObject *
-text_to_python(const char *s, Size len)
-{
-	char	   *utf8 = pg_server_to_any(s, len, PG_UTF8);
-
-	return PyUnicode_FromStringAndSize(utf8, utf8 == s ? len : strlen(utf8));
-}
 
 PyObject *
 llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
@@ -62,7 +53,7 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 			{
 				text	   *t = DatumGetTextPP(value);
 
-				return text_to_python(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+				return llmfdw_text_to_python(VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
 			}
 		case BPCHAROID:
 			{
@@ -72,11 +63,10 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 
 				while (len > 0 && s[len - 1] == ' ')
 					len--;
-				return text_to_python(s, len);
+				return llmfdw_text_to_python(s, len);
 			}
 		case NAMEOID:
-			return text_to_python(NameStr(*DatumGetName(value)),
-								  strlen(NameStr(*DatumGetName(value))));
+			return llmfdw_text_to_python(NameStr(*DatumGetName(value)), -1);
 		case INT2OID:
 			return PyLong_FromLong(DatumGetInt16(value));
 		case INT4OID:
@@ -98,6 +88,8 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 		case NUMERICOID:
 			{
 				char	   *s = OidOutputFunctionCall(F_NUMERIC_OUT, value);
+
+				/* numeric_out writes ASCII only: no encoding to convert */
 				PyObject   *str = PyUnicode_FromString(s);
 				PyObject   *f = str ? PyFloat_FromString(str) : NULL;
 
@@ -147,7 +139,7 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 
 		getTypeOutputInfo(base, &outfunc, &varlena);
 		s = OidOutputFunctionCall(outfunc, value);
-		return text_to_python(s, strlen(s));
+		return llmfdw_text_to_python(s, -1);
 	}
 }
 
@@ -157,18 +149,6 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 
 static bool append_value(StringInfo buf, PyObject *value, bool in_array);
 
-static bool
-append_utf8(StringInfo buf, PyObject *str)
-{
-	Py_ssize_t	len;
-	const char *s = PyUnicode_AsUTF8AndSize(str, &len);
-
-	if (s == NULL)
-		return false;
-	appendBinaryStringInfo(buf, s, len);
-	return true;
-}
-
 /* Append a new reference to a str (NULL: a Python error is set) and drop it. */
 static bool
 append_new_str(StringInfo buf, PyObject *s)
@@ -177,7 +157,7 @@ append_new_str(StringInfo buf, PyObject *s)
 
 	if (s == NULL)
 		return false;
-	ok = append_utf8(buf, s);
+	ok = llmfdw_python_to_utf8(s, buf);
 	Py_DECREF(s);
 	return ok;
 }
@@ -252,7 +232,7 @@ static bool
 append_value(StringInfo buf, PyObject *value, bool in_array)
 {
 	if (PyUnicode_Check(value))
-		return append_utf8(buf, value);
+		return llmfdw_python_to_utf8(value, buf);
 	if (PyBool_Check(value))
 	{
 		appendStringInfoString(buf, value == Py_True ? "true" : "false");
@@ -319,6 +299,7 @@ llmfdw_row_to_strings(PyObject *item, LlmfdwColumn *columns, int natts,
 {
 	bool		is_mapping = PyDict_Check(item) || (!PySequence_Check(item) && PyMapping_Check(item));
 	Py_ssize_t	live = 0;
+	Py_ssize_t	size;
 
 	if (!is_mapping)
 	{
@@ -329,14 +310,17 @@ llmfdw_row_to_strings(PyObject *item, LlmfdwColumn *columns, int natts,
 						 Py_TYPE(item)->tp_name);
 			return false;
 		}
+		size = PySequence_Size(item);
+		if (size < 0)
+			return false;
 		for (int i = 0; i < natts; i++)
 			if (!columns[i].dropped)
 				live++;
-		if (PySequence_Size(item) != live)
+		if (size != live)
 		{
 			PyErr_Format(PyExc_ValueError,
 						 "a result row has %zd values but the table has %zd columns",
-						 PySequence_Size(item), live);
+						 size, live);
 			return false;
 		}
 	}
@@ -356,7 +340,12 @@ llmfdw_row_to_strings(PyObject *item, LlmfdwColumn *columns, int natts,
 
 		if (is_mapping)
 		{
-			value = PyMapping_GetItemString(item, col->name);
+			PyObject   *key = llmfdw_text_to_python(col->name, -1);
+
+			if (key == NULL)
+				return false;
+			value = PyObject_GetItem(item, key);
+			Py_DECREF(key);
 			if (value == NULL)
 			{
 				if (!PyErr_ExceptionMatches(PyExc_KeyError))
@@ -447,7 +436,7 @@ llmfdw_strings_to_slot(TupleTableSlot *slot, LlmfdwColumn *columns,
 			}
 			else
 			{
-				char	   *s = pg_any_to_server(row->values[i], row->lengths[i], PG_UTF8);
+				char	   *s = llmfdw_utf8_to_server(row->values[i], row->lengths[i]);
 
 				slot->tts_values[i] = InputFunctionCall(&col->infunc, s,
 														col->ioparam, col->typmod);
@@ -475,10 +464,15 @@ llmfdw_column_names(Bitmapset *attnos, LlmfdwColumn *columns)
 		return NULL;
 	while ((attno = bms_next_member(attnos, attno)) >= 0)
 	{
-		PyObject   *name = PyUnicode_FromString(columns[attno - 1].name);
+		PyObject   *name = llmfdw_text_to_python(columns[attno - 1].name, -1);
+		int			rc = name ? PySet_Add(set, name) : -1;
 
-		PySet_Add(set, name);
-		Py_DECREF(name);
+		Py_XDECREF(name);
+		if (rc < 0)
+		{
+			Py_DECREF(set);
+			return NULL;
+		}
 	}
 	return set;
 }

@@ -67,8 +67,16 @@ user_mapping_options(Oid serverid)
 }
 
 /*
+ * The FDW class of a server without a wrapper option: the llm.* tables.
+ * Needing no option keeps the common server free of the superuser-only
+ * wrapper option.
+ */
+#define LLMFDW_DEFAULT_WRAPPER "llmfdw.fdw.tables.SidecarTables"
+
+/*
  * Table options, then server options, then user-mapping options: for a
- * duplicate key the later source wins (Multicorn's order).
+ * duplicate key the later source wins (Multicorn's order).  *wrapper is the
+ * server's wrapper option, else the default class.
  */
 static List *
 all_options(Oid foreigntableid, char **wrapper)
@@ -82,7 +90,7 @@ all_options(Oid foreigntableid, char **wrapper)
 	merged = list_concat(merged, server->options);
 	merged = list_concat(merged, user_mapping_options(server->serverid));
 
-	*wrapper = NULL;
+	*wrapper = LLMFDW_DEFAULT_WRAPPER;
 	foreach(lc, server->options)
 	{
 		DefElem    *def = lfirst(lc);
@@ -90,30 +98,7 @@ all_options(Oid foreigntableid, char **wrapper)
 		if (strcmp(def->defname, "wrapper") == 0)
 			*wrapper = defGetString(def);
 	}
-	if (*wrapper == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_FDW_OPTION_NAME_NOT_FOUND),
-				 errmsg("foreign server \"%s\" has no wrapper option", server->servername),
-				 errhint("ALTER SERVER %s OPTIONS (ADD wrapper 'package.module.Class').",
-						 quote_identifier(server->servername))));
 	return merged;
-}
-
-/* A named option of the table's server, or NULL (for EXPLAIN). */
-const char *
-llmfdw_server_option(Oid foreigntableid, const char *name)
-{
-	ForeignServer *server = GetForeignServer(GetForeignTable(foreigntableid)->serverid);
-	ListCell   *lc;
-
-	foreach(lc, server->options)
-	{
-		DefElem    *def = lfirst(lc);
-
-		if (strcmp(def->defname, name) == 0)
-			return defGetString(def);
-	}
-	return NULL;
 }
 
 /* Conversion facts for every attribute of a tuple descriptor. */
@@ -197,36 +182,99 @@ signature(Oid foreigntableid, List *options, TupleDesc desc)
 	return buf.data;
 }
 
-/* A Python dict from a DefElem list; later keys overwrite earlier ones. */
+/*
+ * A Python dict from a DefElem list; later keys overwrite earlier ones.
+ * Returns NULL with a Python exception set.
+ */
 static PyObject *
 options_dict(List *options, bool skip_wrapper)
 {
 	PyObject   *dict = PyDict_New();
 	ListCell   *lc;
 
+	if (dict == NULL)
+		return NULL;
 	foreach(lc, options)
 	{
 		DefElem    *def = lfirst(lc);
-		PyObject   *value;
+		PyObject   *key;
+		PyObject   *value = NULL;
+		int			rc = -1;
 
 		if (skip_wrapper && strcmp(def->defname, "wrapper") == 0)
 			continue;
-		value = PyUnicode_FromString(defGetString(def));
-		PyDict_SetItemString(dict, def->defname, value);
-		Py_DECREF(value);
+		key = llmfdw_text_to_python(def->defname, -1);
+		if (key != NULL)
+			value = llmfdw_text_to_python(defGetString(def), -1);
+		if (value != NULL)
+			rc = PyDict_SetItem(dict, key, value);
+		Py_XDECREF(key);
+		Py_XDECREF(value);
+		if (rc < 0)
+		{
+			Py_DECREF(dict);
+			return NULL;
+		}
 	}
 	return dict;
 }
 
-/* OrderedDict name -> multicorn.ColumnDefinition, in column order. */
+/* One multicorn.ColumnDefinition; NULL with a Python exception set. */
+static PyObject *
+column_definition(PyObject *coldef, PyObject *name, Oid foreigntableid,
+				  Form_pg_attribute att)
+{
+	PyObject   *args = NULL;
+	PyObject   *kwargs = NULL;
+	PyObject   *result = NULL;
+	PyObject   *item;
+	const char *type_name = format_type_with_typemod(att->atttypid, att->atttypmod);
+	const char *base_type_name = format_type_be(att->atttypid);
+
+	args = PyTuple_Pack(1, name);
+	kwargs = args ? PyDict_New() : NULL;
+	if (kwargs == NULL)
+		goto done;
+
+#define SET_KWARG(key, expr) \
+	do { \
+		item = (expr); \
+		if (item == NULL || PyDict_SetItemString(kwargs, (key), item) < 0) \
+		{ \
+			Py_XDECREF(item); \
+			goto done; \
+		} \
+		Py_DECREF(item); \
+	} while (0)
+
+	SET_KWARG("type_oid", PyLong_FromUnsignedLong(att->atttypid));
+	SET_KWARG("typmod", PyLong_FromLong(att->atttypmod));
+	SET_KWARG("type_name", llmfdw_text_to_python(type_name, -1));
+	SET_KWARG("base_type_name", llmfdw_text_to_python(base_type_name, -1));
+	SET_KWARG("options",
+			  options_dict(GetForeignColumnOptions(foreigntableid, att->attnum), false));
+#undef SET_KWARG
+
+	result = PyObject_Call(coldef, args, kwargs);
+done:
+	Py_XDECREF(args);
+	Py_XDECREF(kwargs);
+	return result;
+}
+
+/*
+ * OrderedDict name -> multicorn.ColumnDefinition, in column order.  Filled
+ * through the mapping protocol: PyDict_SetItem on an OrderedDict would store
+ * the key without entering it into the order, so keys() would miss it.
+ */
 static PyObject *
 column_definitions(Oid foreigntableid, TupleDesc desc)
 {
 	PyObject   *ordered = llmfdw_import_attr("collections", "OrderedDict");
-	PyObject   *coldef = llmfdw_multicorn_attr("ColumnDefinition");
+	PyObject   *coldef = ordered ? llmfdw_multicorn_attr("ColumnDefinition") : NULL;
 	PyObject   *result = NULL;
 
-	if (ordered == NULL || coldef == NULL)
+	if (coldef == NULL)
 		goto done;
 	result = PyObject_CallNoArgs(ordered);
 	if (result == NULL)
@@ -235,31 +283,24 @@ column_definitions(Oid foreigntableid, TupleDesc desc)
 	for (int i = 0; i < desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i);
-		PyObject   *args;
-		PyObject   *kwargs;
-		PyObject   *opts;
-		PyObject   *def;
+		PyObject   *name;
+		PyObject   *def = NULL;
+		int			rc = -1;
 
 		if (att->attisdropped)
 			continue;
-		opts = options_dict(GetForeignColumnOptions(foreigntableid, att->attnum), false);
-		args = Py_BuildValue("(s)", NameStr(att->attname));
-		kwargs = Py_BuildValue("{s:I,s:i,s:s,s:s,s:N}",
-							   "type_oid", (unsigned int) att->atttypid,
-							   "typmod", (int) att->atttypmod,
-							   "type_name", format_type_with_typemod(att->atttypid, att->atttypmod),
-							   "base_type_name", format_type_be(att->atttypid),
-							   "options", opts);
-		def = PyObject_Call(coldef, args, kwargs);
-		Py_DECREF(args);
-		Py_DECREF(kwargs);
-		if (def == NULL || PyDict_SetItemString(result, NameStr(att->attname), def) < 0)
+		name = llmfdw_text_to_python(NameStr(att->attname), -1);
+		if (name != NULL)
+			def = column_definition(coldef, name, foreigntableid, att);
+		if (def != NULL)
+			rc = PyObject_SetItem(result, name, def);
+		Py_XDECREF(name);
+		Py_XDECREF(def);
+		if (rc < 0)
 		{
-			Py_XDECREF(def);
 			Py_CLEAR(result);
 			goto done;
 		}
-		Py_DECREF(def);
 	}
 done:
 	Py_XDECREF(ordered);
@@ -267,21 +308,37 @@ done:
 	return result;
 }
 
-/* Import "package.module.Class". */
+/* Import "package.module.Class"; NULL with a Python exception set. */
 static PyObject *
 wrapper_class(const char *wrapper)
 {
 	const char *dot = strrchr(wrapper, '.');
-	char	   *module;
+	PyObject   *module_name;
+	PyObject   *class_name = NULL;
+	PyObject   *module = NULL;
+	PyObject   *cls = NULL;
 
 	if (dot == NULL || dot == wrapper || dot[1] == '\0')
 	{
-		PyErr_Format(PyExc_ValueError,
-					 "wrapper '%s' must be a dotted path: package.module.Class", wrapper);
+		PyObject   *name = llmfdw_text_to_python(wrapper, -1);
+
+		if (name != NULL)
+			PyErr_Format(PyExc_ValueError,
+						 "wrapper '%U' must be a dotted path: package.module.Class", name);
+		Py_XDECREF(name);
 		return NULL;
 	}
-	module = pnstrdup(wrapper, dot - wrapper);
-	return llmfdw_import_attr(module, dot + 1);
+	module_name = llmfdw_text_to_python(wrapper, dot - wrapper);
+	if (module_name != NULL)
+		class_name = llmfdw_text_to_python(dot + 1, -1);
+	if (class_name != NULL)
+		module = PyImport_Import(module_name);
+	if (module != NULL)
+		cls = PyObject_GetAttr(module, class_name);
+	Py_XDECREF(module_name);
+	Py_XDECREF(class_name);
+	Py_XDECREF(module);
+	return cls;
 }
 
 /*
@@ -339,10 +396,9 @@ llmfdw_get_instance(Oid foreigntableid)
 			PyObject   *pycols = NULL;
 
 			if (cls != NULL)
-			{
 				pyopts = options_dict(options, true);
+			if (pyopts != NULL)
 				pycols = column_definitions(foreigntableid, desc);
-			}
 			if (pycols != NULL)
 				instance = PyObject_CallFunctionObjArgs(cls, pyopts, pycols, NULL);
 			Py_XDECREF(cls);

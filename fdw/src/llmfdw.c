@@ -15,8 +15,10 @@
 
 #include "access/reloptions.h"
 #include "access/table.h"
+#include "catalog/pg_attribute.h"
 #include "catalog/pg_foreign_server.h"
 #include "catalog/pg_foreign_table.h"
+#include "catalog/pg_user_mapping.h"
 #include "commands/defrem.h"
 #include "commands/explain.h"
 #include "commands/explain_format.h"
@@ -29,10 +31,11 @@
 #include "optimizer/planmain.h"
 #include "optimizer/restrictinfo.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 
-PG_MODULE_MAGIC_EXT(.name = "llmfdw",.version = "0.1.0");
+PG_MODULE_MAGIC_EXT(.name = "llmfdw",.version = "0.2.0");
 
 char	   *llmfdw_python_path = NULL;
 
@@ -44,7 +47,15 @@ typedef struct LlmfdwPlan
 	int			natts;
 	int			width;
 	Cost		startup_cost;
+	List	   *request_attnums;	/* the class's request_columns, as attnums */
 } LlmfdwPlan;
+
+/*
+ * Added to the cost of a scan that would leave a join clause on a request
+ * column outside the request: such a plan can only fail (see
+ * check_request_columns), so the planner must prefer a parameterized one.
+ */
+#define LLMFDW_UNHONOURED_COST	1.0e9
 
 /* Executor state, in node->fdw_state. */
 typedef struct LlmfdwScan
@@ -60,6 +71,8 @@ typedef struct LlmfdwScan
 	MemoryContextCallback cleanup;
 } LlmfdwScan;
 
+static List *request_attnums(LlmfdwPlan *plan);
+
 PG_FUNCTION_INFO_V1(llmfdw_handler);
 PG_FUNCTION_INFO_V1(llmfdw_validator);
 
@@ -74,6 +87,7 @@ _PG_init(void)
 							   "",
 							   PGC_SUSET, 0,
 							   NULL, NULL, NULL);
+	llmfdw_batchjoin_init();
 	MarkGUCPrefixReserved("llmfdw");
 }
 
@@ -236,6 +250,7 @@ llmfdwGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 
 	baserel->rows = clamp_row_est(rows);
 	baserel->fdw_private = plan;
+	plan->request_attnums = request_attnums(plan);
 }
 
 /* One declared path key: the columns and the rows one lookup returns. */
@@ -296,7 +311,7 @@ declared_path_keys(LlmfdwPlan *plan)
 			for (Py_ssize_t i = 0; i < n; i++)
 			{
 				PyObject   *name = PySequence_GetItem(cols, i);
-				const char *s = name ? PyUnicode_AsUTF8(name) : NULL;
+				const char *s = name ? llmfdw_python_to_server(name) : NULL;
 				AttrNumber	attnum = s ? attnum_by_name(plan->columns, plan->natts, s) : InvalidAttrNumber;
 
 				Py_XDECREF(name);
@@ -323,51 +338,159 @@ done:
 	return result;
 }
 
+/*
+ * The class's request_columns (our addition to the Multicorn API): columns
+ * whose values become part of the request and are echoed back in each row.
+ * A condition on such a column that does not reach the request would filter
+ * rows the request never made, so check_request_columns refuses such plans.
+ */
+static List *
+request_attnums(LlmfdwPlan *plan)
+{
+	List	   *result = NIL;
+	LlmfdwPyState st;
+
+	LLMFDW_WITH_PYTHON(st);
+	{
+		PyObject   *names;
+		PyObject   *iter;
+		PyObject   *name;
+
+		if (!has_method(plan->instance, "request_columns"))
+			goto done;
+		names = PyObject_GetAttrString(plan->instance, "request_columns");
+		iter = names ? PyObject_GetIter(names) : NULL;
+		Py_XDECREF(names);
+		if (iter == NULL)
+			llmfdw_raise_python_error(&st, "reading request_columns");
+		while ((name = PyIter_Next(iter)) != NULL)
+		{
+			const char *s = PyUnicode_Check(name) ? llmfdw_python_to_server(name) : NULL;
+			AttrNumber	attnum = s ? attnum_by_name(plan->columns, plan->natts, s) : InvalidAttrNumber;
+
+			Py_DECREF(name);
+			PyErr_Clear();
+			if (attnum != InvalidAttrNumber)
+				result = list_append_unique_int(result, attnum);
+		}
+		Py_DECREF(iter);
+		if (PyErr_Occurred())
+			llmfdw_raise_python_error(&st, "reading request_columns");
+done:
+		;
+	}
+	LLMFDW_END_PYTHON(st);
+	return result;
+}
+
+/* Is attnum compared with "=" (or "= ANY") in one of the quals? */
+static bool
+has_equality_qual(List *quals, AttrNumber attnum)
+{
+	ListCell   *lc;
+
+	foreach(lc, quals)
+	{
+		LlmfdwQual *q = lfirst(lc);
+
+		if (q->attnum == attnum && !q->is_null_test && strcmp(q->opname, "=") == 0 &&
+			(!q->is_array || q->use_or))
+			return true;
+	}
+	return false;
+}
+
+/* Does any of the quals name attnum, whatever the operator? */
+static bool
+has_any_qual(List *quals, AttrNumber attnum)
+{
+	ListCell   *lc;
+
+	foreach(lc, quals)
+		if (((LlmfdwQual *) lfirst(lc))->attnum == attnum)
+			return true;
+	return false;
+}
+
 static void
 llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid)
 {
 	LlmfdwPlan *plan = baserel->fdw_private;
+	List	   *decls = declared_path_keys(plan);
+	List	   *restrict_quals = llmfdw_extract_quals(baserel->baserestrictinfo, baserel->relid);
+	List	   *key_attnums = list_copy(plan->request_attnums);
+	List	   *joined = NIL;	/* key attnums that join clauses can supply */
+	List	   *joined_clauses = NIL;	/* their join clauses, in the same order */
+	bool		unhonoured = false;
 	ListCell   *lc;
+	Cost		total;
 
+	foreach(lc, decls)
+		key_attnums = list_concat_unique_int(key_attnums, ((PathKeyDecl *) lfirst(lc))->attnums);
+	foreach(lc, key_attnums)
+	{
+		AttrNumber	attnum = lfirst_int(lc);
+		List	   *clauses = llmfdw_join_clauses_for(root, baserel, attnum);
+
+		if (clauses == NIL)
+			continue;
+		joined = lappend_int(joined, attnum);
+		joined_clauses = lappend(joined_clauses, clauses);
+		if (list_member_int(plan->request_attnums, attnum) &&
+			!has_equality_qual(restrict_quals, attnum))
+			unhonoured = true;
+	}
+
+	total = plan->startup_cost + baserel->rows * plan->width;
+	if (unhonoured)
+		total += LLMFDW_UNHONOURED_COST;
 	add_path(baserel, (Path *)
 			 create_foreignscan_path(root, baserel, NULL, baserel->rows, 0,
-									 plan->startup_cost,
-									 plan->startup_cost + baserel->rows * plan->width,
+									 plan->startup_cost, total,
 									 NIL, NULL, NULL, NIL, NIL));
+	if (joined == NIL)
+		return;
 
 	/*
-	 * For each declared key, and each way the key's first column can be
-	 * supplied by other relations, a path parameterized by those relations.
+	 * Parameterized paths.  Every key column that a join can supply is
+	 * supplied by it, so that optional request columns (max_tokens = t.n)
+	 * reach the request too: one path per way of supplying the first joined
+	 * column, the others by their first join clause.  A path needs every
+	 * column of some declared key, from a join clause or a constant.
 	 */
-	foreach(lc, declared_path_keys(plan))
 	{
-		PathKeyDecl *decl = lfirst(lc);
-		List	   *first_choices = llmfdw_join_clauses_for(root, baserel,
-															linitial_int(decl->attnums));
-		ListCell   *lc2;
+		double		rows = -1;
 		List	   *seen = NIL;
 
-		foreach(lc2, first_choices)
+		foreach(lc, decls)
 		{
-			RestrictInfo *first = lfirst(lc2);
+			PathKeyDecl *decl = lfirst(lc);
+			bool		supplied = true;
+			ListCell   *lc2;
+
+			foreach(lc2, decl->attnums)
+			{
+				AttrNumber	attnum = lfirst_int(lc2);
+
+				if (!list_member_int(joined, attnum) && !has_equality_qual(restrict_quals, attnum))
+					supplied = false;
+			}
+			if (supplied && (rows < 0 || decl->rows < rows))
+				rows = decl->rows;
+		}
+		if (rows < 0)
+			return;				/* no declared key can be completed */
+
+		foreach(lc, (List *) linitial(joined_clauses))
+		{
+			RestrictInfo *first = lfirst(lc);
 			Relids		required = bms_copy(first->clause_relids);
-			bool		complete = true;
-			ListCell   *lc3;
+			ListCell   *lc2;
 			ParamPathInfo *ppi;
 
-			for_each_from(lc3, decl->attnums, 1)
-			{
-				List	   *more = llmfdw_join_clauses_for(root, baserel, lfirst_int(lc3));
-
-				if (more == NIL)
-				{
-					complete = false;
-					break;
-				}
-				required = bms_union(required, ((RestrictInfo *) linitial(more))->clause_relids);
-			}
-			if (!complete)
-				break;
+			for_each_from(lc2, joined_clauses, 1)
+				required = bms_union(required,
+									 ((RestrictInfo *) linitial((List *) lfirst(lc2)))->clause_relids);
 			required = bms_union(required, baserel->lateral_relids);
 			required = bms_del_member(required, baserel->relid);
 			if (bms_is_empty(required) || list_member(seen, required))
@@ -376,11 +499,113 @@ llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 
 			ppi = get_baserel_parampathinfo(root, baserel, required);
 			add_path(baserel, (Path *)
-					 create_foreignscan_path(root, baserel, NULL, decl->rows, 0,
+					 create_foreignscan_path(root, baserel, NULL, rows, 0,
 											 plan->startup_cost,
-											 plan->startup_cost + decl->rows * plan->width,
+											 plan->startup_cost + rows * plan->width,
 											 NIL, ppi->ppi_req_outer, NULL, NIL, NIL));
 		}
+	}
+}
+
+/*
+ * A wrong row is worse than an error.  Each request column (see
+ * request_attnums) that some condition of the query names must reach the
+ * request as "column = value": otherwise the row echoes a default the
+ * condition then filters, and the query silently returns fewer rows.  Refuse
+ * such a plan, naming the column.  Conditions the FDW class sees as quals
+ * (max_tokens > 5) are left to the class, which raises its own error.
+ */
+/* attnum if node is (a relabelling of) a column of relid, else 0 */
+static AttrNumber
+column_of(Node *node, Index relid)
+{
+	while (node && IsA(node, RelabelType))
+		node = (Node *) ((RelabelType *) node)->arg;
+	if (node && IsA(node, Var) && ((Var *) node)->varno == relid &&
+		((Var *) node)->varlevelsup == 0)
+		return ((Var *) node)->varattno;
+	return 0;
+}
+
+/*
+ * Is clause "attnum = expression" or "attnum = ANY(expression)", where the
+ * expression does not involve the scanned relation?  At plan time the
+ * expression may still hold Vars of outer relations (they become Params
+ * later), so this looks wider than llmfdw_extract_quals.
+ */
+static bool
+is_request_equality(PlannerInfo *root, Node *clause, Index relid, AttrNumber attnum)
+{
+	Node	   *left;
+	Node	   *right;
+	Oid			opno;
+
+	if (IsA(clause, OpExpr) && list_length(((OpExpr *) clause)->args) == 2)
+	{
+		opno = ((OpExpr *) clause)->opno;
+		left = linitial(((OpExpr *) clause)->args);
+		right = lsecond(((OpExpr *) clause)->args);
+		if (column_of(right, relid) == attnum)
+		{
+			Node	   *tmp = left;
+
+			left = right;
+			right = tmp;
+		}
+	}
+	else if (IsA(clause, ScalarArrayOpExpr) && ((ScalarArrayOpExpr *) clause)->useOr)
+	{
+		opno = ((ScalarArrayOpExpr *) clause)->opno;
+		left = linitial(((ScalarArrayOpExpr *) clause)->args);
+		right = lsecond(((ScalarArrayOpExpr *) clause)->args);
+	}
+	else
+		return false;
+	if (column_of(left, relid) != attnum || strcmp(get_opname(opno), "=") != 0)
+		return false;
+	return !bms_is_member(relid, pull_varnos(root, right));
+}
+
+static void
+check_request_columns(PlannerInfo *root, RelOptInfo *baserel, LlmfdwPlan *plan,
+					  List *clauses, const char *table)
+{
+	List	   *quals = llmfdw_extract_quals(clauses, baserel->relid);
+	List	   *named = NIL;
+	ListCell   *lc;
+	Bitmapset  *attnos = NULL;
+	int			x = -1;
+
+	foreach(lc, clauses)
+		pull_varattnos((Node *) lfirst(lc), baserel->relid, &attnos);
+	foreach(lc, baserel->joininfo)
+		pull_varattnos((Node *) ((RestrictInfo *) lfirst(lc))->clause, baserel->relid, &attnos);
+	while ((x = bms_next_member(attnos, x)) >= 0)
+		named = lappend_int(named, x + FirstLowInvalidHeapAttributeNumber);
+
+	foreach(lc, plan->request_attnums)
+	{
+		AttrNumber	attnum = lfirst_int(lc);
+		const char *col = plan->columns[attnum - 1].name;
+		bool		sent = has_any_qual(quals, attnum);
+		ListCell   *lc2;
+
+		foreach(lc2, clauses)
+			sent |= is_request_equality(root, (Node *) lfirst(lc2), baserel->relid, attnum);
+		if (sent)
+			continue;
+		if (!list_member_int(named, attnum) &&
+			llmfdw_join_clauses_for(root, baserel, attnum) == NIL)
+			continue;
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("the condition on column \"%s\" of foreign table \"%s\" cannot become part of the request",
+						col, table),
+				 errdetail("Column \"%s\" is a request column: a condition on it must be sent to the model, "
+						   "or it would filter rows made without it.", col),
+				 errhint("Compare the column itself with = to a value of its type (%s = ...), or to a column "
+						 "of another table in a join (%s = t.col); casts and expressions on it are not sent.",
+						 col, col)));
 	}
 }
 
@@ -398,6 +623,7 @@ llmfdwGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 
 	while ((x = bms_next_member(needed, x)) >= 0)
 		needed_list = lappend_int(needed_list, x);
+	check_request_columns(root, baserel, plan, clauses, get_rel_name(foreigntableid));
 
 	/*
 	 * Every clause is both rechecked (qual) and shown to the FDW (fdw_exprs),
@@ -604,12 +830,13 @@ llmfdwExplainForeignScan(ForeignScanState *node, ExplainState *es)
 		while ((item = PyIter_Next(iter)) != NULL)
 		{
 			PyObject   *s = PyObject_Str(item);
-			const char *utf8 = s ? PyUnicode_AsUTF8(s) : NULL;
+			char	   *line = s ? llmfdw_python_to_server(s) : NULL;
 
-			if (utf8)
-				lines = lappend(lines, pstrdup(utf8));
 			Py_XDECREF(s);
 			Py_DECREF(item);
+			if (line == NULL)
+				break;
+			lines = lappend(lines, line);
 		}
 		Py_DECREF(iter);
 		if (PyErr_Occurred())
@@ -644,9 +871,92 @@ llmfdw_handler(PG_FUNCTION_ARGS)
  * --------------------------------------------------------------------- */
 
 /*
- * "wrapper" belongs on the server, and must name an importable class: a
- * typo fails at CREATE SERVER, not at the first query.  Other options are
- * validated by the FDW class when it is instantiated.
+ * Where each option with a meaning to the host or to the llm.* tables may be
+ * set, as contrib/postgres_fdw's option table does.  Options that choose
+ * what a backend runs or reaches (wrapper, address, timeout) belong to the
+ * server, whose owner is an administrator; wrapper names Python code every
+ * backend imports, so only a superuser sets it, and the validator never
+ * imports anything for anyone else.  A user mapping holds its role's token;
+ * a tenant there would let a role claim any tenant, so only a superuser sets
+ * it.  Other options (request defaults, options of other FDW classes) are
+ * checked by the FDW class.
+ */
+typedef struct LlmfdwOption
+{
+	const char *name;
+	Oid			catalog;		/* where it may be set */
+	bool		superuser_only;
+} LlmfdwOption;
+
+static const LlmfdwOption reserved_options[] = {
+	{"wrapper", ForeignServerRelationId, true},
+	{"address", ForeignServerRelationId, false},
+	{"timeout", ForeignServerRelationId, false},
+	{"tenant", ForeignServerRelationId, false},
+	{"tenant", UserMappingRelationId, true},
+	{"token", UserMappingRelationId, false},
+	{"table", ForeignTableRelationId, false},
+	{NULL, InvalidOid, false}
+};
+
+static const char *
+catalog_noun(Oid catalog)
+{
+	switch (catalog)
+	{
+		case ForeignServerRelationId:
+			return "a foreign server";
+		case UserMappingRelationId:
+			return "a user mapping";
+		case ForeignTableRelationId:
+			return "a foreign table";
+		case AttributeRelationId:
+			return "a column";
+		default:
+			return "a foreign-data wrapper";
+	}
+}
+
+/* Refuse a reserved option set where it does not belong, or by whom it may not be. */
+static void
+check_reserved_option(DefElem *def, Oid catalog)
+{
+	const LlmfdwOption *home = NULL;
+
+	for (const LlmfdwOption *opt = reserved_options; opt->name != NULL; opt++)
+	{
+		if (strcmp(opt->name, def->defname) != 0)
+			continue;
+		if (opt->catalog == catalog)
+		{
+			if (opt->superuser_only && !superuser())
+				ereport(ERROR,
+						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						 errmsg("only a superuser may set option \"%s\" on %s",
+								def->defname, catalog_noun(catalog)),
+						 strcmp(def->defname, "wrapper") == 0
+						 ? errdetail("It names Python code that every backend using the server imports.")
+						 : errdetail("A tenant chosen by a role would let it act as any tenant.")));
+			return;
+		}
+		home = opt;
+	}
+	if (home != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FDW_INVALID_OPTION_NAME),
+				 errmsg("option \"%s\" belongs on %s, not on %s",
+						def->defname, catalog_noun(home->catalog), catalog_noun(catalog)),
+				 home->catalog == ForeignServerRelationId
+				 ? errhint("ALTER SERVER name OPTIONS (ADD %s '...');", def->defname)
+				 : home->catalog == UserMappingRelationId
+				 ? errhint("ALTER USER MAPPING FOR role SERVER name OPTIONS (ADD %s '...');", def->defname)
+				 : errhint("ALTER FOREIGN TABLE name OPTIONS (ADD %s '...');", def->defname)));
+}
+
+/*
+ * Reserved options at their level; a wrapper class set by a superuser must
+ * import, so a typo fails at CREATE SERVER, not at the first query.
+ * Without a wrapper option the server runs llmfdw's own tables.
  */
 Datum
 llmfdw_validator(PG_FUNCTION_ARGS)
@@ -661,25 +971,13 @@ llmfdw_validator(PG_FUNCTION_ARGS)
 	{
 		DefElem    *def = lfirst(lc);
 
+		check_reserved_option(def, catalog);
 		if (strcmp(def->defname, "wrapper") == 0)
-		{
-			if (catalog != ForeignServerRelationId)
-				ereport(ERROR,
-						(errcode(ERRCODE_FDW_INVALID_OPTION_NAME),
-						 errmsg("the wrapper option belongs on the foreign server"),
-						 errhint("CREATE SERVER name FOREIGN DATA WRAPPER llmfdw OPTIONS (wrapper 'package.module.Class')")));
 			wrapper = defGetString(def);
-		}
 	}
 
-	if (catalog == ForeignServerRelationId)
+	if (wrapper != NULL)
 	{
-		if (wrapper == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_FDW_OPTION_NAME_NOT_FOUND),
-					 errmsg("a foreign server of llmfdw needs the wrapper option"),
-					 errhint("CREATE SERVER name FOREIGN DATA WRAPPER llmfdw OPTIONS (wrapper 'package.module.Class')")));
-
 		LLMFDW_WITH_PYTHON(st);
 		{
 			const char *dot = strrchr(wrapper, '.');

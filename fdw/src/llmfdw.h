@@ -11,6 +11,7 @@
  *	instance.c	per-table FDW instances: options, columns, cache
  *	quals.c		restriction clauses -> Multicorn Qual objects
  *	convert.c	Datum <-> Python values
+ *	batchjoin.c	batched nested loop: joins with one request per batch of rows
  *
  *-------------------------------------------------------------------------
  */
@@ -27,6 +28,7 @@
 
 #include "access/tupdesc.h"
 #include "fmgr.h"
+#include "lib/stringinfo.h"
 #include "nodes/execnodes.h"
 #include "nodes/pathnodes.h"
 
@@ -55,6 +57,18 @@ extern void llmfdw_leave(LlmfdwPyState *st);
 pg_noreturn extern void llmfdw_raise_python_error(LlmfdwPyState *st, const char *context);
 extern PyObject *llmfdw_import_attr(const char *module, const char *attr);
 extern PyObject *llmfdw_multicorn_attr(const char *attr);
+
+/*
+ * Every string between Postgres and Python goes through these: the server
+ * encoding on the Postgres side, str (UTF-8 in the C API) on the Python side.
+ * The first three are safe with the GIL held and report failure as a Python
+ * exception; llmfdw_utf8_to_server raises a Postgres ERROR (call it without
+ * the GIL).  SQL_ASCII databases are taken as UTF-8 with surrogateescape.
+ */
+extern PyObject *llmfdw_text_to_python(const char *s, int len);
+extern char *llmfdw_python_to_server(PyObject *obj);
+extern bool llmfdw_python_to_utf8(PyObject *obj, StringInfo buf);
+extern char *llmfdw_utf8_to_server(const char *s, int len);
 
 /*
  * Run "body" with the GIL held; release it (and restore signals) however
@@ -96,7 +110,6 @@ typedef struct LlmfdwColumn
 
 extern PyObject *llmfdw_get_instance(Oid foreigntableid);
 extern LlmfdwColumn *llmfdw_columns(TupleDesc desc);
-extern const char *llmfdw_server_option(Oid foreigntableid, const char *name);
 
 /* ---- quals.c ---- */
 
@@ -141,5 +154,10 @@ extern void llmfdw_strings_to_slot(TupleTableSlot *slot, LlmfdwColumn *columns,
 								   LlmfdwRowStrings *row);
 extern void llmfdw_column_error_context(void *arg);
 extern PyObject *llmfdw_column_names(Bitmapset *attnos, LlmfdwColumn *columns);
+
+/* ---- batchjoin.c ---- */
+
+extern PGDLLEXPORT Datum llmfdw_handler(PG_FUNCTION_ARGS);
+extern void llmfdw_batchjoin_init(void);
 
 #endif							/* LLMFDW_H */

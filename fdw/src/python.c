@@ -13,6 +13,10 @@
  *	  code polls _llmfdw_host.interrupt_pending(), so a cancel is seen by the
  *	  main thread at a poll point, never by a Python thread.
  *	- log_to_postgres(CRITICAL) is an ERROR, not a FATAL that ends the session.
+ *	- Text is converted between the database encoding and Python str at
+ *	  every crossing (see "Text between the server encoding and Python str").
+ *	- The traceback of an unexpected exception goes to the server log, not
+ *	  to the client.
  *
  *-------------------------------------------------------------------------
  */
@@ -21,8 +25,11 @@
 #include <signal.h>
 
 #include "commands/dbcommands.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 #include "utils/varlena.h"
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
@@ -53,6 +60,255 @@ llmfdw_leave(LlmfdwPyState *st)
 	st->held = false;
 	PyGILState_Release(st->gil);
 	pthread_sigmask(SIG_SETMASK, &st->saved_mask, NULL);
+}
+
+/* ---------------------------------------------------------------------
+ * Text between the server encoding and Python str
+ *
+ * Every string that crosses between Postgres and Python goes through these
+ * functions.  Postgres strings are in the database encoding; Python's C API
+ * speaks UTF-8.  So Postgres -> Python converts the server encoding to UTF-8
+ * and Python -> Postgres converts UTF-8 to the server encoding, and a
+ * character the database encoding cannot hold is a clear SQL error
+ * (SQLSTATE 22P05), never a crash and never a silent substitution.  Only log
+ * and error text, which must always get through, writes such characters as
+ * \uXXXX escapes instead (see py_message).
+ *
+ * SQL_ASCII: Postgres does no conversion there and stores any byte but NUL.
+ * We take the bytes as UTF-8, which is what such databases hold in practice,
+ * with errors='surrogateescape' both ways: bytes that are not valid UTF-8
+ * reach Python as lone surrogates (U+DC80..U+DCFF) and go back to Postgres as
+ * the very same bytes, so nothing is refused or altered on the way through.
+ * FDW code that sends such a string elsewhere (gRPC) gets Python's own
+ * UnicodeEncodeError for it.
+ * --------------------------------------------------------------------- */
+
+static inline bool
+sql_ascii(void)
+{
+	return GetDatabaseEncoding() == PG_SQL_ASCII;
+}
+
+/* Postgres's text as Python sees it in error messages: lossy, never fails. */
+static PyObject *
+lossy_text(const char *s)
+{
+	if (s == NULL)
+		Py_RETURN_NONE;
+	return PyUnicode_DecodeUTF8(s, strlen(s), "replace");
+}
+
+/*
+ * Turn the Postgres error being handled into a pending Python exception.
+ * Call in a PG_CATCH block, after switching back to the memory context saved
+ * before PG_TRY, with the GIL held.  The exception is a
+ * multicorn.utils.MulticornException carrying the error's message, detail,
+ * hint and SQLSTATE, so that if the FDW code lets it propagate,
+ * llmfdw_raise_python_error reports the original error unchanged.
+ *
+ * The message is decoded as UTF-8 with errors='replace': Postgres's own
+ * messages are ASCII unless translated, and this must not fail in turn.
+ */
+static void
+set_python_error_from_pg(void)
+{
+	ErrorData  *edata = CopyErrorData();
+	PyObject   *cls;
+	PyObject   *message;
+	PyObject   *exc = NULL;
+
+	FlushErrorState();
+
+	message = lossy_text(edata->message);
+	cls = message ? llmfdw_import_attr("multicorn.utils", "MulticornException") : NULL;
+	if (cls != NULL)
+	{
+		PyObject   *hint = lossy_text(edata->hint);
+		PyObject   *detail = lossy_text(edata->detail);
+		PyObject   *sqlstate = PyUnicode_FromString(unpack_sql_state(edata->sqlerrcode));
+
+		if (hint && detail && sqlstate)
+			exc = PyObject_CallFunctionObjArgs(cls, message, hint, detail, sqlstate, NULL);
+		Py_XDECREF(hint);
+		Py_XDECREF(detail);
+		Py_XDECREF(sqlstate);
+		Py_DECREF(cls);
+	}
+	if (exc != NULL)
+	{
+		PyErr_SetObject((PyObject *) Py_TYPE(exc), exc);
+		Py_DECREF(exc);
+	}
+	else if (message != NULL)
+	{
+		/* multicorn.utils not importable: keep at least the message. */
+		PyErr_Clear();
+		PyErr_SetObject(PyExc_RuntimeError, message);
+	}
+	/* else: a MemoryError is already set */
+	Py_XDECREF(message);
+	FreeErrorData(edata);
+}
+
+/*
+ * Text in the server encoding (len bytes, or up to the NUL if len < 0) as a
+ * new Python str.  Returns NULL with a Python exception set on failure; never
+ * raises a Postgres ERROR, so it is safe with the GIL held, also inside a
+ * function that Python calls.
+ */
+PyObject *
+llmfdw_text_to_python(const char *s, int len)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	char	   *volatile utf8 = NULL;
+	PyObject   *result;
+
+	if (len < 0)
+		len = strlen(s);
+	if (sql_ascii())
+		return PyUnicode_DecodeUTF8(s, len, "surrogateescape");
+
+	PG_TRY();
+	{
+		utf8 = pg_server_to_any(s, len, PG_UTF8);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		set_python_error_from_pg();
+	}
+	PG_END_TRY();
+	if (utf8 == NULL)
+		return NULL;
+
+	result = PyUnicode_DecodeUTF8(utf8, utf8 == s ? len : strlen(utf8), "strict");
+	if (utf8 != s)
+		pfree(utf8);
+	return result;
+}
+
+/*
+ * Append a Python str to buf as UTF-8 (surrogateescape in SQL_ASCII, see
+ * above).  Returns false with a Python exception set, for instance when obj
+ * is not a str.
+ */
+bool
+llmfdw_python_to_utf8(PyObject *obj, StringInfo buf)
+{
+	PyObject   *bytes;
+
+	if (!sql_ascii())
+	{
+		Py_ssize_t	len;
+		const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &len);
+
+		if (utf8 == NULL)
+			return false;
+		appendBinaryStringInfo(buf, utf8, len);
+		return true;
+	}
+	if (!PyUnicode_Check(obj))
+	{
+		PyErr_Format(PyExc_TypeError, "expected str, not %s", Py_TYPE(obj)->tp_name);
+		return false;
+	}
+	bytes = PyUnicode_AsEncodedString(obj, "utf-8", "surrogateescape");
+	if (bytes == NULL)
+		return false;
+	appendBinaryStringInfo(buf, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+	Py_DECREF(bytes);
+	return true;
+}
+
+/*
+ * UTF-8 text that came from Python (as llmfdw_python_to_utf8 writes it) in
+ * the server encoding: s itself when nothing needs converting, else a
+ * palloc'd copy.  Raises a Postgres ERROR when the database encoding cannot
+ * hold a character ("character with byte sequence 0xe2 0x82 0xac in encoding
+ * "UTF8" has no equivalent in encoding "LATIN1"") or the text has a NUL, so
+ * call it without the GIL, or through llmfdw_python_to_server.
+ */
+char *
+llmfdw_utf8_to_server(const char *s, int len)
+{
+	if (sql_ascii())
+	{
+		/* No conversion: SQL_ASCII stores the bytes as they are, but no NUL. */
+		(void) pg_verify_mbstr(PG_SQL_ASCII, s, len, false);
+		return unconstify(char *, s);
+	}
+	return pg_any_to_server(s, len, PG_UTF8);
+}
+
+/*
+ * A Python str as a palloc'd, NUL-terminated string in the server encoding.
+ * Returns NULL with a Python exception set (a MulticornException with
+ * SQLSTATE 22P05 when the database encoding cannot hold a character).  Safe
+ * with the GIL held.
+ */
+char *
+llmfdw_python_to_server(PyObject *obj)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	StringInfoData buf;
+	char	   *volatile result = NULL;
+
+	initStringInfo(&buf);
+	if (!llmfdw_python_to_utf8(obj, &buf))
+	{
+		pfree(buf.data);
+		return NULL;
+	}
+	PG_TRY();
+	{
+		result = llmfdw_utf8_to_server(buf.data, buf.len);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcontext);
+		set_python_error_from_pg();
+	}
+	PG_END_TRY();
+	if (result != buf.data)
+		pfree(buf.data);
+	return result;
+}
+
+/*
+ * str(obj) in the server encoding for log and error text, or NULL for None.
+ * Such text must always get through, so characters the database encoding
+ * cannot hold become \uXXXX escapes here instead of an error.  GIL held;
+ * never leaves a Python exception set.
+ */
+static char *
+py_message(PyObject *obj)
+{
+	PyObject   *s;
+	char	   *result;
+
+	if (obj == NULL || obj == Py_None)
+		return NULL;
+	s = PyObject_Str(obj);
+	if (s == NULL)
+	{
+		PyErr_Clear();
+		return NULL;
+	}
+	result = llmfdw_python_to_server(s);
+	if (result == NULL)
+	{
+		/* ASCII is valid in every server encoding. */
+		PyObject   *ascii = PyUnicode_AsEncodedString(s, "ascii", "backslashreplace");
+
+		PyErr_Clear();
+		if (ascii != NULL)
+			result = pstrdup(PyBytes_AS_STRING(ascii));
+		else
+			PyErr_Clear();
+		Py_XDECREF(ascii);
+	}
+	Py_DECREF(s);
+	return result;
 }
 
 /* ---------------------------------------------------------------------
@@ -113,36 +369,59 @@ static PyObject *
 host_log(PyObject *self, PyObject *args)
 {
 	int			level;
-	const char *message;
-	const char *hint = NULL;
-	const char *detail = NULL;
+	PyObject   *pymessage;
+	PyObject   *pyhint = Py_None;
+	PyObject   *pydetail = Py_None;
+	char	   *message;
+	char	   *hint;
+	char	   *detail;
+	MemoryContext oldcontext = CurrentMemoryContext;
 	volatile bool failed = false;
 
-	if (!PyArg_ParseTuple(args, "is|zz", &level, &message, &hint, &detail))
+	if (!PyArg_ParseTuple(args, "iO|OO", &level, &pymessage, &pyhint, &pydetail))
 		return NULL;
 	if (level >= ERROR)
 		level = WARNING;
+	message = py_message(pymessage);
+	hint = py_message(pyhint);
+	detail = py_message(pydetail);
 
+	/*
+	 * Python called us: an ERROR must not longjmp through its frames, so one
+	 * (a failure to send the message, say) becomes a Python exception.
+	 */
 	PG_TRY();
 	{
 		ereport(level,
-				(errmsg_internal("%s", message),
+				(errmsg_internal("%s", message ? message : ""),
 				 hint ? errhint("%s", hint) : 0,
 				 detail ? errdetail_internal("%s", detail) : 0));
 	}
 	PG_CATCH();
 	{
-		FlushErrorState();
+		MemoryContextSwitchTo(oldcontext);
+		set_python_error_from_pg();
 		failed = true;
 	}
 	PG_END_TRY();
 
 	if (failed)
-	{
-		PyErr_SetString(PyExc_RuntimeError, "could not report a message to Postgres");
 		return NULL;
-	}
 	Py_RETURN_NONE;
+}
+
+/* dict[key] = text converted from the server encoding; false with an error set. */
+static bool
+set_text_item(PyObject *dict, const char *key, const char *text)
+{
+	PyObject   *value = llmfdw_text_to_python(text, -1);
+	bool		ok;
+
+	if (value == NULL)
+		return false;
+	ok = PyDict_SetItemString(dict, key, value) == 0;
+	Py_DECREF(value);
+	return ok;
 }
 
 /*
@@ -154,7 +433,11 @@ host_session(PyObject *self, PyObject *args)
 {
 	char	   *volatile database = NULL;
 	char	   *volatile role = NULL;
+	MemoryContext oldcontext = CurrentMemoryContext;
+	PyObject   *result;
+	PyObject   *pid;
 
+	/* A catalog lookup failure leaves the name empty rather than failing. */
 	PG_TRY();
 	{
 		database = get_database_name(MyDatabaseId);
@@ -162,14 +445,22 @@ host_session(PyObject *self, PyObject *args)
 	}
 	PG_CATCH();
 	{
+		MemoryContextSwitchTo(oldcontext);
 		FlushErrorState();
 	}
 	PG_END_TRY();
 
-	return Py_BuildValue("{s:s,s:s,s:i}",
-						 "database", database ? database : "",
-						 "role", role ? role : "",
-						 "pid", MyProcPid);
+	result = PyDict_New();
+	if (result == NULL)
+		return NULL;
+	pid = PyLong_FromLong(MyProcPid);
+	if (pid == NULL ||
+		PyDict_SetItemString(result, "pid", pid) < 0 ||
+		!set_text_item(result, "database", database ? database : "") ||
+		!set_text_item(result, "role", role ? role : ""))
+		Py_CLEAR(result);
+	Py_XDECREF(pid);
+	return result;
 }
 
 static PyMethodDef host_methods[] = {
@@ -197,11 +488,15 @@ init_host_module(void)
 
 	if (m == NULL)
 		return NULL;
-	PyModule_AddIntConstant(m, "DEBUG", DEBUG1);
-	PyModule_AddIntConstant(m, "LOG", LOG);
-	PyModule_AddIntConstant(m, "INFO", INFO);
-	PyModule_AddIntConstant(m, "NOTICE", NOTICE);
-	PyModule_AddIntConstant(m, "WARNING", WARNING);
+	if (PyModule_AddIntConstant(m, "DEBUG", DEBUG1) < 0 ||
+		PyModule_AddIntConstant(m, "LOG", LOG) < 0 ||
+		PyModule_AddIntConstant(m, "INFO", INFO) < 0 ||
+		PyModule_AddIntConstant(m, "NOTICE", NOTICE) < 0 ||
+		PyModule_AddIntConstant(m, "WARNING", WARNING) < 0)
+	{
+		Py_DECREF(m);
+		return NULL;
+	}
 	return m;
 }
 
@@ -224,18 +519,62 @@ static const char *path_setup_code =
 "    if not hasattr(sys, 'argv'):\n"
 "        sys.argv = ['postgres']\n";
 
+/*
+ * Run path_setup_code and call it with the directories.  Returns false with
+ * a Python exception set.  Paths are file names, so they are decoded with
+ * the file-system encoding, as Python decodes every other path.
+ */
+static bool
+setup_sys_path(List *dirs)
+{
+	PyObject   *globals = PyDict_New();
+	PyObject   *code_result = NULL;
+	PyObject   *paths = NULL;
+	PyObject   *setup;
+	PyObject   *result = NULL;
+	ListCell   *lc;
+
+	if (globals == NULL ||
+		PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) < 0)
+		goto done;
+	code_result = PyRun_String(path_setup_code, Py_file_input, globals, globals);
+	if (code_result == NULL)
+		goto done;
+	paths = PyList_New(0);
+	if (paths == NULL)
+		goto done;
+	foreach(lc, dirs)
+	{
+		const char *dir = lfirst(lc);
+		PyObject   *p = PyUnicode_DecodeFSDefault(dir);
+		int			rc = p ? PyList_Append(paths, p) : -1;
+
+		Py_XDECREF(p);
+		if (rc < 0)
+			goto done;
+	}
+	setup = PyDict_GetItemString(globals, "_llmfdw_setup");	/* borrowed */
+	if (setup == NULL)
+	{
+		PyErr_SetString(PyExc_RuntimeError, "_llmfdw_setup is missing");
+		goto done;
+	}
+	result = PyObject_CallOneArg(setup, paths);
+done:
+	Py_XDECREF(globals);
+	Py_XDECREF(code_result);
+	Py_XDECREF(paths);
+	Py_XDECREF(result);
+	return result != NULL;
+}
+
 void
 llmfdw_python_init(void)
 {
 	PyConfig	config;
 	PyStatus	status;
-	PyObject   *globals;
-	PyObject   *setup;
-	PyObject   *paths;
-	PyObject   *result;
 	char	   *rawpath;
 	List	   *dirs = NIL;
-	ListCell   *lc;
 	bool		path_ok;
 
 	if (python_ready)
@@ -260,30 +599,12 @@ llmfdw_python_init(void)
 						status.err_msg ? status.err_msg : "unknown error")));
 
 	/* From here on Python is up; set sys.path before any import. */
-	globals = PyDict_New();
-	PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins());
-	result = PyRun_String(path_setup_code, Py_file_input, globals, globals);
-	Py_XDECREF(result);
-
 	rawpath = pstrdup(llmfdw_python_path ? llmfdw_python_path : "");
 	if (!SplitDirectoriesString(rawpath, ':', &dirs))
 		dirs = NIL;
-	paths = PyList_New(0);
-	foreach(lc, dirs)
-	{
-		PyObject   *p = PyUnicode_FromString((char *) lfirst(lc));
-
-		PyList_Append(paths, p);
-		Py_DECREF(p);
-	}
-	setup = PyDict_GetItemString(globals, "_llmfdw_setup");
-	result = setup ? PyObject_CallOneArg(setup, paths) : NULL;
-	Py_DECREF(paths);
-	Py_DECREF(globals);
-	path_ok = (result != NULL);
+	path_ok = setup_sys_path(dirs);
 	if (!path_ok)
 		PyErr_Print();			/* to the server log */
-	Py_XDECREF(result);
 
 	/*
 	 * Hand the GIL back: from now on every entry takes it explicitly.  The
@@ -339,82 +660,47 @@ llmfdw_multicorn_attr(const char *attr)
  * Errors
  * --------------------------------------------------------------------- */
 
-/* str(obj) as a palloc'd UTF-8 string, or NULL. */
+/* obj.name as log or error text (see py_message), or NULL. */
 static char *
-py_str(PyObject *obj)
-{
-	PyObject   *s;
-	const char *utf8;
-	char	   *result = NULL;
-
-	if (obj == NULL || obj == Py_None)
-		return NULL;
-	s = PyObject_Str(obj);
-	if (s == NULL)
-	{
-		PyErr_Clear();
-		return NULL;
-	}
-	utf8 = PyUnicode_AsUTF8(s);
-	if (utf8 != NULL)
-		result = pstrdup(utf8);
-	else
-		PyErr_Clear();
-	Py_DECREF(s);
-	return result;
-}
-
-static char *
-py_attr_str(PyObject *obj, const char *name)
+py_attr_message(PyObject *obj, const char *name)
 {
 	PyObject   *attr;
 	char	   *result;
 
-	if (!PyObject_HasAttrString(obj, name))
-		return NULL;
 	attr = PyObject_GetAttrString(obj, name);
 	if (attr == NULL)
 	{
 		PyErr_Clear();
 		return NULL;
 	}
-	result = py_str(attr);
+	result = py_message(attr);
 	Py_DECREF(attr);
 	return result;
 }
 
-/* The last few frames of a traceback, for errdetail. */
+/* The formatted traceback, for the server log; NULL if there is none. */
 static char *
 py_traceback(PyObject *type, PyObject *value, PyObject *tb)
 {
 	PyObject   *fmt;
 	PyObject   *lines;
+	PyObject   *empty;
 	PyObject   *joined = NULL;
 	char	   *result = NULL;
 
 	if (tb == NULL)
 		return NULL;
 	fmt = llmfdw_import_attr("traceback", "format_exception");
-	if (fmt == NULL)
-	{
-		PyErr_Clear();
-		return NULL;
-	}
-	lines = PyObject_CallFunctionObjArgs(fmt, type, value, tb, NULL);
-	Py_DECREF(fmt);
-	if (lines != NULL)
-	{
-		PyObject   *empty = PyUnicode_FromString("");
-
+	lines = fmt ? PyObject_CallFunctionObjArgs(fmt, type, value, tb, NULL) : NULL;
+	empty = lines ? PyUnicode_FromString("") : NULL;
+	if (empty != NULL)
 		joined = PyUnicode_Join(empty, lines);
-		Py_DECREF(empty);
-		Py_DECREF(lines);
-	}
 	if (joined != NULL)
-	{
-		result = py_str(joined);
-		Py_DECREF(joined);
-	}
+		result = py_message(joined);
+	Py_XDECREF(fmt);
+	Py_XDECREF(lines);
+	Py_XDECREF(empty);
+	Py_XDECREF(joined);
 	PyErr_Clear();
 	return result;
 }
@@ -428,11 +714,13 @@ py_traceback(PyObject *type, PyObject *value, PyObject *tb)
  * raised), the interrupt wins: the user gets Postgres's own "canceling
  * statement due to user request" or statement_timeout message.
  *
- * Exceptions raised through multicorn.utils.log_to_postgres(ERROR) carry a
- * message, hint and detail meant for the user and are shown as they are.
- * Exception objects may also carry a `sqlstate` (five characters) and a
- * `hint`.  Anything else is an unexpected failure: its type and message,
- * with the traceback in DETAIL.
+ * Exceptions raised through multicorn.utils.log_to_postgres(ERROR) (any
+ * MulticornException) carry a message, hint, detail and SQLSTATE meant for
+ * the user and are shown as they are.  Other exception objects may also
+ * carry a `sqlstate` (five characters) and a `hint`.  Anything else is an
+ * unexpected failure: the client sees its type and message; the traceback
+ * goes to the server log only, since its file paths tell a database user
+ * about the server's file system and nothing they can act on.
  */
 void
 llmfdw_raise_python_error(LlmfdwPyState *st, const char *context)
@@ -444,12 +732,14 @@ llmfdw_raise_python_error(LlmfdwPyState *st, const char *context)
 	char	   *message = NULL;
 	char	   *hint = NULL;
 	char	   *detail = NULL;
+	char	   *traceback = NULL;
 	char	   *sqlstate = NULL;
 	bool		expected = false;
 	int			code = ERRCODE_FDW_ERROR;
 
 	PyErr_Fetch(&type, &value, &tb);
-	PyErr_NormalizeException(&type, &value, &tb);
+	if (type != NULL)
+		PyErr_NormalizeException(&type, &value, &tb);
 
 	if (value != NULL)
 	{
@@ -459,23 +749,26 @@ llmfdw_raise_python_error(LlmfdwPyState *st, const char *context)
 		else
 		{
 			expected = PyObject_IsInstance(value, mc_exc) == 1;
+			PyErr_Clear();
 			Py_DECREF(mc_exc);
 		}
 		if (expected)
 		{
-			message = py_attr_str(value, "message");
-			detail = py_attr_str(value, "detail");
+			message = py_attr_message(value, "message");
+			detail = py_attr_message(value, "detail");
 		}
 		else
 		{
-			char	   *text = py_str(value);
-			const char *tname = ((PyTypeObject *) type)->tp_name;
+			char	   *text = py_message(value);
+			char	   *tname = py_attr_message(type, "__name__");
 
-			message = text && *text ? psprintf("%s: %s", tname, text) : pstrdup(tname);
-			detail = py_traceback(type, value, tb);
+			if (tname == NULL)
+				tname = pstrdup("Exception");
+			message = text && *text ? psprintf("%s: %s", tname, text) : tname;
+			traceback = py_traceback(type, value, tb);
 		}
-		hint = py_attr_str(value, "hint");
-		sqlstate = py_attr_str(value, "sqlstate");
+		hint = py_attr_message(value, "hint");
+		sqlstate = py_attr_message(value, "sqlstate");
 	}
 	Py_XDECREF(type);
 	Py_XDECREF(value);
@@ -495,6 +788,8 @@ llmfdw_raise_python_error(LlmfdwPyState *st, const char *context)
 			(errcode(code),
 			 errmsg("%s", message ? message : "unknown Python error"),
 			 detail ? errdetail_internal("%s", detail) : 0,
+			 traceback ? errdetail("The Python traceback is in the server log.") : 0,
+			 traceback ? errdetail_log("%s", traceback) : 0,
 			 hint ? errhint("%s", hint) : 0,
 			 context ? errcontext("%s", context) : 0));
 }

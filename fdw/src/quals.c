@@ -230,12 +230,19 @@ llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)
 	if (qual_class == NULL)
 		return NULL;
 	result = PyList_New(0);
+	if (result == NULL)
+	{
+		Py_DECREF(qual_class);
+		return NULL;
+	}
 	foreach(lc, quals)
 	{
 		LlmfdwQual *q = lfirst(lc);
-		PyObject   *op;
+		PyObject   *field;
+		PyObject   *opname;
+		PyObject   *op = NULL;
 		PyObject   *value;
-		PyObject   *qual;
+		PyObject   *qual = NULL;
 		Datum		datum = q->datum;
 		bool		isnull = q->isnull;
 		bool		known = values_known || q->is_null_test;
@@ -247,29 +254,33 @@ llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)
 			known = true;
 		}
 
-		if (q->is_array)
-			op = Py_BuildValue("(sO)", q->opname, q->use_or ? Py_True : Py_False);
+		/* Each step only once the one before it worked: one error at a time. */
+		field = llmfdw_text_to_python(columns[q->attnum - 1].name, -1);
+		opname = field ? llmfdw_text_to_python(q->opname, -1) : NULL;
+		if (opname != NULL && q->is_array)
+			op = PyTuple_Pack(2, opname, q->use_or ? Py_True : Py_False);
 		else
-			op = PyUnicode_FromString(q->opname);
+			op = Py_XNewRef(opname);
 
-		if (!known || q->is_null_test)
+		if (op == NULL)
+			value = NULL;
+		else if (!known || q->is_null_test)
 			value = Py_NewRef(Py_None);
 		else
 			value = llmfdw_datum_to_python(datum, isnull, q->value_type);
-		if (op == NULL || value == NULL)
-			qual = NULL;
-		else
-			qual = PyObject_CallFunction(qual_class, "sOO",
-										 columns[q->attnum - 1].name, op, value);
+		if (value != NULL)
+			qual = PyObject_CallFunctionObjArgs(qual_class, field, op, value, NULL);
+		Py_XDECREF(field);
+		Py_XDECREF(opname);
 		Py_XDECREF(op);
 		Py_XDECREF(value);
-		if (qual == NULL)
+		if (qual == NULL || PyList_Append(result, qual) < 0)
 		{
+			Py_XDECREF(qual);
 			Py_DECREF(result);
 			Py_DECREF(qual_class);
 			return NULL;
 		}
-		PyList_Append(result, qual);
 		Py_DECREF(qual);
 	}
 	Py_DECREF(qual_class);

@@ -14,6 +14,19 @@ from llmfdw.sidecar.config import ModelConfig
 from llmfdw.sidecar.metering import Metered
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+# An embedding model reads at most its context of tokens, and in natural text a token spans
+# 4-6 characters (whitespace included).  Cutting a text at 32 characters per token of context
+# before tokenizing it bounds the work one text can cause (a 10 MB text once took 15 s to
+# tokenize, stalling every caller) while every text whose first `context` tokens average under
+# 32 characters is embedded exactly as before.
+CHARS_PER_TOKEN = 32
+
+
+def readable_part(text: str, context: int) -> tuple[str, bool]:
+    """The part of `text` that an embedding model with `context` tokens reads (see
+    CHARS_PER_TOKEN), and whether anything was cut off (then the result is truncated)."""
+    limit = context * CHARS_PER_TOKEN
+    return (text[:limit], True) if len(text) > limit else (text, False)
 
 
 @dataclass

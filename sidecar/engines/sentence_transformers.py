@@ -10,6 +10,13 @@ requests waiting, a text from each in turn, so a request of 100,000 texts
 does not hold a request of 3 behind it: the short one rides in the next
 batch.  Results go back to each caller as the batches holding its texts
 finish.  Texts are tokenized once, on arrival, for the budget and the metering.
+
+The work one text can cause is bounded by what the model reads: a text is cut
+at CHARS_PER_TOKEN characters per token of context (engines/base.py) before
+it is tokenized, here and in the batch.  A cut text is reported as truncated,
+and its input_tokens count the part kept.  Counting runs in worker threads,
+each with its own copy of the tokenizer, so one request's counting never
+waits for another's.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from llmfdw.sidecar import metrics
-from llmfdw.sidecar.engines.base import READY, EmbeddingEngine, EmbeddingResult
+from llmfdw.sidecar.engines.base import READY, EmbeddingEngine, EmbeddingResult, readable_part
 from llmfdw.sidecar.metering import Metered
 
 Group = list[tuple[int, EmbeddingResult]]
@@ -32,8 +39,9 @@ Group = list[tuple[int, EmbeddingResult]]
 
 @dataclass(eq=False)
 class _Request:
-    texts: list[str]
-    tokens: list[int]          # each text's length in tokens, before truncation
+    texts: list[str]           # cut to what the model reads (readable_part)
+    tokens: list[int]          # each text's length in tokens, before truncation to the context
+    cut: list[bool]            # the text was cut by readable_part
     usage: Metered
     arrived_ns: int
     results: asyncio.Queue = field(default_factory=asyncio.Queue)   # Group or Exception
@@ -53,8 +61,11 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self._model = await asyncio.to_thread(SentenceTransformer, self.config.path(), device="cpu")
         self.dimensions = self._model.get_embedding_dimension()
         self.max_tokens = self.context_length = int(self._model.max_seq_length)
-        self._counter = copy.deepcopy(self._model.tokenizer)
-        self._counting = threading.Lock()
+        # A fast tokenizer is not safe to share between threads (encode sets its padding and
+        # truncation while it runs): each counting thread gets its own copy of this pristine one.
+        self._pristine = copy.deepcopy(self._model.tokenizer)
+        self._copying = threading.Lock()
+        self._counters = threading.local()
         self._waiting: deque[_Request] = deque()    # requests with texts not yet batched
         self._arrived = asyncio.Event()
         self._depth = metrics.EMBED_QUEUE.labels(self.name)
@@ -65,7 +76,10 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self._worker.cancel()
 
     async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
-        request = _Request(texts, await asyncio.to_thread(self._count, texts), usage, time.monotonic_ns())
+        readable = [readable_part(t, self.max_tokens) for t in texts]
+        kept = [t for t, _ in readable]
+        request = _Request(kept, await asyncio.to_thread(self._count, kept), [cut for _, cut in readable],
+                           usage, time.monotonic_ns())
         self._waiting.append(request)
         self._depth.inc(len(texts))
         self._arrived.set()
@@ -86,10 +100,12 @@ class SentenceTransformersEngine(EmbeddingEngine):
         return sum(len(r.texts) - r.taken for r in self._waiting)
 
     def _count(self, texts: list[str]) -> list[int]:
-        # A fast tokenizer is not safe to share between threads (encode sets its padding
-        # and truncation while it runs), so counting has its own copy, used by one thread at a time.
-        with self._counting:
-            return [len(ids) for ids in self._counter(texts, add_special_tokens=True)["input_ids"]]
+        """Each text's tokens, with this thread's own tokenizer."""
+        counter = getattr(self._counters, "tokenizer", None)
+        if counter is None:
+            with self._copying:
+                counter = self._counters.tokenizer = copy.deepcopy(self._pristine)
+        return [len(ids) for ids in counter(texts, add_special_tokens=True)["input_ids"]]
 
     def _take_batch(self) -> list[tuple[_Request, int, int]]:
         """Texts within max_batch and max_batch_tokens, one from each waiting request in
@@ -151,7 +167,8 @@ class SentenceTransformersEngine(EmbeddingEngine):
         pos = 0
         for request, start, end in slices:
             group = [(index, EmbeddingResult(vectors[pos + k], request.tokens[index],
-                                             request.tokens[index] > self.max_tokens, share))
+                                             request.cut[index] or request.tokens[index] > self.max_tokens,
+                                             share))
                      for k, index in enumerate(range(start, end))]
             pos += end - start
             request.results.put_nowait(group)

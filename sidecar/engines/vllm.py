@@ -12,7 +12,9 @@ Prompts are tokenized here (chat template applied by the model's tokenizer)
 and handed to vLLM as token ids, so that the token counts we meter are the
 ones vLLM read, and an embedding input longer than the model's context is
 truncated like sentence-transformers does (and reported as truncated)
-rather than refused.
+rather than refused.  Like there, an input is first cut to what the model
+can read (engines/base.readable_part), so one huge text cannot hold the
+tokenizer for seconds.
 
 Closing an engine iterator (the gRPC caller went away) aborts the request
 inside vLLM, which then stops at its next scheduling step.  vLLM's
@@ -33,7 +35,8 @@ from typing import Any, AsyncGenerator, AsyncIterator
 from llmfdw.sidecar import metrics
 from llmfdw.sidecar.config import ModelConfig
 from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, EmbeddingResult, Engine,
-                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
+                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine,
+                                         readable_part)
 from llmfdw.sidecar.metering import Metered
 
 # The AsyncEngineArgs a model's engine_args may set; anything else is a start-up error.
@@ -246,7 +249,7 @@ class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
                     return out.outputs.data.float().numpy()
         raise RuntimeError("vLLM returned no embedding")
 
-    async def _one(self, index: int, ids: list[int], count: int, results: asyncio.Queue) -> None:
+    async def _one(self, index: int, ids: list[int], count: int, cut: bool, results: asyncio.Queue) -> None:
         mark = self._clock.start()
         try:
             vector = await self._encode(ids)
@@ -255,19 +258,19 @@ class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
             return
         finally:
             compute = self._clock.stop(mark)
-        results.put_nowait((index, EmbeddingResult(vector, count, count > len(ids), compute)))
+        results.put_nowait((index, EmbeddingResult(vector, count, cut or count > len(ids), compute)))
 
-    async def _feed(self, ids: list[list[int]], counts: list[int], usage: Metered,
+    async def _feed(self, ids: list[list[int]], counts: list[int], cuts: list[bool], usage: Metered,
                     results: asyncio.Queue) -> None:
         """Hand the texts to vLLM as slots free up; cancelled, it cancels (so aborts) its texts."""
         arrived = time.monotonic_ns()
         tasks: set[asyncio.Task] = set()
         try:
-            for index, (text_ids, count) in enumerate(zip(ids, counts)):
+            for index, (text_ids, count, cut) in enumerate(zip(ids, counts, cuts)):
                 await self._slots.acquire()
                 if not index:
                     usage.queue_ns += time.monotonic_ns() - arrived
-                task = asyncio.create_task(self._one(index, text_ids, count, results))
+                task = asyncio.create_task(self._one(index, text_ids, count, cut, results))
                 # released however the task ends, even cancelled before it ever ran
                 task.add_done_callback(lambda _: self._slots.release())
                 tasks.add(task)
@@ -279,9 +282,10 @@ class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
-        ids, counts = await asyncio.to_thread(self._locked, self._tokenize, texts)
+        readable = [readable_part(t, self.context_length) for t in texts]
+        ids, counts = await asyncio.to_thread(self._locked, self._tokenize, [t for t, _ in readable])
         results: asyncio.Queue = asyncio.Queue()
-        feeder = asyncio.create_task(self._feed(ids, counts, usage, results))
+        feeder = asyncio.create_task(self._feed(ids, counts, [cut for _, cut in readable], usage, results))
         delivered = 0
         try:
             while delivered < len(texts):

@@ -1,0 +1,109 @@
+"""Fast unit tests of the FDW side's logic: key columns, option levels' Python half, the
+client's back-off and size checks, gRPC status -> SQL error.  No Postgres, no model."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llmfdw.fdw import client, errors
+from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, in_range, int_range, text_list
+from llmfdw.fdw.options import parse_options
+from llmfdw.v1 import llmfdw_pb2 as pb
+from multicorn import Qual
+
+KEYS = KeyColumns("completions", [
+    KeyColumn("prompt", required=True, many=True),
+    KeyColumn("max_tokens", check=int_range("max_tokens", 1)),
+    KeyColumn("temperature", check=in_range("temperature", 0, 2)),
+    KeyColumn("stop", check=text_list("stop")),
+], example="SELECT ...")
+
+
+def test_any_of_null_is_no_row():
+    assert KEYS.resolve([Qual("prompt", ("=", True), None)]).empty
+
+
+def test_duplicates_and_nulls_in_any_are_dropped_in_order():
+    resolved = KEYS.resolve([Qual("prompt", ("=", True), ["b", None, "a", "b"])])
+    assert resolved.values["prompt"] == ["b", "a"] and not resolved.empty
+
+
+@pytest.mark.parametrize("qual, words", [
+    (Qual("max_tokens", "=", 2**31), ["max_tokens", "between 1 and 2147483647"]),
+    (Qual("max_tokens", "=", 0), ["max_tokens"]),
+    (Qual("temperature", "=", float("nan")), ["temperature", "nan"]),
+    (Qual("stop", "=", ["a", None]), ["stop", "NULL"]),
+    (Qual("stop", "=", [""]), ["stop", "empty"]),
+    (Qual("max_tokens", ">", 5), ["only supports =", "not >"]),
+])
+def test_bad_values_name_the_column(qual, words):
+    with pytest.raises(errors.LlmError) as err:
+        KEYS.resolve([Qual("prompt", "=", "hi"), qual])
+    assert err.value.sqlstate == errors.INVALID_PARAMETER_VALUE
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_required_column_names_it():
+    with pytest.raises(errors.LlmError, match='needs a value for "prompt"'):
+        KEYS.resolve([Qual("max_tokens", "=", 3)])
+
+
+def test_unknown_option_is_an_error():
+    with pytest.raises(errors.LlmError, match="unknown option 'colour'"):
+        parse_options("embeddings", {"address": "unix:///x", "colour": "blue"})
+
+
+class FakeRpcError(grpc.RpcError):
+    """The three methods of a failed call that error handling reads."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailing=()) -> None:
+        self._code, self._details, self._trailing = code, details, tuple(trailing)
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def test_queue_full_is_recognised_only_with_the_sidecars_mark():
+    full = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant is full",
+                        [(client.REJECTED_KEY, client.QUEUE_FULL)])
+    assert client._queue_full(full)
+    assert not client._queue_full(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant is full"))
+    assert not client._queue_full(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "x",
+                                               [(client.REJECTED_KEY, client.QUEUE_FULL)]))
+
+
+def test_oversized_request_fails_before_sending():
+    request = pb.EmbedRequest(model="m", inputs=["x" * (client.MAX_MESSAGE_BYTES + 1)])
+    with pytest.raises(errors.LlmError, match="limited to 64 MiB") as err:
+        client._check_size(request)
+    assert err.value.sqlstate == errors.PROGRAM_LIMIT_EXCEEDED
+
+
+@pytest.mark.parametrize("code, details, sqlstate, words", [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION,
+     ["not reachable"]),
+    (grpc.StatusCode.UNAVAILABLE, "model 'x' is still loading; retry shortly", errors.CANNOT_CONNECT_NOW,
+     ["still loading"]),
+    (grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down and takes no new requests",
+     errors.CANNOT_CONNECT_NOW, ["shutting down"]),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)",
+     errors.PROGRAM_LIMIT_EXCEEDED, ["too large"]),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant 'x' already has 2 requests running",
+     errors.TOO_MANY_CONNECTIONS, ["at its limit for this tenant"]),
+    (grpc.StatusCode.INVALID_ARGUMENT, "stop strings must not be empty", errors.INVALID_PARAMETER_VALUE,
+     ["stop strings"]),
+])
+def test_status_codes_become_sql_errors(code, details, sqlstate, words):
+    err = errors.error_from_rpc(FakeRpcError(code, details), "unix:///run/sidecar.sock")
+    assert err.sqlstate == sqlstate
+    for word in words:
+        assert word in str(err)
+    if "not reachable" not in words:
+        assert "not reachable" not in str(err)

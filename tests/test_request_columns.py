@@ -1,0 +1,105 @@
+"""A wrong row is worse than an error: every condition on a request column reaches the request.
+
+Request columns (prompt, max_tokens, temperature, ... and input, model) become request fields and
+each row echoes them.  A condition on one that the request did not carry would filter rows the
+request never made, so the query returns fewer rows than it should and says nothing.  The host
+plans such conditions into the request (parameterized by the other table) or refuses the plan.
+Bad values get SQL errors that name the column, never a Python traceback.
+"""
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+PROMPT = "Count from one to twenty: one, two, three,"
+
+
+def test_optional_column_joined_from_another_table_reaches_the_request(conn):
+    rows = conn.execute(
+        "SELECT p.n, c.max_tokens, c.output_tokens FROM generate_series(1, 3) p(n) "
+        "JOIN llm.completions c ON c.prompt = %s AND c.max_tokens = p.n ORDER BY p.n", (PROMPT,)).fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3]
+    assert all(n == max_tokens and 1 <= out <= n for n, max_tokens, out in rows)
+
+
+def test_lateral_temperature_and_max_tokens_reach_the_request(conn):
+    rows = conn.execute(
+        "SELECT t.temp, t.n, c.temperature, c.max_tokens, c.output_tokens "
+        "FROM (VALUES (0.0::float8, 2), (0.7, 3)) t(temp, n), "
+        "LATERAL (SELECT * FROM llm.completions WHERE prompt = %s AND temperature = t.temp "
+        "         AND max_tokens = t.n AND seed = 7) c ORDER BY t.n", (PROMPT,)).fetchall()
+    assert len(rows) == 2
+    for temp, n, echoed_temp, echoed_n, out in rows:
+        assert (echoed_temp, echoed_n) == (temp, n) and 1 <= out <= n
+
+
+def test_prompt_and_max_tokens_both_from_the_outer_row(conn):
+    conn.execute("CREATE TEMP TABLE asks (q text, n int)")
+    conn.execute("INSERT INTO asks VALUES ('Say hi.', 1), ('Say bye.', 2), ('Say hi.', 2)")
+    rows = conn.execute("SELECT a.q, a.n, c.output_tokens FROM asks a JOIN llm.completions c "
+                        "ON c.prompt = a.q AND c.max_tokens = a.n ORDER BY a.q, a.n").fetchall()
+    assert [(q, n) for q, n, _ in rows] == [("Say bye.", 2), ("Say hi.", 1), ("Say hi.", 2)]
+    assert all(out <= n for _, n, out in rows)
+
+
+@pytest.mark.parametrize("condition", [
+    "max_tokens = 5.5",             # numeric comparison: a cast on the column, not sendable
+    "max_tokens::text = '5'",
+    "coalesce(max_tokens, 0) = 3",
+    "temperature::numeric = 0.5",
+])
+def test_unsendable_condition_on_a_request_column_is_an_error(conn, condition):
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+        conn.execute(f"SELECT completion FROM llm.completions WHERE prompt = 'hi' AND {condition}")
+    column = condition.split("::")[0].split("(")[-1].split(",")[0].split(" ")[0]
+    assert f'column "{column}"' in str(err.value)
+    assert err.value.diag.message_hint and "=" in err.value.diag.message_hint
+
+
+def test_join_that_cannot_reach_the_request_is_an_error_not_empty(conn):
+    # c is the preserved side of a LEFT JOIN: it cannot be parameterized by p, so the join
+    # clause on max_tokens could only filter: refused.
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match='column "max_tokens"'):
+        conn.execute("SELECT * FROM (SELECT * FROM llm.completions WHERE prompt = 'hi') c "
+                     "LEFT JOIN generate_series(1, 2) p(n) ON c.max_tokens = p.n").fetchall()
+
+
+def test_output_columns_still_filter_normally(conn):
+    rows = conn.execute("SELECT input FROM llm.embeddings WHERE input = ANY(ARRAY['a', 'bb']) "
+                        "AND dimensions = 384 AND length(input) > 1").fetchall()
+    assert rows == [("bb",)]
+
+
+@pytest.mark.parametrize("sql, sqlstate, words", [
+    ("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND max_tokens = 2147483648",
+     "22023", ["max_tokens", "between 1 and 2147483647"]),
+    ("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND stop = ARRAY['a', NULL]",
+     "22023", ["stop", "NULL"]),
+    ("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND stop = ARRAY['']",
+     "22023", ["stop", "empty"]),
+    ("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND temperature = 'NaN'",
+     "22023", ["temperature"]),
+    ("SELECT * FROM llm.rag('What is it?', 'pg_class', k => 0)", "22023", ["k", "at least 1"]),
+])
+def test_bad_values_are_sql_errors_naming_the_column(conn, sql, sqlstate, words):
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(sql).fetchall()
+    text = str(err.value) + (err.value.diag.message_detail or "")
+    assert err.value.sqlstate == sqlstate, text
+    for word in words:
+        assert word in text
+    assert "site-packages" not in text and "Traceback" not in text and ".py" not in text
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_any_of_null_array_is_no_rows_as_in_sql(conn):
+    # x = ANY(NULL) is NULL in SQL, for a real table too: no row, no error
+    assert conn.execute("SELECT * FROM llm.embeddings WHERE input = ANY(NULL::text[])").fetchall() == []
+
+
+def test_request_over_the_message_limit_is_a_clear_error(conn):
+    with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="limited to 64 MiB") as err:
+        conn.execute("SELECT count(*) FROM llm.embeddings WHERE input = "
+                     "ANY(ARRAY(SELECT repeat('x', 1000000) || g FROM generate_series(1, 70) g))").fetchall()
+    assert "tenant" not in str(err.value)
+    assert conn.execute("SELECT 1").fetchone() == (1,)
