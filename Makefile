@@ -40,7 +40,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/python
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps ext up down status test test-vllm bench bench-sidecar bench-fdw clean distclean
+.PHONY: help install sysdeps ext multicorn2 up down status test test-vllm bench bench-sidecar bench-fdw clean distclean
 
 help:
 	@sed -n '3,9s/^# //p' Makefile
@@ -93,7 +93,12 @@ down:
 status:
 	@$(PY) -m deploy.embedded status || true
 
-test: install
+# The real Multicorn2 (the vendored 3.2 tarball), built against the wheel's Postgres for
+# tests/test_multicorn2.py. deploy/multicorn2.py builds only what is missing (about a second).
+multicorn2: sysdeps $(STAMP)-requirements
+	@$(UMASK) $(PY) deploy/multicorn2.py --pg-config "$(PG_CONFIG)"
+
+test: install multicorn2
 	$(PY) -m pytest tests
 
 # The sidecar's vLLM engine, for real on the CPU, in a venv of its own (vLLM pins its own torch):
@@ -109,6 +114,11 @@ bench-sidecar: install
 
 bench-fdw: install
 	$(PY) bench/bench_fdw.py
+
+# Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
+.PHONY: soak
+soak: install
+	$(PY) bench/soak_sidecar.py --minutes $(or $(MINUTES),20)
 
 clean:
 	rm -rf build *.egg-info

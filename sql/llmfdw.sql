@@ -2,8 +2,8 @@
 --
 --   psql -v ON_ERROR_STOP=1 -v sidecar_address='unix:///abs/path/sidecar.sock' -f sql/llmfdw.sql
 --
--- Safe to run again: it replaces the schema's tables and keeps the server,
--- updating its address.
+-- Safe to run again: it keeps the server (updating its address), the tables
+-- and everything that depends on them, and adds what is missing.
 \if :{?sidecar_address}
 \else
   \set sidecar_address 'unix:///tmp/llmfdw/sidecar.sock'
@@ -38,62 +38,19 @@ REVOKE USAGE ON FOREIGN SERVER llm_sidecar FROM PUBLIC;
 CREATE SCHEMA IF NOT EXISTS llm;
 COMMENT ON SCHEMA llm IS 'Models served by the llmfdw sidecar, as foreign tables';
 
--- One row per prompt.  prompt is required (= or = ANY(array)); the other
--- parameter columns are optional quals that go into the request.
-DROP FOREIGN TABLE IF EXISTS llm.completions;
-CREATE FOREIGN TABLE llm.completions (
-  prompt        text,
-  model         text,
-  system        text,
-  max_tokens    integer,
-  temperature   double precision,
-  top_p         double precision,
-  seed          bigint,
-  stop          text[],
-  completion    text,
-  finish_reason text,
-  input_tokens  integer,
-  output_tokens integer,
-  compute_ms    double precision
-) SERVER llm_sidecar OPTIONS (table 'completions', model 'smollm2-135m-instruct');
-
--- One row per distinct input.  input is required (= or = ANY(array)).
-DROP FOREIGN TABLE IF EXISTS llm.embeddings;
-CREATE FOREIGN TABLE llm.embeddings (
-  input        text,
-  model        text,
-  embedding    vector(384),
-  dimensions   integer,
-  input_tokens integer,
-  truncated    boolean
-) SERVER llm_sidecar OPTIONS (table 'embeddings', model 'all-minilm-l6-v2');
-
-DROP FOREIGN TABLE IF EXISTS llm.models;
-CREATE FOREIGN TABLE llm.models (
-  name           text,
-  task           text,
-  engine         text,
-  dimensions     integer,
-  context_length integer,
-  state          text,
-  error          text,
-  source         text
-) SERVER llm_sidecar OPTIONS (table 'models');
-
--- What this database's tenant has used (the sidecar shows no other tenant).
-DROP FOREIGN TABLE IF EXISTS llm.usage;
-CREATE FOREIGN TABLE llm.usage (
-  tenant          text,
-  model           text,
-  requests        bigint,
-  errors          bigint,
-  input_tokens    bigint,
-  output_tokens   bigint,
-  embedded_inputs bigint,
-  queue_ms        double precision,
-  compute_ms      double precision,
-  since           timestamptz
-) SERVER llm_sidecar OPTIONS (table 'usage');
+-- The tables come from their declarations (fdw/python/declarations.py),
+-- with the sidecar's models as defaults.  A run again imports only the
+-- tables that are missing: existing ones, and the views, grants and data that
+-- depend on them, are left as they are.
+SELECT coalesce(string_agg(quote_ident(c.relname), ', '), '') AS existing_tables
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'llm' AND c.relkind = 'f' \gset
+SELECT :'existing_tables' = '' AS import_all \gset
+\if :import_all
+  IMPORT FOREIGN SCHEMA llm FROM SERVER llm_sidecar INTO llm;
+\else
+  IMPORT FOREIGN SCHEMA llm EXCEPT (:existing_tables) FROM SERVER llm_sidecar INTO llm;
+\endif
 
 REVOKE ALL ON SCHEMA llm FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA llm FROM PUBLIC;

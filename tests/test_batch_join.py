@@ -11,6 +11,7 @@ batch) and exactly against the bulk form, which batches the same way.
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import numpy as np
@@ -173,6 +174,35 @@ def test_update_from_embeds_the_table_in_one_request(conn, docs, sidecar_metrics
     bulk = conn.execute("SELECT d.id, d.body, e.embedding FROM docs d JOIN llm.embeddings e ON e.input = d.body "
                         "WHERE e.input = ANY(ARRAY(SELECT body FROM docs)) ORDER BY d.id").fetchall()
     assert np.array_equal(vectors(got), vectors(bulk))
+
+
+@pytest.mark.parametrize("change, updated", [("id = id", 20), ("body = body || '!'", 19)])
+def test_update_from_meeting_a_concurrent_update_rechecks_as_the_nested_loop(conn, pg_dsn, change, updated):
+    """EvalPlanQual: the row another transaction updated is joined with the inner row of the
+    original join, so a changed key no longer matches (the plain plan's result)."""
+    conn.execute("DROP TABLE IF EXISTS bj_epq")
+    conn.execute("CREATE TABLE bj_epq (id int, body text, embedding vector(384))")
+    try:
+        counts = []
+        for batch_size in (1000, 0):
+            conn.execute(f"SET llmfdw.join_batch_size = {batch_size}")
+            conn.execute("TRUNCATE bj_epq")
+            conn.execute("INSERT INTO bj_epq SELECT g, 'row number ' || g FROM generate_series(1, 20) g")
+            sql = "UPDATE bj_epq t SET embedding = e.embedding FROM llm.embeddings e WHERE e.input = t.body"
+            assert (NODE in plan(conn, sql)) == (batch_size > 0)
+            with psycopg.connect(pg_dsn) as other:
+                other.execute(f"UPDATE bj_epq SET {change} WHERE id = 7")
+                result: dict = {}
+                worker = threading.Thread(target=lambda: result.update(n=conn.execute(sql).rowcount))
+                worker.start()
+                time.sleep(0.5)  # the UPDATE waits for the other transaction's row lock
+                other.commit()
+                worker.join(30)
+            counts.append(result["n"])
+        assert counts == [updated, updated]
+    finally:
+        conn.execute("RESET llmfdw.join_batch_size")
+        conn.execute("DROP TABLE bj_epq")
 
 
 def test_limit_stops_before_the_next_batch(conn, docs, sidecar_metrics_port):

@@ -6,17 +6,12 @@ import grpc
 import pytest
 
 from llmfdw.fdw import client, errors
-from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, in_range, int_range, text_list
-from llmfdw.fdw.options import parse_options
+from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS
+from llmfdw.fdw.options import check_table_options, parse_options
 from llmfdw.v1 import llmfdw_pb2 as pb
 from multicorn import Qual
 
-KEYS = KeyColumns("completions", [
-    KeyColumn("prompt", required=True, many=True),
-    KeyColumn("max_tokens", check=int_range("max_tokens", 1)),
-    KeyColumn("temperature", check=in_range("temperature", 0, 2)),
-    KeyColumn("stop", check=text_list("stop")),
-], example="SELECT ...")
+KEYS = COMPLETIONS.keys("llm.completions")
 
 
 def test_any_of_null_is_no_row():
@@ -29,9 +24,8 @@ def test_duplicates_and_nulls_in_any_are_dropped_in_order():
 
 
 @pytest.mark.parametrize("qual, words", [
-    (Qual("max_tokens", "=", 2**31), ["max_tokens", "between 1 and 2147483647"]),
-    (Qual("max_tokens", "=", 0), ["max_tokens"]),
-    (Qual("temperature", "=", float("nan")), ["temperature", "nan"]),
+    (Qual("max_tokens", "=", 2**31), ["2147483648 is out of range for max_tokens, a column of type integer"]),
+    (Qual("seed", "=", 2**63), ["out of range for seed, a column of type bigint"]),
     (Qual("stop", "=", ["a", None]), ["stop", "NULL"]),
     (Qual("stop", "=", [""]), ["stop", "empty"]),
     (Qual("max_tokens", ">", 5), ["only supports =", "not >"]),
@@ -44,6 +38,13 @@ def test_bad_values_name_the_column(qual, words):
         assert word in str(err.value)
 
 
+def test_ranges_are_left_to_the_sidecar():
+    # max_tokens = 0 or temperature = NaN is the sidecar's to refuse (one place for ranges)
+    resolved = KEYS.resolve([Qual("prompt", "=", "hi"), Qual("max_tokens", "=", 0),
+                             Qual("temperature", "=", float("nan"))])
+    assert resolved.one("max_tokens") == 0
+
+
 def test_missing_required_column_names_it():
     with pytest.raises(errors.LlmError, match='needs a value for "prompt"'):
         KEYS.resolve([Qual("max_tokens", "=", 3)])
@@ -51,7 +52,28 @@ def test_missing_required_column_names_it():
 
 def test_unknown_option_is_an_error():
     with pytest.raises(errors.LlmError, match="unknown option 'colour'"):
-        parse_options("embeddings", {"address": "unix:///x", "colour": "blue"})
+        parse_options(EMBEDDINGS, {"address": "unix:///x", "colour": "blue"})
+
+
+def test_options_come_from_the_declaration():
+    conn, defaults = parse_options(COMPLETIONS, {"address": "unix:///x", "timeout": "5", "max_tokens": "7",
+                                                 "default_temperature": "0.5", "default_max_tokens": "9"})
+    assert conn == {"address": "unix:///x", "timeout": 5.0}
+    assert defaults == {"max_tokens": 7, "temperature": 0.5}   # the table option wins over the server's
+    # a server default meant for another table kind is not an error for this one
+    assert parse_options(EMBEDDINGS, {"default_max_tokens": "9"})[1] == {}
+    with pytest.raises(errors.LlmError, match="max_tokens must be an integer"):
+        parse_options(COMPLETIONS, {"max_tokens": "lots"})
+    with pytest.raises(errors.LlmError, match="timeout must be a positive"):
+        parse_options(COMPLETIONS, {"timeout": "0"})
+
+
+def test_table_options_are_checked_against_the_declaration():
+    check_table_options({"table": "embeddings", "model": "m"})
+    with pytest.raises(errors.LlmError, match="unknown llmfdw table kind 'embedding'"):
+        check_table_options({"table": "embedding"})
+    with pytest.raises(errors.LlmError, match="unknown option 'colour' for an llmfdw embeddings table"):
+        check_table_options({"table": "embeddings", "colour": "blue"})
 
 
 class FakeRpcError(grpc.RpcError):

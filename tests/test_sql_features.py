@@ -29,19 +29,27 @@ def test_table_options_are_request_defaults_and_quals_override_them(conn):
         conn.execute("ALTER FOREIGN TABLE llm.completions OPTIONS (DROP max_tokens)")
 
 
-@pytest.mark.parametrize("option, words", [
-    ("colour 'blue'", "unknown option 'colour'"),
-    ("max_tokens 'lots'", "max_tokens must be an integer"),
-    ("temperature '9'", "temperature must be in [0, 2]"),
+@pytest.mark.parametrize("ddl, words", [
+    ("ALTER FOREIGN TABLE llm.completions OPTIONS (ADD colour 'blue')", "unknown option 'colour'"),
+    ("ALTER FOREIGN TABLE llm.completions OPTIONS (ADD max_tokens 'lots')", "max_tokens must be an integer"),
+    ("ALTER FOREIGN TABLE llm.completions OPTIONS (SET table 'completion')", "unknown llmfdw table kind"),
+    ("ALTER SERVER llm_sidecar OPTIONS (ADD colour 'blue')", "unknown option 'colour' for an llmfdw server"),
+    ("ALTER SERVER llm_sidecar OPTIONS (ADD default_max_tokens 'lots')", "default_max_tokens must be an integer"),
+    ("ALTER SERVER llm_sidecar OPTIONS (ADD timeout '-1')", "timeout must be a positive"),
 ])
-def test_bad_table_options_are_clear_errors(conn, option, words):
-    conn.execute(f"ALTER FOREIGN TABLE llm.completions OPTIONS (ADD {option})")
+def test_bad_options_fail_when_the_ddl_runs(conn, ddl, words):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=words):
+        conn.execute(ddl)
+    assert conn.execute("SELECT count(*) FROM llm.models").fetchone()[0] >= 2
+
+
+def test_out_of_range_default_is_refused_by_the_sidecar_naming_it(conn):
+    conn.execute("ALTER FOREIGN TABLE llm.completions OPTIONS (ADD temperature '9')")
     try:
-        with pytest.raises(psycopg.Error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="temperature"):
             conn.execute("SELECT completion FROM llm.completions WHERE prompt = 'hi'")
     finally:
-        conn.execute(f"ALTER FOREIGN TABLE llm.completions OPTIONS (DROP {option.split()[0]})")
-    assert conn.execute("SELECT count(*) FROM llm.models").fetchone()[0] >= 2
+        conn.execute("ALTER FOREIGN TABLE llm.completions OPTIONS (DROP temperature)")
 
 
 def test_explain_verbose_shows_quals_model_and_address(conn, sidecar_socket):

@@ -46,29 +46,13 @@ class Resolved:
         return vals[0] if vals else default
 
 
-def in_range(name: str, low: float, high: float, low_open: bool = False) -> Check:
-    """A check for a number within [low, high] (or (low, high])."""
-
-    def check(value: Any) -> str | None:
-        ok = (low < value if low_open else low <= value) and value <= high
-        if ok:
-            return None
-        bracket = "(" if low_open else "["
-        return f"{name} must be in {bracket}{low:g}, {high:g}], got {value!r}"
-
-    return check
-
-
-INT32_MAX = 2**31 - 1
-
-
-def int_range(name: str, low: int, high: int = INT32_MAX) -> Check:
-    """A check for an integer within [low, high] (the request field is an int32)."""
+def fits(name: str, sql_type: str, low: int, high: int) -> Check:
+    """A check that an integer fits its column's SQL type (and so the request field)."""
 
     def check(value: Any) -> str | None:
         if low <= value <= high:
             return None
-        return f"{name} must be between {low} and {high}, got {value!r}"
+        return f"{value!r} is out of range for {name}, a column of type {sql_type} ({low} to {high})"
 
     return check
 

@@ -1,14 +1,15 @@
-"""The virtual tables: llm.completions, llm.embeddings, llm.models, llm.usage.
+"""The virtual tables: completions, embeddings, models, usage.
 
-Each is a Multicorn-API FDW class.  A foreign server names
-``llmfdw.fdw.tables.SidecarTables`` as its wrapper; each foreign table's
-``table`` option picks the class.  Options (later wins): table, then server,
-then user mapping.  Server: ``address`` (required), ``timeout`` (seconds,
-default 600), ``tenant``; user mapping: ``token``.  Table: ``table``,
-``model`` (the default model).
+Each is a Multicorn-API FDW class built from its declaration in
+declarations.py.  A foreign server of the llmfdw wrapper runs
+``SidecarTables`` unless a superuser names another class; each foreign
+table's ``table`` option picks the class, and ``IMPORT FOREIGN SCHEMA llm``
+creates all four from their declarations.  Options (later wins): table, then
+server, then user mapping; options.py says which names each level takes.
 """
 from __future__ import annotations
 
+import functools
 import struct
 import sys
 from array import array
@@ -16,13 +17,14 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any, Iterator
 
-from multicorn import ColumnDefinition, ForeignDataWrapper, Qual
+from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
 from multicorn.utils import check_interrupts
 
 from llmfdw.fdw.client import SESSION_ID, CallControl, SidecarClient, new_request_id
+from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS, MODELS, SPECS, USAGE, TableSpec
 from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
-from llmfdw.fdw.keycolumns import KeyColumn, KeyColumns, Resolved, in_range, int_range, text_list
-from llmfdw.fdw.options import parse_options
+from llmfdw.fdw.keycolumns import KeyColumns, Resolved
+from llmfdw.fdw.options import DEFAULT_TIMEOUT, parse_options
 from llmfdw.v1 import llmfdw_pb2 as pb
 
 try:  # inside the llmfdw host
@@ -47,28 +49,48 @@ def _time_left() -> float | None:
     return _host.statement_time_left() if _host is not None else None
 
 
-class SidecarTable(ForeignDataWrapper):
-    """Common plumbing: options, the client, the request context."""
+def _client(options: dict[str, Any], server: str) -> SidecarClient:
+    address = options.get("address")
+    if not address:
+        raise LlmError(f"foreign server {server} has no address option",
+                       hint=f"ALTER SERVER {server} OPTIONS (ADD address 'unix:///path/to/sidecar.sock');")
+    return SidecarClient(address, CallControl(_should_stop, _time_left, options.get("timeout", DEFAULT_TIMEOUT)))
 
-    table = ""
-    keys: KeyColumns
+
+def _context(options: dict[str, Any]) -> pb.RequestContext:
+    """Who is asking: the tenant (options, else the database), its token, this session."""
+    session = _host.session() if _host is not None else {}
+    database = session.get("database", "")
+    return pb.RequestContext(tenant=options.get("tenant") or database, token=options.get("token", ""),
+                             request_id=new_request_id(), database=database, role=session.get("role", ""),
+                             session=SESSION_ID)
+
+
+class SidecarTable(ForeignDataWrapper):
+    """Common plumbing: options, the client, the request context, the echoed request columns."""
+
+    spec: TableSpec
 
     def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
         super().__init__(options, columns)
         self.columns = columns
-        self.options, self.defaults = parse_options(self.table, options)
-        self.address = self.options.get("address")
-        if not self.address:
-            raise LlmError(
-                "the llmfdw server has no address option",
-                hint="ALTER SERVER llm_sidecar OPTIONS (ADD address 'unix:///path/to/sidecar.sock');",
-            )
-        for name, value in self.defaults.items():  # table defaults obey the key columns' checks
-            if name in self.keys.columns:
-                self.keys.check(self.keys.columns[name], value)
+        self.options, self.defaults = parse_options(self.spec, options)
         self.default_model = self.defaults.get("model", "")
-        timeout = self.options.get("timeout", 600.0)
-        self.client = SidecarClient(self.address, CallControl(_should_stop, _time_left, timeout))
+        self.client = _client(self.options, self.server_name)
+        self.address = self.client.address
+
+    @property
+    def table_name(self) -> str:
+        """The foreign table as the user named it (the llmfdw host sets _llmfdw_table)."""
+        return getattr(self, "_llmfdw_table", None) or f"llm.{self.spec.name}"
+
+    @property
+    def server_name(self) -> str:
+        return getattr(self, "_llmfdw_server", None) or "llm_sidecar"
+
+    @functools.cached_property
+    def keys(self) -> KeyColumns:
+        return self.spec.keys(self.table_name)
 
     @property
     def request_columns(self) -> list[str]:
@@ -90,24 +112,21 @@ class SidecarTable(ForeignDataWrapper):
         value = resolved.one(name)
         return self.defaults.get(name) if value is None else value
 
+    def echo(self, resolved: Resolved, **per_row: Any) -> dict[str, Any]:
+        """The request columns of one row: what the request used (a list column's value
+        for this row comes in per_row)."""
+        return {c.name: per_row[c.name] if c.many else self.param(resolved, c.name)
+                for c in self.spec.request_columns}
+
     def context(self) -> pb.RequestContext:
-        session = _host.session() if _host is not None else {}
-        database = session.get("database", "")
-        return pb.RequestContext(
-            tenant=self.options.get("tenant") or database,
-            token=self.options.get("token", ""),
-            request_id=new_request_id(),
-            database=database,
-            role=session.get("role", ""),
-            session=SESSION_ID,
-        )
+        return _context(self.options)
 
     def model_for(self, resolved: Resolved) -> str:
         model = self.param(resolved, "model")
         if not model:
-            raise LlmError(f"{self.table}: no model given and no default model",
-                           hint=f"Add WHERE model = '...', or ALTER FOREIGN TABLE llm.{self.table} "
-                                f"OPTIONS (ADD model '...'); SELECT name FROM llm.models; lists them.",
+            raise LlmError(f"{self.table_name}: no model given and no default model",
+                           hint=f"Add WHERE model = '...', or ALTER FOREIGN TABLE {self.table_name} "
+                                f"OPTIONS (ADD model '...'); the models table lists them.",
                            sqlstate=INVALID_PARAMETER_VALUE)
         return model
 
@@ -127,7 +146,7 @@ class SidecarTable(ForeignDataWrapper):
     def explain(self, quals: list[Qual], columns: set[str], sortkeys=None, verbose: bool = False,
                 **kwargs: Any) -> list[str]:
         pushed = ", ".join(repr(q) for q in quals if q.field_name in self.keys.columns) or "none"
-        lines = [f"{self.table} via sidecar {self.address}",
+        lines = [f"{self.spec.name} via sidecar {self.address}",
                  f"model: {self.default_model or '(from quals)'}",
                  f"request quals: {pushed}"]
         if verbose:
@@ -135,24 +154,15 @@ class SidecarTable(ForeignDataWrapper):
         return lines
 
 
+# GenerationParams fields a request column (or its default) sets; stop is a list, set apart
+_SCALAR_PARAMS = [c.name for c in COMPLETIONS.request_columns
+                  if c.name in pb.GenerationParams.DESCRIPTOR.fields_by_name and c.name != "stop"]
+
+
 class CompletionsTable(SidecarTable):
     """One row per prompt: the model's completion and what it cost."""
 
-    table = "completions"
-    keys = KeyColumns(
-        "completions",
-        [
-            KeyColumn("prompt", required=True, many=True),
-            KeyColumn("model"),
-            KeyColumn("system"),
-            KeyColumn("max_tokens", check=int_range("max_tokens", 1)),
-            KeyColumn("temperature", check=in_range("temperature", 0, 2)),
-            KeyColumn("top_p", check=in_range("top_p", 0, 1, low_open=True)),
-            KeyColumn("seed"),
-            KeyColumn("stop", check=text_list("stop")),
-        ],
-        example="SELECT completion FROM llm.completions WHERE prompt = 'What is the capital of France?';",
-    )
+    spec = COMPLETIONS
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         resolved = self.keys.resolve(quals)
@@ -160,7 +170,7 @@ class CompletionsTable(SidecarTable):
             return
         model = self.model_for(resolved)
         params = pb.GenerationParams()
-        for name in ("max_tokens", "temperature", "top_p", "seed"):
+        for name in _SCALAR_PARAMS:
             value = self.param(resolved, name)
             if value is not None:
                 setattr(params, name, value)
@@ -179,22 +189,15 @@ class CompletionsTable(SidecarTable):
                 texts[index].append(message.delta)
                 continue
             final = message.final
-            row = {
-                "prompt": prompts[index],
+            yield {
+                **self.echo(resolved, prompt=prompts[index]),
                 "model": model,
-                "system": self.param(resolved, "system"),
-                "max_tokens": self.param(resolved, "max_tokens"),
-                "temperature": self.param(resolved, "temperature"),
-                "top_p": self.param(resolved, "top_p"),
-                "seed": self.param(resolved, "seed"),
-                "stop": resolved.one("stop"),
                 "completion": "".join(texts[index]),
                 "finish_reason": pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
                 "input_tokens": final.usage.input_tokens,
                 "output_tokens": final.usage.output_tokens,
                 "compute_ms": final.usage.compute_ns / 1e6,
             }
-            yield row
 
 
 class EmbeddingsTable(SidecarTable):
@@ -204,13 +207,7 @@ class EmbeddingsTable(SidecarTable):
     stream back as the sidecar's batches complete.
     """
 
-    table = "embeddings"
-    keys = KeyColumns(
-        "embeddings",
-        [KeyColumn("input", required=True, many=True), KeyColumn("model")],
-        example="SELECT embedding FROM llm.embeddings WHERE input = 'hello';  "
-                "-- or, for many rows at once: WHERE input = ANY(ARRAY(SELECT body FROM docs))",
-    )
+    spec = EMBEDDINGS
 
     def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
         super().__init__(options, columns)
@@ -232,12 +229,12 @@ class EmbeddingsTable(SidecarTable):
                     raise LlmError(
                         f"model {model} returns {emb.dimensions}-dimensional vectors but "
                         f"column embedding is vector({self.dimensions})",
-                        hint=f"ALTER FOREIGN TABLE llm.embeddings ALTER COLUMN embedding TYPE vector({emb.dimensions});"
+                        hint=f"ALTER FOREIGN TABLE {self.table_name} ALTER COLUMN embedding TYPE vector({emb.dimensions});"
                              " or choose a model with matching dimensions.",
                         sqlstate=INVALID_PARAMETER_VALUE,
                     )
                 yield {
-                    "input": inputs[emb.index],
+                    **self.echo(resolved, input=inputs[emb.index]),
                     "model": model,
                     "embedding": _vector_binary(emb.vector, emb.dimensions) if want_vector else None,
                     "dimensions": emb.dimensions,
@@ -266,8 +263,7 @@ class ListingTable(SidecarTable):
 class ModelsTable(ListingTable):
     """What the sidecar serves, and whether each model is ready."""
 
-    table = "models"
-    keys = KeyColumns("models", [], example="SELECT * FROM llm.models;")
+    spec = MODELS
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         response = self.client.list_models(pb.ListModelsRequest(context=self.context()))
@@ -287,8 +283,7 @@ class ModelsTable(ListingTable):
 class UsageTable(ListingTable):
     """Metered usage of this tenant (the sidecar never returns another tenant's)."""
 
-    table = "usage"
-    keys = KeyColumns("usage", [], example="SELECT * FROM llm.usage;")
+    spec = USAGE
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         response = self.client.usage(pb.UsageRequest(context=self.context()))
@@ -302,12 +297,9 @@ class UsageTable(ListingTable):
             }
 
 
-TABLES: dict[str, type[SidecarTable]] = {
-    "completions": CompletionsTable,
-    "embeddings": EmbeddingsTable,
-    "models": ModelsTable,
-    "usage": UsageTable,
-}
+TABLES: dict[str, type[SidecarTable]] = {cls.spec.name: cls for cls in
+                                         (CompletionsTable, EmbeddingsTable, ModelsTable, UsageTable)}
+assert TABLES.keys() == SPECS.keys(), "every declared table has its class"
 
 
 class SidecarTables:
@@ -319,7 +311,34 @@ class SidecarTables:
         if kind not in TABLES:
             raise LlmError(
                 f"unknown llmfdw table kind {kind!r}; expected one of {', '.join(sorted(TABLES))}",
-                hint="CREATE FOREIGN TABLE ... SERVER llm_sidecar OPTIONS (table 'completions');",
+                hint="IMPORT FOREIGN SCHEMA llm FROM SERVER your_server INTO llm; creates the tables.",
                 sqlstate=INVALID_PARAMETER_VALUE,
             )
         return TABLES[kind](options, columns)
+
+    @classmethod
+    def import_schema(cls, schema: str, srv_options: dict[str, str], options: dict[str, str],
+                      restriction_type: str | None, restricts: list[str]) -> list[TableDefinition]:
+        """IMPORT FOREIGN SCHEMA llm: every declared table, with the sidecar's first model of
+        each task as the table's default model and the embedding model's dimensions as
+        vector(N), so that what the DDL says matches what the sidecar serves."""
+        if schema != "llm":
+            raise LlmError(f"the sidecar has no remote schema {schema!r}; it has one, llm",
+                           hint="IMPORT FOREIGN SCHEMA llm FROM SERVER your_server INTO your_schema;",
+                           sqlstate=INVALID_PARAMETER_VALUE)
+        if options:
+            raise LlmError(f"IMPORT FOREIGN SCHEMA llm takes no options, got {', '.join(sorted(options))}",
+                           sqlstate=INVALID_PARAMETER_VALUE)
+        conn, _ = parse_options(USAGE, srv_options)
+        models = _client(conn, "your_server").list_models(pb.ListModelsRequest(context=_context(conn))).models
+        first = {task: next((m for m in models if m.task == task), None)
+                 for task in (pb.TASK_GENERATE, pb.TASK_EMBED)}
+        defaults = {COMPLETIONS.name: first[pb.TASK_GENERATE], EMBEDDINGS.name: first[pb.TASK_EMBED]}
+        tables = []
+        for spec in SPECS.values():
+            model = defaults.get(spec.name)
+            typmods = {"embedding": model.dimensions} if spec is EMBEDDINGS and model and model.dimensions else {}
+            columns = [ColumnDefinition(name, type_name=sql_type) for name, sql_type in spec.column_types(typmods)]
+            table_options = {"table": spec.name, **({"model": model.name} if model else {})}
+            tables.append(TableDefinition(spec.name, columns, options=table_options))
+        return tables

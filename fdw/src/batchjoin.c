@@ -60,6 +60,13 @@
 
 #define BATCHJOIN_NAME "LLM Batched Nested Loop"
 
+/*
+ * A batch also ends once its key values reach this size, well under the
+ * sidecar's 64 MiB message limit: long texts that work one at a time must
+ * not make a request the sidecar refuses.
+ */
+#define BATCH_MAX_BYTES (16 * 1024 * 1024)
+
 /* GUC: outer rows per batch; 0 plans joins as plain nested loops. */
 static int	join_batch_size = 1000;
 
@@ -611,6 +618,7 @@ typedef struct BatchJoinState
 	int		   *scan_map;		/* per scan column: inner attnum, or -1 */
 	int			nscan;
 	bool		needs_wholerow;
+	Index		inner_rti;		/* the inner table's range table index */
 
 	/* keys: the first is sent as = ANY(list), the others split groups */
 	int			nkeys;
@@ -730,6 +738,7 @@ batchjoin_begin(CustomScanState *node, EState *estate, int eflags)
 	bj->batch_size = intVal(list_nth(priv, PRIV_BATCH_SIZE));
 	bj->nouter = intVal(list_nth(priv, PRIV_NOUTER));
 	bj->nscan = list_length(scan_map);
+	bj->inner_rti = ((Var *) ((TargetEntry *) list_nth(cscan->custom_scan_tlist, bj->nouter))->expr)->varno;
 	bj->scan_map = palloc(sizeof(int) * bj->nscan);
 	foreach(lc, scan_map)
 	{
@@ -1020,14 +1029,16 @@ set_pair(BatchJoinState *bj, int i, bool null_extended)
 }
 
 /*
- * Read up to batch_size outer rows, evaluate their keys, and prepare the
- * batch's requests.  Memory: the rows and keys of one batch only.
+ * Read up to batch_size outer rows (fewer if their keys reach
+ * BATCH_MAX_BYTES), evaluate their keys, and prepare the batch's requests.
+ * Memory: the rows and keys of one batch only.
  */
 static void
 fill_batch(BatchJoinState *bj)
 {
 	PlanState  *outer = linitial(bj->css.custom_ps);
 	ExprContext *econtext = bj->css.ss.ps.ps_ExprContext;
+	Size		bytes = 0;
 	LlmfdwPyState st;
 
 	release_batch(bj, false);
@@ -1037,7 +1048,7 @@ fill_batch(BatchJoinState *bj)
 	bj->nmatches = bj->match_pos = 0;
 	bj->unmatched_pos = 0;
 	bj->next_request = 0;
-	while (bj->nrows < bj->batch_size)
+	while (bj->nrows < bj->batch_size && bytes < BATCH_MAX_BYTES)
 	{
 		TupleTableSlot *slot;
 		MemoryContext old;
@@ -1061,8 +1072,10 @@ fill_batch(BatchJoinState *bj)
 			bool	   *isnull = &bj->key_nulls[n * bj->nkeys + k];
 			Datum		v = ExecEvalExpr(bj->key_states[k], econtext, isnull);
 
-			bj->key_values[n * bj->nkeys + k] =
-				*isnull ? (Datum) 0 : datumCopy(v, bj->key_typbyval[k], bj->key_typlen[k]);
+			if (*isnull)
+				continue;
+			bj->key_values[n * bj->nkeys + k] = datumCopy(v, bj->key_typbyval[k], bj->key_typlen[k]);
+			bytes += datumGetSize(v, bj->key_typbyval[k], bj->key_typlen[k]);
 		}
 		MemoryContextSwitchTo(old);
 		bj->matched[n] = false;
@@ -1278,13 +1291,54 @@ batchjoin_next(ScanState *ss)
 }
 
 /*
- * EvalPlanQual (UPDATE ... FROM meeting a concurrent update): the outer
- * plan returns the row to recheck, and the node joins it afresh.
+ * EvalPlanQual (UPDATE ... FROM meeting a concurrent update): join the
+ * outer plan's rows, now the updated versions, with the inner row the
+ * original join used (its rowmark's copy), as a nested loop's inner scan
+ * returns it, so a key the update changed no longer matches.
  */
 static bool
 batchjoin_recheck(ScanState *ss, TupleTableSlot *slot)
 {
-	return !TupIsNull(batchjoin_next(ss));
+	BatchJoinState *bj = (BatchJoinState *) ss;
+	EPQState   *epq = ss->ps.state->es_epq_active;
+	PlanState  *outer = linitial(bj->css.custom_ps);
+	ExprContext *econtext = ss->ps.ps_ExprContext;
+
+	if (epq->relsubs_rowmark[bj->inner_rti - 1] == NULL)
+	{
+		TupleTableSlot *joined = batchjoin_next(ss);	/* no copy: join afresh */
+
+		return !TupIsNull(joined);
+	}
+	for (;;)
+	{
+		TupleTableSlot *outer_slot = ExecProcNode(outer);
+		bool		matched = false;
+
+		if (TupIsNull(outer_slot))
+			return false;
+		set_outer_values(bj, outer_slot);
+		MemoryContextReset(bj->row_cxt);
+		if (EvalPlanQualFetchRowMark(epq, bj->inner_rti, bj->inner_slot))
+		{
+			MemoryContext old = MemoryContextSwitchTo(bj->row_cxt);
+
+			slot_getallattrs(bj->inner_slot);
+			if (bj->needs_wholerow)
+				bj->wholerow = ExecFetchSlotHeapTupleDatum(bj->inner_slot);
+			MemoryContextSwitchTo(old);
+			ResetExprContext(econtext);
+			econtext->ecxt_scantuple = set_inner_values(bj, false);
+			matched = ExecQual(bj->join_qual, econtext);
+		}
+		if (matched && bj->jointype != JOIN_ANTI)
+			return true;
+		if (!matched && (bj->jointype == JOIN_LEFT || bj->jointype == JOIN_ANTI))
+		{
+			set_inner_values(bj, true);
+			return true;
+		}
+	}
 }
 
 static TupleTableSlot *

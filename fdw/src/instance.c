@@ -73,6 +73,22 @@ user_mapping_options(Oid serverid)
  */
 #define LLMFDW_DEFAULT_WRAPPER "llmfdw.fdw.tables.SidecarTables"
 
+/* The server's wrapper option, else the default class. */
+static char *
+server_wrapper(ForeignServer *server)
+{
+	ListCell   *lc;
+
+	foreach(lc, server->options)
+	{
+		DefElem    *def = lfirst(lc);
+
+		if (strcmp(def->defname, "wrapper") == 0)
+			return defGetString(def);
+	}
+	return LLMFDW_DEFAULT_WRAPPER;
+}
+
 /*
  * Table options, then server options, then user-mapping options: for a
  * duplicate key the later source wins (Multicorn's order).  *wrapper is the
@@ -84,20 +100,12 @@ all_options(Oid foreigntableid, char **wrapper)
 	ForeignTable *table = GetForeignTable(foreigntableid);
 	ForeignServer *server = GetForeignServer(table->serverid);
 	List	   *merged = NIL;
-	ListCell   *lc;
 
 	merged = list_concat(merged, table->options);
 	merged = list_concat(merged, server->options);
 	merged = list_concat(merged, user_mapping_options(server->serverid));
 
-	*wrapper = LLMFDW_DEFAULT_WRAPPER;
-	foreach(lc, server->options)
-	{
-		DefElem    *def = lfirst(lc);
-
-		if (strcmp(def->defname, "wrapper") == 0)
-			*wrapper = defGetString(def);
-	}
+	*wrapper = server_wrapper(server);
 	return merged;
 }
 
@@ -342,6 +350,143 @@ wrapper_class(const char *wrapper)
 }
 
 /*
+ * Tell the instance the names the user knows it by (our addition to the
+ * Multicorn API: Multicorn passes only options and columns), so that hints
+ * in its errors name the user's own table and server.  Classes that refuse
+ * new attributes (__slots__) just go without.  False with a Python
+ * exception set on a real failure.
+ */
+static bool
+set_names(PyObject *instance, Oid foreigntableid)
+{
+	ForeignServer *server = GetForeignServer(GetForeignTable(foreigntableid)->serverid);
+	const char *names[2][2] = {
+		{"_llmfdw_table", quote_qualified_identifier(get_namespace_name(get_rel_namespace(foreigntableid)),
+													 get_rel_name(foreigntableid))},
+		{"_llmfdw_server", quote_identifier(server->servername)},
+	};
+
+	for (int i = 0; i < 2; i++)
+	{
+		PyObject   *value = llmfdw_text_to_python(names[i][1], -1);
+		int			rc = value ? PyObject_SetAttrString(instance, names[i][0], value) : -1;
+
+		Py_XDECREF(value);
+		if (rc < 0)
+		{
+			if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+				return false;
+			PyErr_Clear();
+		}
+	}
+	return true;
+}
+
+/*
+ * IMPORT FOREIGN SCHEMA: the server's wrapper class's import_schema(schema,
+ * srv_options, options, restriction_type, restricts), Multicorn's API, gives
+ * TableDefinitions whose to_statement() is each CREATE FOREIGN TABLE.  The
+ * server options handed over include the current user's mapping (its token),
+ * since asking the sidecar what it serves may need it.  Postgres itself
+ * applies LIMIT TO / EXCEPT to the result, and puts each table in the local
+ * schema and on this server.
+ */
+List *
+llmfdw_import_foreign_schema(ImportForeignSchemaStmt *stmt, Oid serverOid)
+{
+	ForeignServer *server = GetForeignServer(serverOid);
+	char	   *wrapper = server_wrapper(server);
+	List	   *options = list_concat(list_copy(server->options), user_mapping_options(serverOid));
+	List	   *result = NIL;
+	LlmfdwPyState st;
+
+	LLMFDW_WITH_PYTHON(st);
+	{
+		PyObject   *cls = wrapper_class(wrapper);
+		PyObject   *srv = cls ? options_dict(options, true) : NULL;
+		PyObject   *opts = srv ? options_dict(stmt->options, false) : NULL;
+		PyObject   *names = opts ? PyList_New(0) : NULL;
+		PyObject   *tables = NULL;
+		PyObject   *iter = NULL;
+		PyObject   *item;
+		ListCell   *lc;
+		const char *restriction = stmt->list_type == FDW_IMPORT_SCHEMA_LIMIT_TO ? "limit" :
+			stmt->list_type == FDW_IMPORT_SCHEMA_EXCEPT ? "except" : NULL;
+
+		foreach(lc, stmt->table_list)
+		{
+			PyObject   *name = names ? llmfdw_text_to_python(((RangeVar *) lfirst(lc))->relname, -1) : NULL;
+
+			if (name == NULL || PyList_Append(names, name) < 0)
+				Py_CLEAR(names);
+			Py_XDECREF(name);
+		}
+		if (names != NULL)
+		{
+			PyObject   *schema = llmfdw_text_to_python(stmt->remote_schema, -1);
+
+			if (schema != NULL)
+				tables = PyObject_CallMethod(cls, "import_schema", "OOOzO", schema, srv, opts,
+											 restriction, names);
+			Py_XDECREF(schema);
+		}
+		Py_XDECREF(cls);
+		Py_XDECREF(srv);
+		Py_XDECREF(opts);
+		Py_XDECREF(names);
+		if (tables != NULL)
+		{
+			iter = PyObject_GetIter(tables);
+			Py_DECREF(tables);
+		}
+		if (iter == NULL)
+			llmfdw_raise_python_error(&st, psprintf("calling import_schema() of %s", wrapper));
+		while ((item = PyIter_Next(iter)) != NULL)
+		{
+			PyObject   *stmt_text = PyObject_CallMethod(item, "to_statement", "ss",
+														 stmt->local_schema, server->servername);
+			char	   *sql = stmt_text ? llmfdw_python_to_server(stmt_text) : NULL;
+
+			Py_XDECREF(stmt_text);
+			Py_DECREF(item);
+			if (sql == NULL)
+				break;
+			result = lappend(result, sql);
+		}
+		Py_DECREF(iter);
+		if (PyErr_Occurred())
+			llmfdw_raise_python_error(&st, psprintf("calling import_schema() of %s", wrapper));
+	}
+	LLMFDW_END_PYTHON(st);
+	return result;
+}
+
+/*
+ * The validator's check of options against the llm.* tables' declarations:
+ * llmfdw.fdw.options.<func>(dict).  Only ever our own module, never a name
+ * from an option, so any role's DDL may run it.
+ */
+void
+llmfdw_check_options(const char *func, List *options)
+{
+	LlmfdwPyState st;
+
+	LLMFDW_WITH_PYTHON(st);
+	{
+		PyObject   *check = llmfdw_import_attr("llmfdw.fdw.options", func);
+		PyObject   *dict = check ? options_dict(options, true) : NULL;
+		PyObject   *res = dict ? PyObject_CallOneArg(check, dict) : NULL;
+
+		Py_XDECREF(check);
+		Py_XDECREF(dict);
+		if (res == NULL)
+			llmfdw_raise_python_error(&st, "checking the options");
+		Py_DECREF(res);
+	}
+	LLMFDW_END_PYTHON(st);
+}
+
+/*
  * The FDW instance for a foreign table: cached, rebuilt when anything it was
  * built from changed.  Returns a new reference; call with the GIL NOT held.
  */
@@ -401,6 +546,8 @@ llmfdw_get_instance(Oid foreigntableid)
 				pycols = column_definitions(foreigntableid, desc);
 			if (pycols != NULL)
 				instance = PyObject_CallFunctionObjArgs(cls, pyopts, pycols, NULL);
+			if (instance != NULL && !set_names(instance, foreigntableid))
+				Py_CLEAR(instance);
 			Py_XDECREF(cls);
 			Py_XDECREF(pyopts);
 			Py_XDECREF(pycols);

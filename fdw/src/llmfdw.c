@@ -863,6 +863,7 @@ llmfdw_handler(PG_FUNCTION_ARGS)
 	routine->ReScanForeignScan = llmfdwReScanForeignScan;
 	routine->EndForeignScan = llmfdwEndForeignScan;
 	routine->ExplainForeignScan = llmfdwExplainForeignScan;
+	routine->ImportForeignSchema = llmfdw_import_foreign_schema;
 	PG_RETURN_POINTER(routine);
 }
 
@@ -967,6 +968,8 @@ llmfdw_validator(PG_FUNCTION_ARGS)
 	ListCell   *lc;
 	LlmfdwPyState st;
 
+	bool		has_table = false;
+
 	foreach(lc, options)
 	{
 		DefElem    *def = lfirst(lc);
@@ -974,7 +977,19 @@ llmfdw_validator(PG_FUNCTION_ARGS)
 		check_reserved_option(def, catalog);
 		if (strcmp(def->defname, "wrapper") == 0)
 			wrapper = defGetString(def);
+		has_table |= (strcmp(def->defname, "table") == 0);
 	}
+
+	/*
+	 * Options of llmfdw's own tables are checked against their declarations
+	 * now, so that ALTER ... OPTIONS (ADD colour 'blue') fails at once: a
+	 * server without a wrapper class runs them, and the table option names
+	 * one of them.  Another class checks its own options when it runs.
+	 */
+	if (catalog == ForeignServerRelationId && wrapper == NULL)
+		llmfdw_check_options("check_server_options", options);
+	if (catalog == ForeignTableRelationId && has_table)
+		llmfdw_check_options("check_table_options", options);
 
 	if (wrapper != NULL)
 	{

@@ -30,6 +30,7 @@
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "nodes/execnodes.h"
+#include "nodes/parsenodes.h"
 #include "nodes/pathnodes.h"
 
 /* GUC: directories prepended to the embedded interpreter's sys.path. */
@@ -109,6 +110,8 @@ typedef struct LlmfdwColumn
 } LlmfdwColumn;
 
 extern PyObject *llmfdw_get_instance(Oid foreigntableid);
+extern List *llmfdw_import_foreign_schema(ImportForeignSchemaStmt *stmt, Oid serverOid);
+extern void llmfdw_check_options(const char *func, List *options);
 extern LlmfdwColumn *llmfdw_columns(TupleDesc desc);
 
 /* ---- quals.c ---- */
