@@ -37,6 +37,7 @@ ENGINES = ("llama_cpp", "sentence_transformers", "vllm")
 AUTH_MODES = ("off", "required")
 DEFAULT_TENANT = "default"   # the tenant of a request that names none
 DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
+DTYPES = ("float32", "bfloat16")   # an embedding model's dtype (engines/base.py checks the hardware at load)
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class ModelConfig:
     max_batch_tokens: int = 8192  # padded tokens per embedding batch (texts x the longest)
     batch_wait_ms: float = 2.0   # how long a batch waits for more texts
     threads: int | None = None   # CPU threads (default: all cores)
+    dtype: str | None = None     # embedding models: float32 | bfloat16 (None: float32; see engines/base.check_dtype)
     session_reserve: int | None = None   # slots one session may not take (None: see reserve())
     defaults: dict[str, Any] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)
@@ -189,6 +191,11 @@ def _check_model(m: ModelConfig, where: str) -> None:
     _check_limit(m.max_batch_tokens, 1, f"model {m.name}: max_batch_tokens")
     _check_limit(m.threads, 1, f"{where}.threads")
     _check_number(m.batch_wait_ms, 0, 60_000, f"{where}.batch_wait_ms")
+    if m.dtype is not None:
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"{where}.dtype: must be one of {', '.join(DTYPES)}, not {m.dtype!r}")
+        if m.task != "embed" or m.engine not in ("sentence_transformers", "vllm"):
+            raise ConfigError(f"{where}.dtype: applies to embedding models (sentence_transformers, vllm) only")
     if m.session_reserve is not None and not 0 <= m.session_reserve < m.parallel:
         raise ConfigError(f"{where}.session_reserve: must be in [0, parallel - 1] = [0, {m.parallel - 1}], "
                           f"not {m.session_reserve}")

@@ -8,6 +8,18 @@ ends in one structured log line.  A cancelled or expired call cancels the
 handler task; closing the engine's iterator then stops the model work (see
 each engine).
 
+Status codes (the contract is written in proto/llmfdw/v1/llmfdw.proto, above
+the service).  Every RPC, ListModels and Usage too, goes through one path,
+_serving: refused while draining (Generate and Embed only), authenticated,
+counted in llmfdw_requests_total / llmfdw_request_seconds and logged as one
+JSON line.  An error raised while serving becomes a status by one table,
+_STATUS: exception type -> (status code, trailing metadata).  UNAVAILABLE
+from the sidecar always carries `llmfdw-unavailable: loading | failed |
+draining`, so a caller tells "up, but cannot serve this now" from "not
+reachable" (gRPC's own UNAVAILABLE, which carries no such mark) without
+reading the message.  Any exception the table does not name is a bug here:
+INTERNAL.
+
 Admission rejections carry a marker.  When a tenant is at max_in_flight and
 max_queued (tenants.LimitExceeded) the call ends with RESOURCE_EXHAUSTED and
 the trailing metadata `llmfdw-rejected: queue-full` (ADMISSION_REJECTED).
@@ -57,33 +69,78 @@ _TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED}
-# Trailing metadata of a RESOURCE_EXHAUSTED that admission sent: the queue is full, retry later.
-ADMISSION_REJECTED = (("llmfdw-rejected", "queue-full"),)
 SEED_MAX = 2**31 - 1   # llama.cpp takes a 32-bit seed (and reads 0xFFFFFFFF as "random")
-_CODES: dict[type, grpc.StatusCode] = {Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-                                       LimitExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                       ValueError: grpc.StatusCode.INVALID_ARGUMENT}
+
+# Trailing metadata: the sidecar's marks (see the status section of the proto).
+# RESOURCE_EXHAUSTED that admission sent: the tenant's queue is full, back off and retry.
+ADMISSION_REJECTED = (("llmfdw-rejected", "queue-full"),)
+# UNAVAILABLE that the sidecar sent (it is up): why it cannot serve the request now.
+UNAVAILABLE_KEY = "llmfdw-unavailable"
+MODEL_LOADING = ((UNAVAILABLE_KEY, "loading"),)     # the model is loading: retry shortly
+MODEL_FAILED = ((UNAVAILABLE_KEY, "failed"),)       # failed to load / engine died: the sidecar exits
+DRAINING = ((UNAVAILABLE_KEY, "draining"),)         # shutting down (SIGTERM): retry once restarted
 
 
-class InvalidRequest(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+# What a request can do wrong, or why it cannot be served now; _STATUS gives each its code.
+class ModelNotFound(Exception):
+    """The request names a model this sidecar does not serve."""
 
 
-def _code_of(err: BaseException) -> grpc.StatusCode | None:
-    """The status code for an error the caller caused or may retry; None for our own failures."""
-    if isinstance(err, InvalidRequest):
-        return err.code
-    return next((code for cls, code in _CODES.items() if isinstance(err, cls)), None)
+class BadArgument(ValueError):
+    """A request field is wrong; the message names the field."""
 
 
-def _status_of(err: BaseException) -> str:
-    """A request's outcome for metrics and the log: a status code's name, else the error's type."""
+class WrongTask(Exception):
+    """The model exists but does the other task (Generate on an embedding model, say)."""
+
+
+class ModelLoading(Exception):
+    """The model is still loading."""
+
+
+class ModelFailed(Exception):
+    """The model failed to load; the sidecar is about to exit (2)."""
+
+
+class Draining(Exception):
+    """The sidecar is shutting down and takes no new Generate/Embed calls."""
+
+
+# exception type -> (status code, trailing metadata).  Looked up along the exception's MRO, so
+# the most specific entry wins (BadArgument before ValueError).  Anything else is INTERNAL.
+_STATUS: dict[type[BaseException], tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]] = {
+    ModelNotFound: (grpc.StatusCode.NOT_FOUND, ()),
+    BadArgument: (grpc.StatusCode.INVALID_ARGUMENT, ()),
+    ValueError: (grpc.StatusCode.INVALID_ARGUMENT, ()),   # an engine refusing the request
+    WrongTask: (grpc.StatusCode.FAILED_PRECONDITION, ()),
+    ModelLoading: (grpc.StatusCode.UNAVAILABLE, MODEL_LOADING),
+    ModelFailed: (grpc.StatusCode.UNAVAILABLE, MODEL_FAILED),
+    EngineFailed: (grpc.StatusCode.UNAVAILABLE, MODEL_FAILED),
+    Draining: (grpc.StatusCode.UNAVAILABLE, DRAINING),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, ()),
+    LimitExceeded: (grpc.StatusCode.RESOURCE_EXHAUSTED, ADMISSION_REJECTED),
+}
+
+
+def status_for(err: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status code, details and trailing metadata a failed call ends with."""
+    for cls in type(err).__mro__:
+        if cls in _STATUS:
+            code, metadata = _STATUS[cls]
+            details = f"the model engine failed: {err}" if isinstance(err, EngineFailed) else str(err)
+            return code, details, metadata
+    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}", ()
+
+
+def _outcome(err: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """A failed request's status for metrics and the log: the code's name.  A handler that was
+    cancelled (the caller cancelled, or its deadline passed) never sends a code of its own."""
     if isinstance(err, (GeneratorExit, _Cancelled)):
-        return "CANCELLED"
-    code = _code_of(err)
-    return code.name if code else type(err).__name__
+        left = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+    if isinstance(err, Exception):
+        return status_for(err)[0].name
+    return type(err).__name__
 
 
 @dataclass
@@ -112,14 +169,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                    {name: e.config.reserve() for name, e in engines.items()})
         self.book = UsageBook()
         self.draining = False
-        self._active = 0                 # Generate and Embed calls being served
+        self._active = 0                 # calls being served (every RPC)
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def drain(self, grace: float) -> bool:
         """Refuse new Generate/Embed calls; wait up to `grace` seconds for the
-        running ones.  True when none is left.  (Done here rather than by
-        grpc's own graceful stop, which stalled streaming calls in tests.)"""
+        calls being served.  True when none is left.  (Done here rather than by
+        grpc's own graceful stop, which stalled streaming calls in tests.)
+        ListModels and Usage are still answered while draining: they hold no
+        engine and end at once, and ListModels shows a caller why the models
+        refuse work (a model that FAILED, say)."""
         self.draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
@@ -133,15 +193,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         engine = self.engines.get(name)
         if engine is None:
             served = ", ".join(sorted(self.engines)) or "none"
-            raise InvalidRequest(grpc.StatusCode.NOT_FOUND,
-                                 f"model {name!r} is not served by this sidecar (it serves: {served})")
+            raise ModelNotFound(f"model {name!r} is not served by this sidecar (it serves: {served})")
         if engine.config.task != task:
-            raise InvalidRequest(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"model {name!r} is a {engine.config.task} model; it cannot {task}")
+            raise WrongTask(f"model {name!r} is a {engine.config.task} model; it cannot {task}")
         if engine.state == FAILED:
-            raise InvalidRequest(grpc.StatusCode.UNAVAILABLE, f"model {name!r} failed to load: {engine.error}")
+            raise ModelFailed(f"model {name!r} failed to load: {engine.error}")
         if engine.state != READY:
-            raise InvalidRequest(grpc.StatusCode.UNAVAILABLE, f"model {name!r} is still loading; retry shortly")
+            raise ModelLoading(f"model {name!r} is still loading; retry shortly")
         return engine
 
     @staticmethod
@@ -150,22 +208,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         max_tokens = p.max_tokens if p.HasField("max_tokens") else int(defaults.get("max_tokens", 128))
         temperature = p.temperature if p.HasField("temperature") else float(defaults.get("temperature", 0.0))
         top_p = p.top_p if p.HasField("top_p") else defaults.get("top_p")
-        bad = grpc.StatusCode.INVALID_ARGUMENT
         if max_tokens < 1:
-            raise InvalidRequest(bad, f"max_tokens must be at least 1, got {max_tokens}")
+            raise BadArgument(f"max_tokens must be at least 1, got {max_tokens}")
         if max_tokens > engine.config.context_length:
-            raise InvalidRequest(bad, f"max_tokens must be at most the model's context length "
-                                      f"{engine.config.context_length}, got {max_tokens}")
+            raise BadArgument(f"max_tokens must be at most the model's context length "
+                              f"{engine.config.context_length}, got {max_tokens}")
         if not (math.isfinite(temperature) and 0 <= temperature <= 2):
-            raise InvalidRequest(bad, f"temperature must be in [0, 2] (0 = greedy), got {temperature:g}")
+            raise BadArgument(f"temperature must be in [0, 2] (0 = greedy), got {temperature:g}")
         if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
-            raise InvalidRequest(bad, f"top_p must be in (0, 1], got {top_p:g}")
+            raise BadArgument(f"top_p must be in (0, 1], got {top_p:g}")
         seed = p.seed if p.HasField("seed") else None
         if seed is not None and not 0 <= seed <= SEED_MAX:
-            raise InvalidRequest(bad, f"seed must be in [0, {SEED_MAX}], got {seed}")
+            raise BadArgument(f"seed must be in [0, {SEED_MAX}], got {seed}")
         for i, stop in enumerate(p.stop):
             if not stop:
-                raise InvalidRequest(bad, f"stop strings must not be empty (stop[{i}], 0-based, is '')")
+                raise BadArgument(f"stop strings must not be empty (stop[{i}], 0-based, is '')")
         return GenerateParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                               seed=seed, stop=list(p.stop))
 
@@ -177,43 +234,42 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return
         size = len(text.encode("utf-8"))
         if size > limit:
-            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"{what} is {size:,} bytes, over the limit of {limit:,} bytes per text "
-                                 f"(max_input_bytes in the sidecar config): split it into smaller pieces "
-                                 f"or shorten it, or raise max_input_bytes")
+            raise BadArgument(f"{what} is {size:,} bytes, over the limit of {limit:,} bytes per text "
+                              f"(max_input_bytes in the sidecar config): split it into smaller pieces "
+                              f"or shorten it, or raise max_input_bytes")
 
     @staticmethod
     def _check_fits(engine: Engine, chars: int) -> None:
         """INVALID_ARGUMENT for a prompt that cannot fit the model's context (see the module docstring)."""
         most = engine.context_length * CHARS_PER_TOKEN
         if chars > most:
-            raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"the prompt and system message are {chars:,} characters: more than the "
-                                 f"context of model {engine.name!r} ({engine.context_length} tokens) can hold "
-                                 f"(at most {most:,} characters are taken); shorten them")
-
-    def _tenant(self, ctx: pb.RequestContext) -> str:
-        return authenticate(self.config, ctx.tenant, ctx.token)
+            raise BadArgument(f"the prompt and system message are {chars:,} characters: more than the "
+                              f"context of model {engine.name!r} ({engine.context_length} tokens) can hold "
+                              f"(at most {most:,} characters are taken); shorten them")
 
     @contextlib.asynccontextmanager
-    async def _serving(self, rpc: str, model: str, ctx: pb.RequestContext,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[_Call]:
-        """Authenticate, then on the way out: status code, usage book, metrics, log line."""
+    async def _serving(self, rpc: str, model: str, ctx: pb.RequestContext, context: grpc.aio.ServicerContext,
+                       refuse_when_draining: bool = True) -> AsyncIterator[_Call]:
+        """The one path of every RPC: refuse while draining (when asked), authenticate; on the way
+        out, end a failed call with its status (_STATUS), then usage book, metrics, log line."""
         call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16], session=ctx.session)
         in_flight = metrics.IN_FLIGHT.labels(rpc, model)
         in_flight.inc()
         self._active += 1
         self._idle.clear()
         try:
-            if self.draining:
-                raise InvalidRequest(grpc.StatusCode.UNAVAILABLE,
-                                     "the sidecar is shutting down and takes no new requests; retry shortly")
-            call.tenant = self._tenant(ctx)
+            if self.draining and refuse_when_draining:
+                raise Draining("the sidecar is shutting down and takes no new requests; retry shortly")
+            call.tenant = authenticate(self.config, ctx.tenant, ctx.token)
             yield call
-        except BaseException as err:
-            call.status = _status_of(err)
-            if isinstance(err, Exception):
-                await self._fail(context, err)
+        except Exception as err:
+            call.status = _outcome(err, context)
+            if isinstance(err, EngineFailed):
+                self.on_engine_failure(err)
+            code, details, metadata = status_for(err)
+            await context.abort(code, details, trailing_metadata=metadata)   # raises AbortError
+        except BaseException as err:   # cancelled, or the stream closed: no status to send
+            call.status = _outcome(err, context)
             raise
         finally:
             in_flight.dec()
@@ -247,18 +303,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                              "database": ctx.database, "role": ctx.role, "session": ctx.session,
                              "status": call.status,
                              "duration_ms": round(duration * 1000, 3), **asdict(u)}))
-
-    async def _fail(self, context: grpc.aio.ServicerContext, err: Exception) -> None:
-        """Abort the call with the status code for `err` (context.abort raises)."""
-        if isinstance(err, EngineFailed):
-            self.on_engine_failure(err)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the model engine failed: {err}")
-        code = _code_of(err)
-        if isinstance(err, LimitExceeded):
-            await context.abort(code, str(err), trailing_metadata=ADMISSION_REJECTED)
-        if code:
-            await context.abort(code, str(err))
-        await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
 
     # -- RPCs ------------------------------------------------------------
 
@@ -300,7 +344,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.metered = True
             inputs = list(request.inputs)
             if not inputs:
-                raise InvalidRequest(grpc.StatusCode.INVALID_ARGUMENT, "inputs must not be empty")
+                raise BadArgument("inputs must not be empty")
             for i, text in enumerate(inputs):
                 self._check_size(text, f"inputs[{i}] (0-based)")
             async with self._slot(call, engine):
@@ -333,29 +377,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.EmbedResponse(embeddings=out, usage=pb.Usage(
             input_tokens=sum(e.input_tokens for e in out), compute_ns=compute))
 
+    # ListModels and Usage are answered while draining (see drain).
+
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        await self._authenticated(request.context, context)
-        models = []
-        for engine in self.engines.values():
-            cfg = engine.config
-            models.append(pb.ModelInfo(
-                name=cfg.name, task=_TASKS[cfg.task], engine=cfg.engine, dimensions=engine.dimensions,
-                context_length=engine.context_length, state=_STATES[engine.state], error=engine.error,
-                source=str(cfg.source.get("package") or cfg.source.get("path", ""))))
-        return pb.ListModelsResponse(models=models)
+        async with self._serving("ListModels", "", request.context, context, refuse_when_draining=False):
+            models = []
+            for engine in self.engines.values():
+                cfg = engine.config
+                models.append(pb.ModelInfo(
+                    name=cfg.name, task=_TASKS[cfg.task], engine=cfg.engine, dimensions=engine.dimensions,
+                    context_length=engine.context_length, state=_STATES[engine.state], error=engine.error,
+                    source=str(cfg.source.get("package") or cfg.source.get("path", ""))))
+            return pb.ListModelsResponse(models=models)
 
     async def Usage(self, request: pb.UsageRequest, context: grpc.aio.ServicerContext) -> pb.UsageResponse:
-        tenant = await self._authenticated(request.context, context)
-        rows = [pb.UsageRow(tenant=tenant, model=model, requests=t.requests, errors=t.errors,
-                            input_tokens=t.input_tokens, output_tokens=t.output_tokens,
-                            embedded_inputs=t.embedded_inputs, queue_ns=t.queue_ns, compute_ns=t.compute_ns)
-                for model, t in self.book.rows(tenant)]
-        return pb.UsageResponse(rows=rows, since_unix_ns=self.book.since_unix_ns)
-
-    async def _authenticated(self, ctx: pb.RequestContext, context: grpc.aio.ServicerContext) -> str:
-        try:
-            return self._tenant(ctx)
-        except Unauthenticated as err:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
-            raise
+        async with self._serving("Usage", "", request.context, context, refuse_when_draining=False) as call:
+            rows = [pb.UsageRow(tenant=call.tenant, model=model, requests=t.requests, errors=t.errors,
+                                input_tokens=t.input_tokens, output_tokens=t.output_tokens,
+                                embedded_inputs=t.embedded_inputs, queue_ns=t.queue_ns, compute_ns=t.compute_ns)
+                    for model, t in self.book.rows(call.tenant)]
+            return pb.UsageResponse(rows=rows, since_unix_ns=self.book.since_unix_ns)

@@ -76,7 +76,7 @@ def extension_installed() -> bool:
 def test_extension_defines_the_python_path_guc(pg_server):
     embedded.create_database(pg_server, "guc_check")
     with psycopg.connect(pg_server.dsn("guc_check"), autocommit=True) as c:
-        c.execute("CREATE EXTENSION IF NOT EXISTS llmfdw")
+        c.execute("CREATE EXTENSION IF NOT EXISTS llmfdw CASCADE")  # and vector
         c.execute("LOAD 'llmfdw'")
         setting, context = c.execute(
             "SELECT setting, context FROM pg_settings WHERE name = 'llmfdw.python_path'").fetchone()

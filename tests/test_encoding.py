@@ -27,7 +27,7 @@ def encoded_db(request, pg_server) -> Iterator[tuple[str, str]]:
                   "TEMPLATE template0")
     dsn = pg_server.dsn(name)
     with psycopg.connect(dsn, autocommit=True, client_encoding="UTF8") as c:
-        c.execute("CREATE EXTENSION llmfdw")
+        c.execute("CREATE EXTENSION llmfdw CASCADE")  # and vector
         c.execute("CREATE SERVER echo FOREIGN DATA WRAPPER llmfdw OPTIONS (wrapper 'echo_fdw.EchoFdw')")
         c.execute("CREATE SERVER boundary FOREIGN DATA WRAPPER llmfdw "
                   "OPTIONS (wrapper 'boundary_fdw.BoundaryFdw')")

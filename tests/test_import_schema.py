@@ -72,3 +72,69 @@ def test_setting_up_again_keeps_views_grants_and_data(conn, pg_server, sidecar_s
         conn.execute("DROP VIEW public.cat_vec")
         conn.execute("REVOKE ALL ON llm.embeddings FROM keeper")
         conn.execute("DROP ROLE keeper")
+
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture
+def scratch_db(pg_server):
+    name = "llmfdw_scratch"
+    embedded.create_database(pg_server, name)
+    yield name
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as c:
+        c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_plain_ddl_install_without_our_script(pg_server, scratch_db, sidecar_socket):
+    """A user with their own Postgres: CREATE EXTENSION, CREATE SERVER, IMPORT FOREIGN SCHEMA."""
+    with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
+        c.execute("CREATE EXTENSION vector")
+        c.execute("CREATE EXTENSION llmfdw")
+        c.execute(f"CREATE SERVER models FOREIGN DATA WRAPPER llmfdw OPTIONS (address 'unix://{sidecar_socket}')")
+        c.execute("IMPORT FOREIGN SCHEMA llm FROM SERVER models INTO llm")
+        assert c.execute("SELECT llm.complete('What is the capital of France?')").fetchone()[0]
+        assert c.execute("SELECT vector_dims(llm.embed('hi'))").fetchone() == (384,)
+        members = c.execute("SELECT p.proname::text FROM pg_depend d JOIN pg_proc p ON p.oid = d.objid "
+                            "WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'llmfdw') "
+                            "AND p.pronamespace = 'llm'::regnamespace ORDER BY 1").fetchall()
+        assert {"complete", "embed", "embed_batch", "rag"} <= {m[0] for m in members}
+        assert c.execute("SELECT has_function_privilege('public', 'llm.embed(text, text)', 'EXECUTE')"
+                         ).fetchone() == (False,)
+
+
+def test_upgrade_from_0_1_0_keeps_views_grants_and_data(pg_server, scratch_db, sidecar_socket):
+    """A database set up by 0.1.0's script, with a user's views on the tables and functions,
+    then the current setup (extension update included): everything the user made survives."""
+    address = f"unix://{sidecar_socket}"
+    with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
+        c.execute("CREATE EXTENSION vector")
+        c.execute("CREATE EXTENSION llmfdw VERSION '0.1.0'")
+    pg_server.psql(scratch_db, "-q", "-v", f"sidecar_address={address}", "-f",
+                   str(FIXTURES / "setup-0.1.0.sql"))
+    with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
+        c.execute("CREATE TABLE docs (id int, body text)")
+        c.execute("INSERT INTO docs VALUES (1, 'a cat'), (2, 'a tax form')")
+        c.execute("CREATE MATERIALIZED VIEW doc_vecs AS SELECT d.id, e.embedding FROM docs d "
+                  "JOIN llm.embeddings e ON e.input = d.body")
+        c.execute("CREATE VIEW kitten AS SELECT llm.embed('kitten') AS v")
+        c.execute("CREATE ROLE upgrader")
+        c.execute("GRANT SELECT ON llm.embeddings TO upgrader")
+    try:
+        embedded.apply_schema(pg_server, scratch_db, address)
+        with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'llmfdw'").fetchone() == ("0.2.0",)
+            assert c.execute("SELECT count(*) FROM doc_vecs").fetchone() == (2,)
+            c.execute("REFRESH MATERIALIZED VIEW doc_vecs")
+            assert c.execute("SELECT vector_dims(v) FROM kitten").fetchone() == (384,)
+            assert c.execute("SELECT has_table_privilege('upgrader', 'llm.embeddings', 'SELECT')").fetchone() == (True,)
+            # the server no longer names the (now default) class: plain roles could not alter it otherwise
+            options = c.execute("SELECT srvoptions FROM pg_foreign_server WHERE srvname = 'llm_sidecar'").fetchone()[0]
+            assert not any(o.startswith("wrapper=") for o in options)
+            # the functions now belong to the extension, and the grants follow llm_user
+            assert c.execute("SELECT has_function_privilege('llm_user', 'llm.embed(text, text)', 'EXECUTE')"
+                             ).fetchone() == (True,)
+    finally:
+        with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
+            c.execute("DROP OWNED BY upgrader")
+            c.execute("DROP ROLE upgrader")

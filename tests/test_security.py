@@ -51,8 +51,12 @@ def test_no_plain_role_causes_an_import(conn, roles):
         os.unlink(CANARY)
     fdw_oid = conn.execute("SELECT oid FROM pg_foreign_data_wrapper WHERE fdwname = 'llmfdw'").fetchone()[0]
     # the review's attack: call the validator directly
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+        run_as(roles["sec_mallory"], "SELECT llm.llmfdw_validator(ARRAY['wrapper=import_canary.Canary'], %s)",
+               (fdw_oid,))
+    # even with USAGE on the schema (llm_user has it), the function itself is not executable
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for function"):
-        run_as(roles["sec_mallory"], "SELECT llmfdw_validator(ARRAY['wrapper=import_canary.Canary'], %s)",
+        run_as(roles["sec_alice"], "SELECT llm.llmfdw_validator(ARRAY['wrapper=import_canary.Canary'], %s)",
                (fdw_oid,))
     # even a role allowed to create servers cannot name a class
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match='only a superuser may set option "wrapper"'):
@@ -126,6 +130,7 @@ def test_tenant_in_a_user_mapping_is_for_superusers(conn, roles):
 
 
 def test_handler_and_validator_are_not_callable(roles):
-    for sql in ("SELECT llmfdw_handler()", "SELECT llmfdw_validator('{}'::text[], 0)"):
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            run_as(roles["sec_mallory"], sql)
+    for role in ("sec_mallory", "sec_alice"):
+        for sql in ("SELECT llm.llmfdw_handler()", "SELECT llm.llmfdw_validator('{}'::text[], 0)"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                run_as(roles[role], sql)

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from typing import Any, Iterator
 
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
-from multicorn.utils import check_interrupts
 
 from llmfdw.fdw.client import SESSION_ID, CallControl, SidecarClient, new_request_id
 from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS, MODELS, SPECS, USAGE, TableSpec
@@ -39,14 +38,19 @@ UNUSABLE_ROWS = 1e9
 
 
 def _should_stop() -> bool:
-    if _host is not None:
-        return bool(_host.interrupt_pending())
-    check_interrupts()
-    return False
+    """Whether Postgres wants the query to stop.  Only our host can say so safely: Multicorn2's
+    check_interrupts() longjmps out through the running Python frames (the gRPC call is never
+    cancelled and the backend's next statement crashed in tests/test_multicorn2.py), so under
+    it a call ends only at its deadline (the server's timeout option)."""
+    return bool(_host.interrupt_pending()) if _host is not None else False
 
 
 def _time_left() -> float | None:
     return _host.statement_time_left() if _host is not None else None
+
+
+# text output -> value, per SQL type, for hosts that pass some values as text (Multicorn2)
+_FROM_TEXT = {"double precision": float, "bigint": int, "integer": int, "boolean": lambda v: v in ("t", "true")}
 
 
 def _client(options: dict[str, Any], server: str) -> SidecarClient:
@@ -91,6 +95,24 @@ class SidecarTable(ForeignDataWrapper):
     @functools.cached_property
     def keys(self) -> KeyColumns:
         return self.spec.keys(self.table_name)
+
+    def resolve(self, quals: list[Qual]) -> Resolved:
+        """The request values the quals give (see KeyColumns.resolve)."""
+        return self.keys.resolve(quals if _host is not None else [self._typed(q) for q in quals])
+
+    def _typed(self, qual: Qual) -> Qual:
+        """Multicorn2 hands float8, int8 and bool values over as their text output; our host
+        as Python numbers and booleans.  Parse them by the column's type."""
+        column = self.columns.get(qual.field_name)
+        parse = _FROM_TEXT.get(column.base_type_name if column is not None else "")
+        if parse is None:
+            return qual
+        value = qual.value
+        if isinstance(value, list):
+            value = [parse(v) if isinstance(v, str) else v for v in value]
+        elif isinstance(value, str):
+            value = parse(value)
+        return Qual(qual.field_name, qual.operator, value)
 
     @property
     def request_columns(self) -> list[str]:
@@ -165,7 +187,7 @@ class CompletionsTable(SidecarTable):
     spec = COMPLETIONS
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
-        resolved = self.keys.resolve(quals)
+        resolved = self.resolve(quals)
         if resolved.empty:
             return
         model = self.model_for(resolved)
@@ -216,7 +238,7 @@ class EmbeddingsTable(SidecarTable):
         self.dimensions = emb.typmod if emb is not None and emb.typmod > 0 else None
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
-        resolved = self.keys.resolve(quals)
+        resolved = self.resolve(quals)
         if resolved.empty:
             return
         model = self.model_for(resolved)
@@ -236,18 +258,21 @@ class EmbeddingsTable(SidecarTable):
                 yield {
                     **self.echo(resolved, input=inputs[emb.index]),
                     "model": model,
-                    "embedding": _vector_binary(emb.vector, emb.dimensions) if want_vector else None,
+                    "embedding": _vector(emb.vector, emb.dimensions) if want_vector else None,
                     "dimensions": emb.dimensions,
                     "input_tokens": emb.input_tokens,
                     "truncated": emb.truncated,
                 }
 
 
-def _vector_binary(raw: bytes, dims: int) -> bytes:
-    """float32 little-endian bytes -> pgvector's binary format (int16 dims,
-    int16 unused, big-endian float4s).  The host passes bytes to the column
-    type's receive function, so no float is ever formatted as text."""
+def _vector(raw: bytes, dims: int) -> bytes | str:
+    """float32 little-endian bytes -> a pgvector value.  Our host passes bytes to the column
+    type's receive function: pgvector's binary format (int16 dims, int16 unused, big-endian
+    float4s), so no float is ever formatted as text.  Multicorn2 passes every value through the
+    type's text input: there, the text form (repr() of a float32 reads back as the same float32)."""
     values = array("f", raw)
+    if _host is None:
+        return "[" + ",".join(map(repr, values)) + "]"
     if sys.byteorder == "little":
         values.byteswap()
     return struct.pack(">hh", dims, 0) + values.tobytes()

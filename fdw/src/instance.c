@@ -2,13 +2,14 @@
  *
  * instance.c
  *		  Per-table FDW class instances: options, column definitions, and a
- *		  per-backend cache keyed by foreign table OID.
+ *		  per-backend cache keyed by foreign table and user.
  *
- * The cached instance is rebuilt when the table's options, its server's or
- * user mapping's options, or its columns change (ALTER FOREIGN TABLE / ALTER
- * SERVER / ALTER USER MAPPING): each lookup rebuilds a signature of all of
- * them and compares.  That costs a few catalog-cache lookups per scan and
- * never serves a stale instance.
+ * The cached instance is rebuilt after its table, server or user mappings
+ * change (ALTER FOREIGN TABLE / ALTER SERVER / ALTER USER MAPPING, columns,
+ * renames): catalog invalidation callbacks mark entries stale, as
+ * postgres_fdw's connection cache does, so a scan of an unchanged table
+ * makes no catalog lookups.  The user is part of the key because the user
+ * mapping (token, tenant) depends on it, and SET ROLE sends no invalidation.
  *
  *-------------------------------------------------------------------------
  */
@@ -25,19 +26,71 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 
+typedef struct InstanceKey
+{
+	Oid			relid;			/* the foreign table */
+	Oid			userid;			/* whose user mapping it was built with */
+} InstanceKey;
+
 typedef struct InstanceEntry
 {
-	Oid			relid;			/* hash key */
-	char	   *signature;		/* in CacheMemoryContext */
+	InstanceKey key;			/* hash key */
+	bool		stale;			/* its catalog entries changed: rebuild */
 	PyObject   *instance;		/* strong reference */
 } InstanceEntry;
 
 static HTAB *instances = NULL;
+
+/*
+ * Catalog callbacks.  They may run anywhere (no Python here): they only mark
+ * entries stale, and the next lookup drops the old instance.  Options of
+ * servers and user mappings reach every table, so those mark all entries;
+ * a relcache invalidation marks its table's (InvalidOid: all).
+ */
+static void
+invalidate_all(Datum arg, int cacheid, uint32 hashvalue)
+{
+	HASH_SEQ_STATUS scan;
+	InstanceEntry *entry;
+
+	hash_seq_init(&scan, instances);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+		entry->stale = true;
+}
+
+static void
+invalidate_rel(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS scan;
+	InstanceEntry *entry;
+
+	hash_seq_init(&scan, instances);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+		if (relid == InvalidOid || entry->key.relid == relid)
+			entry->stale = true;
+}
+
+static void
+init_instance_cache(void)
+{
+	HASHCTL		ctl;
+
+	ctl.keysize = sizeof(InstanceKey);
+	ctl.entrysize = sizeof(InstanceEntry);
+	ctl.hcxt = CacheMemoryContext;
+	instances = hash_create("llmfdw instances", 16, &ctl,
+							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	CacheRegisterSyscacheCallback(FOREIGNSERVEROID, invalidate_all, (Datum) 0);
+	CacheRegisterSyscacheCallback(USERMAPPINGOID, invalidate_all, (Datum) 0);
+	CacheRegisterSyscacheCallback(FOREIGNTABLEREL, invalidate_all, (Datum) 0);
+	CacheRegisterRelcacheCallback(invalidate_rel, (Datum) 0);
+}
 
 /* Options of the user mapping for the current user, else PUBLIC, else none. */
 static List *
@@ -153,41 +206,6 @@ llmfdw_columns(TupleDesc desc)
 		}
 	}
 	return cols;
-}
-
-/* Everything the instance depends on, as one comparable string. */
-static char *
-signature(Oid foreigntableid, List *options, TupleDesc desc)
-{
-	StringInfoData buf;
-	ListCell   *lc;
-
-	initStringInfo(&buf);
-	foreach(lc, options)
-	{
-		DefElem    *def = lfirst(lc);
-
-		appendStringInfo(&buf, "%s=%s\n", def->defname, defGetString(def));
-	}
-	for (int i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute att = TupleDescAttr(desc, i);
-		List	   *colopts;
-
-		if (att->attisdropped)
-			continue;
-		appendStringInfo(&buf, "col %s %u %d", NameStr(att->attname),
-						 att->atttypid, att->atttypmod);
-		colopts = GetForeignColumnOptions(foreigntableid, att->attnum);
-		foreach(lc, colopts)
-		{
-			DefElem    *def = lfirst(lc);
-
-			appendStringInfo(&buf, " %s=%s", def->defname, defGetString(def));
-		}
-		appendStringInfoChar(&buf, '\n');
-	}
-	return buf.data;
 }
 
 /*
@@ -493,48 +511,43 @@ llmfdw_check_options(const char *func, List *options)
 PyObject *
 llmfdw_get_instance(Oid foreigntableid)
 {
+	InstanceKey key;
 	InstanceEntry *entry;
 	bool		found;
-	char	   *wrapper;
-	List	   *options;
-	Relation	rel;
-	TupleDesc	desc;
-	char	   *sig;
 	PyObject   *instance = NULL;
 	LlmfdwPyState st;
 
 	if (instances == NULL)
-	{
-		HASHCTL		ctl;
+		init_instance_cache();
 
-		ctl.keysize = sizeof(Oid);
-		ctl.entrysize = sizeof(InstanceEntry);
-		ctl.hcxt = CacheMemoryContext;
-		instances = hash_create("llmfdw instances", 16, &ctl,
-								HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-	}
-
-	options = all_options(foreigntableid, &wrapper);
-	rel = table_open(foreigntableid, AccessShareLock);
-	desc = CreateTupleDescCopy(RelationGetDescr(rel));
-	table_close(rel, AccessShareLock);
-	sig = signature(foreigntableid, options, desc);
-
-	entry = hash_search(instances, &foreigntableid, HASH_ENTER, &found);
+	key.relid = foreigntableid;
+	key.userid = GetUserId();
+	entry = hash_search(instances, &key, HASH_ENTER, &found);
 	if (!found)
 	{
-		entry->signature = NULL;
 		entry->instance = NULL;
+		entry->stale = true;
 	}
 
-	LLMFDW_WITH_PYTHON(st);
+	if (!entry->stale)
 	{
-		if (entry->instance != NULL && strcmp(entry->signature, sig) == 0)
+		LLMFDW_WITH_PYTHON(st);
 		{
 			instance = entry->instance;
 			Py_INCREF(instance);
 		}
-		else
+		LLMFDW_END_PYTHON(st);
+		return instance;
+	}
+
+	{
+		char	   *wrapper;
+		List	   *options = all_options(foreigntableid, &wrapper);
+		Relation	rel = table_open(foreigntableid, AccessShareLock);
+		TupleDesc	desc = CreateTupleDescCopy(RelationGetDescr(rel));
+
+		table_close(rel, AccessShareLock);
+		LLMFDW_WITH_PYTHON(st);
 		{
 			PyObject   *cls = wrapper_class(wrapper);
 			PyObject   *pyopts = NULL;
@@ -556,14 +569,16 @@ llmfdw_get_instance(Oid foreigntableid)
 														wrapper, get_rel_name(foreigntableid)));
 
 			Py_XDECREF(entry->instance);
-			if (entry->signature)
-				pfree(entry->signature);
 			entry->instance = instance;
-			entry->signature = MemoryContextStrdup(CacheMemoryContext, sig);
 			Py_INCREF(instance);
 		}
+		LLMFDW_END_PYTHON(st);
 	}
-	LLMFDW_END_PYTHON(st);
 
+	/*
+	 * Only now: an invalidation that arrived while it was being built (the
+	 * table_open above processes them) has already been applied.
+	 */
+	entry->stale = false;
 	return instance;
 }

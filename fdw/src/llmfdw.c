@@ -30,6 +30,7 @@
 #include "optimizer/pathnode.h"
 #include "optimizer/planmain.h"
 #include "optimizer/restrictinfo.h"
+#include "pgstat.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -49,6 +50,24 @@ typedef struct LlmfdwPlan
 	Cost		startup_cost;
 	List	   *request_attnums;	/* the class's request_columns, as attnums */
 } LlmfdwPlan;
+
+/*
+ * Indexes of the ForeignScan's fdw_private list (as postgres_fdw names its
+ * FdwScanPrivateIndex).
+ */
+enum FdwScanPrivateIndex
+{
+	/* Integer list of the attnos the query reads */
+	FdwScanPrivateNeededColumns,
+};
+
+/*
+ * Planner costs when the FDW class does not say: a request's fixed cost
+ * (a round trip to the sidecar), and a width per column (the class's
+ * get_rel_size() usually knows better).
+ */
+#define LLMFDW_DEFAULT_STARTUP_COST	20.0
+#define LLMFDW_DEFAULT_COLUMN_WIDTH	100
 
 /*
  * Added to the cost of a scan that would leave a join clause on a request
@@ -197,8 +216,8 @@ llmfdwGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 	plan->natts = natts;
 	plan->columns = llmfdw_columns(RelationGetDescr(rel));
 	table_close(rel, NoLock);
-	plan->width = natts * 100;
-	plan->startup_cost = 20;
+	plan->width = natts * LLMFDW_DEFAULT_COLUMN_WIDTH;
+	plan->startup_cost = LLMFDW_DEFAULT_STARTUP_COST;
 
 	plan->instance = llmfdw_get_instance(foreigntableid);
 	cb->func = plan_cleanup;
@@ -649,7 +668,7 @@ llmfdwBeginForeignScan(ForeignScanState *node, int eflags)
 
 	scan->natts = desc->natts;
 	scan->columns = llmfdw_columns(desc);
-	foreach(lc, (List *) linitial(fsplan->fdw_private))
+	foreach(lc, (List *) list_nth(fsplan->fdw_private, FdwScanPrivateNeededColumns))
 		scan->needed = bms_add_member(scan->needed, lfirst_int(lc));
 	scan->quals = llmfdw_extract_quals(fsplan->fdw_exprs, fsplan->scan.scanrelid);
 	llmfdw_init_quals(scan->quals, &node->ss.ps);
@@ -700,6 +719,24 @@ start_execute(ForeignScanState *node, LlmfdwScan *scan)
 	LLMFDW_END_PYTHON(st);
 }
 
+/*
+ * The wait event a scan reports while the FDW class produces rows: named
+ * "LlmfdwSidecar" where Postgres lets extensions name theirs (17+).
+ */
+uint32
+llmfdw_wait_event(void)
+{
+#if PG_VERSION_NUM >= 170000
+	static uint32 event = 0;
+
+	if (event == 0)
+		event = WaitEventExtensionNew("LlmfdwSidecar");
+	return event;
+#else
+	return PG_WAIT_EXTENSION;
+#endif
+}
+
 static TupleTableSlot *
 llmfdwIterateForeignScan(ForeignScanState *node)
 {
@@ -721,7 +758,12 @@ llmfdwIterateForeignScan(ForeignScanState *node)
 	LLMFDW_WITH_PYTHON(st);
 	{
 		MemoryContext old = MemoryContextSwitchTo(node->ss.ps.ps_ExprContext->ecxt_per_tuple_memory);
-		PyObject   *item = PyIter_Next(scan->iterator);
+		PyObject   *item;
+
+		/* mostly waiting for the sidecar: pg_stat_activity shows it */
+		pgstat_report_wait_start(llmfdw_wait_event());
+		item = PyIter_Next(scan->iterator);
+		pgstat_report_wait_end();
 
 		if (item == NULL && PyErr_Occurred())
 			llmfdw_raise_python_error(&st, "iterating over the result of execute()");

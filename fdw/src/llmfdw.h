@@ -36,6 +36,11 @@
 /* GUC: directories prepended to the embedded interpreter's sys.path. */
 extern char *llmfdw_python_path;
 
+/* ---- llmfdw.c ---- */
+
+/* The wait event to report while waiting on the FDW class (the sidecar). */
+extern uint32 llmfdw_wait_event(void);
+
 /* ---- python.c ---- */
 
 /*

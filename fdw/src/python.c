@@ -28,6 +28,7 @@
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "storage/pmsignal.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/varlena.h"
@@ -334,6 +335,16 @@ host_interrupt_pending(PyObject *self, PyObject *args)
 	pthread_sigmask(SIG_UNBLOCK, &blocked, &saved);
 	pthread_sigmask(SIG_SETMASK, &saved, NULL);
 
+	/*
+	 * A backend waiting on the sidecar is not in WaitLatch, so it would not
+	 * notice that the postmaster died: treat that as a request to exit (the
+	 * host's error path then ends the session, as WL_EXIT_ON_PM_DEATH does).
+	 */
+	if (!PostmasterIsAlive())
+	{
+		ProcDiePending = true;
+		InterruptPending = true;
+	}
 	if (InterruptPending && (QueryCancelPending || ProcDiePending))
 		Py_RETURN_TRUE;
 	Py_RETURN_FALSE;

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from llmfdw.sidecar.config import ModelConfig
+from llmfdw.sidecar.config import DTYPES, ModelConfig
 from llmfdw.sidecar.metering import Metered
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
@@ -20,6 +20,39 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 # tokenize, stalling every caller) while every text whose first `context` tokens average under
 # 32 characters is embedded exactly as before.
 CHARS_PER_TOKEN = 32
+
+
+def cpu_bf16() -> str:
+    """Why this CPU runs bfloat16 fast ("" when it cannot): AVX512-BF16 or AMX-BF16 in
+    /proc/cpuinfo, or oneDNN's own check (torch.ops.mkldnn._is_mkldnn_bf16_supported)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    found = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    if found:
+        return " and ".join(found)
+    try:
+        import torch
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "oneDNN reports native bf16"
+    except Exception:
+        pass
+    return ""
+
+
+def check_dtype(name: str, dtype: str | None, *, device: str = "cpu") -> str:
+    """The dtype an embedding model runs in (float32 when its config names none); a dtype this
+    machine cannot run fast is an error naming the key, raised at load, so the sidecar does not
+    start (it exits 2) rather than silently running a slow or emulated model."""
+    dtype = dtype or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"model {name}: dtype must be one of {DTYPES}, not {dtype!r}")
+    if dtype == "bfloat16" and device == "cpu" and not cpu_bf16():
+        raise ValueError(f"model {name}: dtype: bfloat16 needs a CPU with AVX512-BF16 or AMX-BF16 "
+                         f"(neither is in /proc/cpuinfo flags here); set dtype: float32 for this model")
+    return dtype
 
 
 def readable_part(text: str, context: int) -> tuple[str, bool]:

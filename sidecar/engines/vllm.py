@@ -32,11 +32,14 @@ import time
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator
 
+import numpy as np
+
 from llmfdw.sidecar import metrics
+from llmfdw.sidecar.batching import CHUNK, Batch, Batcher, Request, TokenIds, Tokens
 from llmfdw.sidecar.config import ModelConfig
 from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, EmbeddingResult, Engine,
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine,
-                                         readable_part)
+                                         check_dtype)
 from llmfdw.sidecar.metering import Metered
 
 # The AsyncEngineArgs a model's engine_args may set; anything else is a start-up error.
@@ -205,37 +208,48 @@ class _SharedClock:
 
 
 class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
-    """Each text is one vLLM pooling request; vLLM batches those in flight.  At most max_batch
-    texts (vLLM's max_num_seqs) are handed to vLLM at once, each request feeding one text at a
-    time through a FIFO semaphore, so concurrent requests take turns: a request of 100,000
-    texts does not hold one of 3 behind it, and the wait for a turn is the request's queue time."""
+    """Texts go through the batcher every embedding engine shares (sidecar/batching.py: the
+    max_batch and max_batch_tokens budgets, each request's texts shortest first, requests in
+    turn, so a request of 100,000 texts does not hold one of 3 behind it).  Each batch's texts
+    are handed to vLLM at once, one pooling request per text (vLLM's own scheduler runs them
+    together), and the next batch is taken while this one runs (at most IN_FLIGHT batches), so
+    vLLM always has work queued.  A request's queue time is its wait for its first batch; a
+    caller that goes away has its texts not yet batched dropped and those in vLLM aborted."""
     engine_name = "vllm"
+    IN_FLIGHT = 2
 
     async def load(self) -> None:
         # vLLM takes the context from the model (sentence-transformers' max_seq_length where
         # there is one); the config's generation-oriented context_length default would exceed it.
-        await self._start(runner="pooling", max_num_seqs=self.config.max_batch)
-        self._tokenizer = self._llm.get_tokenizer()
+        args: dict[str, Any] = {"runner": "pooling", "max_num_seqs": self.config.max_batch}
+        if self.config.dtype is not None:
+            if "dtype" in self.config.engine_args:
+                raise ValueError(f"model {self.name}: dtype is set twice (dtype and engine_args.dtype); keep one")
+            from vllm.platforms import current_platform
+            args["dtype"] = check_dtype(self.name, self.config.dtype,
+                                        device="cpu" if current_platform.is_cpu() else "gpu")
+        await self._start(**args)
         self.context_length = self._llm.model_config.max_model_len
-        self._slots = asyncio.Semaphore(self._llm.vllm_config.scheduler_config.max_num_seqs)
+        self._tokenize = TokenIds(self._llm.get_tokenizer(), self.context_length)
+        self._batcher = Batcher(max_batch=self._llm.vllm_config.scheduler_config.max_num_seqs,
+                                max_batch_tokens=self.config.max_batch_tokens, context=self.context_length,
+                                wait_ms=self.config.batch_wait_ms, tail=self._tokenize.tail,
+                                depth=metrics.EMBED_QUEUE.labels(self.name))
         self._clock = _SharedClock()
-        ids, _ = self._tokenize([_PROBE])
-        self.dimensions = len(await self._encode(ids[0]))
+        probe = Request(1, Metered())
+        probe.extend(self._tokenize([_PROBE]))
+        (ids,) = Batch([(probe, np.array([0]))], self.context_length, self._tokenize.tail).id_lists()
+        self.dimensions = len(await self._encode(ids))
+        self._batches: set[asyncio.Task] = set()
+        self._worker = asyncio.create_task(self._run(), name=f"{self.name}-batcher")
         self.state = READY
 
-    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[int]]:
-        """Token ids to embed (cut to the context, keeping the closing special token as
-        sentence-transformers does) and each text's full token count."""
-        full = self._tokenizer(texts, add_special_tokens=True)["input_ids"]
-        limit = self.context_length
-        long = [i for i, ids in enumerate(full) if len(ids) > limit]
-        ids = list(full)
-        if long:
-            cut = self._tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True,
-                                  max_length=limit)["input_ids"]
-            for i, short in zip(long, cut):
-                ids[i] = short
-        return ids, [len(t) for t in full]
+    async def close(self) -> None:
+        self._worker.cancel()
+        for task in list(self._batches):
+            task.cancel()
+        await asyncio.gather(self._worker, *self._batches, return_exceptions=True)
+        await super().close()
 
     async def _encode(self, ids: list[int]) -> Any:
         from vllm import PoolingParams
@@ -249,54 +263,59 @@ class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
                     return out.outputs.data.float().numpy()
         raise RuntimeError("vLLM returned no embedding")
 
-    async def _one(self, index: int, ids: list[int], count: int, cut: bool, results: asyncio.Queue) -> None:
-        mark = self._clock.start()
+    async def _part(self, batch: Batch, request: Request, idx: np.ndarray, ids: list[list[int]]) -> None:
+        """One request's texts of a batch: into vLLM together, back to the request together."""
+        marks = [self._clock.start() for _ in ids]
         try:
-            vector = await self._encode(ids)
+            vectors = await asyncio.gather(*(self._encode(one) for one in ids))
+        except asyncio.CancelledError:
+            raise                           # its caller left (the gather aborted its texts in vLLM)
         except Exception as err:
-            results.put_nowait(err)
+            request.results.put_nowait(err)
             return
         finally:
-            compute = self._clock.stop(mark)
-        results.put_nowait((index, EmbeddingResult(vector, count, cut or count > len(ids), compute)))
+            compute = [self._clock.stop(mark) for mark in marks]
+        request.results.put_nowait(batch.results(request, idx, np.stack(vectors).astype(np.float32), compute))
 
-    async def _feed(self, ids: list[list[int]], counts: list[int], cuts: list[bool], usage: Metered,
-                    results: asyncio.Queue) -> None:
-        """Hand the texts to vLLM as slots free up; cancelled, it cancels (so aborts) its texts."""
-        arrived = time.monotonic_ns()
-        tasks: set[asyncio.Task] = set()
-        try:
-            for index, (text_ids, count, cut) in enumerate(zip(ids, counts, cuts)):
-                await self._slots.acquire()
-                if not index:
-                    usage.queue_ns += time.monotonic_ns() - arrived
-                task = asyncio.create_task(self._one(index, text_ids, count, cut, results))
-                # released however the task ends, even cancelled before it ever ran
-                task.add_done_callback(lambda _: self._slots.release())
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-        finally:
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async def _batch(self, batch: Batch) -> None:
+        ids = batch.id_lists()
+        row, parts = 0, []
+        for request, idx in batch.parts:
+            task = asyncio.create_task(self._part(batch, request, idx, ids[row:row + len(idx)]))
+            request.inflight.add(task)
+            task.add_done_callback(request.inflight.discard)
+            parts.append(task)
+            row += len(idx)
+        await asyncio.gather(*parts, return_exceptions=True)
+
+    async def _run(self) -> None:
+        """Take batches and hand them to vLLM, at most IN_FLIGHT at a time."""
+        slots = asyncio.Semaphore(self.IN_FLIGHT)
+        while True:
+            await slots.acquire()
+            try:
+                batch = await self._batcher.next()
+            except BaseException:
+                slots.release()
+                raise
+            batch.start()
+            metrics.BATCH_SIZE.labels(self.name).observe(batch.size)
+            task = asyncio.create_task(self._batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(lambda _: slots.release())
+
+    def _feed(self, texts: list[str]) -> AsyncIterator[Tokens]:
+        async def feed() -> AsyncIterator[Tokens]:
+            for start in range(0, len(texts), CHUNK):
+                yield await asyncio.to_thread(self._tokenize, texts[start:start + CHUNK])
+        return feed()
 
     async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
-        readable = [readable_part(t, self.context_length) for t in texts]
-        ids, counts = await asyncio.to_thread(self._locked, self._tokenize, [t for t, _ in readable])
-        results: asyncio.Queue = asyncio.Queue()
-        feeder = asyncio.create_task(self._feed(ids, counts, [cut for _, cut in readable], usage, results))
-        delivered = 0
+        request = Request(len(texts), usage)
+        stream = self._batcher.stream(request, self._feed(texts))
         try:
-            while delivered < len(texts):
-                group = [await results.get()]
-                while not results.empty():   # everything finished meanwhile goes in one message
-                    group.append(results.get_nowait())
-                for item in group:
-                    if isinstance(item, Exception):
-                        raise item
-                delivered += len(group)
+            async for group in stream:
                 yield group
         finally:
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
+            await stream.aclose()

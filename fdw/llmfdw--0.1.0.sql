@@ -1,4 +1,4 @@
-/* fdw/llmfdw--0.2.0.sql */
+/* fdw/llmfdw--0.1.0.sql */
 
 -- complain if script is sourced in psql, rather than via CREATE EXTENSION
 \echo Use "CREATE EXTENSION llmfdw" to load this file. \quit
@@ -13,13 +13,9 @@ RETURNS void
 AS 'MODULE_PATHNAME'
 LANGUAGE C STRICT;
 
--- Postgres calls both itself; no role needs to call them.
-REVOKE ALL ON FUNCTION llmfdw_handler() FROM PUBLIC;
-REVOKE ALL ON FUNCTION llmfdw_validator(text[], oid) FROM PUBLIC;
-
 CREATE FOREIGN DATA WRAPPER llmfdw
   HANDLER llmfdw_handler
   VALIDATOR llmfdw_validator;
 
 COMMENT ON FOREIGN DATA WRAPPER llmfdw IS
-  'Models served by an llmfdw sidecar as foreign tables; runs Python FDW classes (Multicorn2 API)';
+  'Runs Python FDW classes (Multicorn2 API); CREATE SERVER ... OPTIONS (wrapper ''package.module.Class'')';
