@@ -7,6 +7,7 @@
 #   make bench    run the benchmarks (figures printed and written to bench/results/*.json)
 #   make install  only the install steps (system packages, venv, requirements, package, C extension)
 #   make test-vllm  build the vLLM venv (CPU build) if needed and test the sidecar's vLLM engine
+#   make docs     draw the dashboards (dashboards/*.json) from real results into docs/*.png
 #
 # .venv and .state are plain directories in the repository, or symlinks to
 # /var/tmp/llmfdw-<hash>/ when the repository path is not readable by the Postgres server user
@@ -40,10 +41,10 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/python
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps ext multicorn2 up down status test test-vllm bench bench-sidecar bench-fdw clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status test test-vllm bench bench-sidecar bench-fdw bench-embed clean distclean
 
 help:
-	@sed -n '3,9s/^# //p' Makefile
+	@sed -n '3,10s/^# //p' Makefile
 
 install: sysdeps $(STAMP)-package ext
 
@@ -98,8 +99,42 @@ status:
 multicorn2: sysdeps $(STAMP)-requirements
 	@$(UMASK) $(PY) deploy/multicorn2.py --pg-config "$(PG_CONFIG)"
 
-test: install multicorn2
+# PostgreSQL 15 beside the wheel's 18, for tests/test_pg15.py: deploy/pg15.py installs Debian's
+# postgresql-15 and postgresql-server-dev-15 (as root), builds pgvector (the vendored tarball) and
+# llmfdw (out of tree) into it. It does only what is missing: 0.2 s when all is there, about 25 s
+# when nothing is (apt, pgvector, llmfdw; measured where the image already has LLVM 14).
+pg15: sysdeps $(STAMP)-requirements
+	@$(UMASK) $(PY) deploy/pg15.py
+
+# Test tools for the Helm chart (tests/test_helm.py): helm-python-sdk and kubernetes-validate in the
+# project venv; checkov, whose pins conflict with requirements.txt's, in a venv of its own
+# (<venv>/checkov, like the vLLM venv), called as a subprocess.
+$(STAMP)-deploy-tools: $(STAMP)-requirements requirements-deploy.txt requirements-checkov.txt
+	$(UMASK) $(PY) -m pip install -q -r requirements-deploy.txt
+	$(UMASK) $(PYTHON) -m venv $(VENV_DIR)/checkov
+	$(UMASK) $(VENV_DIR)/checkov/bin/python -m pip install -q pip==$(PIP_VERSION)
+	$(UMASK) $(VENV_DIR)/checkov/bin/python -m pip install -q -r requirements-checkov.txt
+	touch $@
+
+# Debian's prometheus, for tests/test_prometheus.py (a real Prometheus scrapes the test sidecar).
+prometheus:
+	@if ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "llmfdw: install prometheus (as root: apt-get install -y prometheus)" >&2; exit 1; fi; \
+	  echo "llmfdw: installing prometheus with apt-get"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
+	fi
+
+test: install multicorn2 pg15 $(STAMP)-deploy-tools prometheus
 	$(PY) -m pytest tests
+
+# docs/*.png: the dashboards drawn from the test cluster's real results (tests/test_prometheus.py,
+# with dashboards/render_png.py). matplotlib (requirements-docs.txt) only here, not for `make test`.
+# TRAFFIC_MINUTES (default 3) of requests first, so that the charts have a few points.
+docs: install prometheus
+	$(UMASK) $(PY) -m pip install -q -r requirements-docs.txt
+	LLMFDW_RENDER_DOCS=docs LLMFDW_RENDER_TRAFFIC_MINUTES=$(or $(TRAFFIC_MINUTES),3) \
+	  $(PY) -m pytest tests/test_prometheus.py -q
 
 # The sidecar's vLLM engine, for real on the CPU, in a venv of its own (vLLM pins its own torch):
 # deploy/vllm_env.py builds what is missing (minutes the first time) and prints its python.
@@ -107,13 +142,16 @@ test-vllm: install
 	py=$$($(UMASK) $(PYTHON) -m deploy.vllm_env --python $(PYTHON)); \
 	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py
 
-bench: bench-sidecar bench-fdw
+bench: bench-sidecar bench-fdw bench-embed
 
 bench-sidecar: install
 	$(PY) bench/bench_sidecar.py
 
 bench-fdw: install
 	$(PY) bench/bench_fdw.py
+
+bench-embed: install
+	$(PY) bench/bench_embed.py
 
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak

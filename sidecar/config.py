@@ -10,6 +10,7 @@ as a string (llama.cpp once got n_ctx "2048204820482048" from one).
     tenants:
       - {name: acme, token: "s3cret", max_in_flight: 4, max_queued: 8}
     max_input_bytes: 1048576   # per text (embedding input, prompt, system), UTF-8 bytes
+    history: {max_rows: 10000, max_age_seconds: 3600}   # the recent-requests window (llm.requests)
     models:
       - {name: ..., task: generate | embed, engine: ..., source: {...}, ...}
 
@@ -37,6 +38,7 @@ ENGINES = ("llama_cpp", "sentence_transformers", "vllm")
 AUTH_MODES = ("off", "required")
 DEFAULT_TENANT = "default"   # the tenant of a request that names none
 DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
+MAX_HISTORY_ROWS = 1_000_000   # history.max_rows: the window is kept in memory
 DTYPES = ("float32", "bfloat16")   # an embedding model's dtype (engines/base.py checks the hardware at load)
 
 
@@ -95,6 +97,14 @@ class TenantConfig:
     max_queued: int | None = None
 
 
+@dataclass(frozen=True)
+class HistoryConfig:
+    """The window of recent requests (history.py, llm.requests): at most max_rows records, all
+    tenants together, none older than max_age_seconds."""
+    max_rows: int = 10_000
+    max_age_seconds: float = 3600.0
+
+
 @dataclass
 class SidecarConfig:
     models: list[ModelConfig]
@@ -102,6 +112,7 @@ class SidecarConfig:
     default_limits: Limits = field(default_factory=Limits)
     tenants: dict[str, TenantConfig] = field(default_factory=dict)
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    history: HistoryConfig = field(default_factory=HistoryConfig)
 
     def limits(self, tenant: str) -> Limits:
         """A tenant's limits: its own where set, else the defaults."""
@@ -238,7 +249,7 @@ def _tenants(raw: Any, auth: str, where: str) -> dict[str, TenantConfig]:
 def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> SidecarConfig:
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
-    top = {"models", "auth", "default_limits", "tenants", "max_input_bytes"}
+    top = {"models", "auth", "default_limits", "tenants", "max_input_bytes", "history"}
     if not isinstance(raw, dict) or set(raw) - top:
         extra = sorted(set(raw) - top) if isinstance(raw, dict) else raw
         raise ConfigError(f"{path}: unknown top-level keys {extra}; allowed: {sorted(top)}")
@@ -258,7 +269,12 @@ def load_config(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> SidecarConfig:
     _check_limit(defaults.max_in_flight, 1, f"{path}: default_limits.max_in_flight")
     _check_limit(defaults.max_queued, 0, f"{path}: default_limits.max_queued")
     tenants = _tenants(raw.get("tenants") or [], auth, str(path))
+    history = _build(HistoryConfig, raw.get("history") or {}, f"{path}: history")
+    _check_limit(history.max_rows, 1, f"{path}: history.max_rows")
+    if history.max_rows > MAX_HISTORY_ROWS:   # a few hundred bytes each, kept in memory
+        raise ConfigError(f"{path}: history.max_rows: must be at most {MAX_HISTORY_ROWS:,}, not {history.max_rows}")
+    _check_number(history.max_age_seconds, 0, 30 * 86400, f"{path}: history.max_age_seconds", low_open=True)
     if auth == "required" and not tenants:
         raise ConfigError(f"{path}: auth is required but no tenants are configured")
     return SidecarConfig(models=models, auth=auth, default_limits=defaults, tenants=tenants,
-                         max_input_bytes=max_input_bytes)
+                         max_input_bytes=max_input_bytes, history=history)

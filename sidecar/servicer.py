@@ -58,6 +58,7 @@ from llmfdw.sidecar import metrics
 from llmfdw.sidecar.config import SidecarConfig
 from llmfdw.sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
+from llmfdw.sidecar.history import Bounds, History, Record
 from llmfdw.sidecar.metering import Metered, UsageBook
 from llmfdw.sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
 from llmfdw.v1 import llmfdw_pb2 as pb
@@ -69,6 +70,8 @@ _TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED}
+# RPC -> the `kind` of its records in the recent-requests window (history.py); Requests is not recorded
+_KINDS = {"Generate": "generate", "Embed": "embed", "ListModels": "list_models", "Usage": "usage"}
 SEED_MAX = 2**31 - 1   # llama.cpp takes a 32-bit seed (and reads 0xFFFFFFFF as "random")
 
 # Trailing metadata: the sidecar's marks (see the status section of the proto).
@@ -150,6 +153,8 @@ class _Call:
     model: str
     request_id: str
     started: float = field(default_factory=time.monotonic)
+    arrived_ns: int = field(default_factory=time.time_ns)   # wall clock: the record's `at`
+    first_token: float | None = None   # seconds from started to the first generated text
     session: str = ""          # RequestContext.session: admission's fairness unit within the tenant
     tenant: str = ""           # set once authenticated
     metered: bool = False      # the model is served: the request goes into the usage book
@@ -168,6 +173,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     for name, e in engines.items()},
                                    {name: e.config.reserve() for name, e in engines.items()})
         self.book = UsageBook()
+        self.history = History(config.history.max_rows, config.history.max_age_seconds)
         self.draining = False
         self._active = 0                 # calls being served (every RPC)
         self._idle = asyncio.Event()
@@ -247,13 +253,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                               f"context of model {engine.name!r} ({engine.context_length} tokens) can hold "
                               f"(at most {most:,} characters are taken); shorten them")
 
+    def _label(self, model: str) -> str:
+        """The model as a metric label: names the sidecar does not serve are one label, so a
+        caller cannot grow the metrics without bound by sending made-up names."""
+        return model if model in self.engines else "unknown"
+
     @contextlib.asynccontextmanager
     async def _serving(self, rpc: str, model: str, ctx: pb.RequestContext, context: grpc.aio.ServicerContext,
                        refuse_when_draining: bool = True) -> AsyncIterator[_Call]:
         """The one path of every RPC: refuse while draining (when asked), authenticate; on the way
         out, end a failed call with its status (_STATUS), then usage book, metrics, log line."""
         call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16], session=ctx.session)
-        in_flight = metrics.IN_FLIGHT.labels(rpc, model)
+        in_flight = metrics.IN_FLIGHT.labels(rpc, self._label(model))
         in_flight.inc()
         self._active += 1
         self._idle.clear()
@@ -296,13 +307,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             metrics.OUTPUT_TOKENS.labels(model, tenant).inc(u.output_tokens)
             metrics.EMBEDDED.labels(model, tenant).inc(u.embedded_inputs)
             metrics.COMPUTE.labels(model, tenant).inc(u.compute_ns / 1e9)
-        metrics.REQUESTS.labels(call.rpc, model, tenant, call.status).inc()
-        metrics.LATENCY.labels(call.rpc, model).observe(duration)
+        metrics.REQUESTS.labels(call.rpc, self._label(model), tenant, call.status).inc()
+        metrics.LATENCY.labels(call.rpc, self._label(model)).observe(duration)
         log.info(json.dumps({"event": "request", "rpc": call.rpc, "request_id": call.request_id,
                              "model": model, "tenant": tenant or ctx.tenant, "authenticated": bool(tenant),
                              "database": ctx.database, "role": ctx.role, "session": ctx.session,
                              "status": call.status,
                              "duration_ms": round(duration * 1000, 3), **asdict(u)}))
+        if tenant and call.rpc in _KINDS:
+            self.history.record(Record(
+                # microseconds, timestamptz's precision: a bound compares the same here and in Postgres
+                at_unix_ns=call.arrived_ns // 1000 * 1000, tenant=tenant, model=self._label(model) if model else "",
+                kind=_KINDS[call.rpc], status=call.status, queue_ns=u.queue_ns,
+                first_token_ns=None if call.first_token is None else int(call.first_token * 1e9),
+                total_ns=int(duration * 1e9), input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                embedded_inputs=u.embedded_inputs, compute_ns=u.compute_ns, request_id=call.request_id))
 
     # -- RPCs ------------------------------------------------------------
 
@@ -330,7 +349,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                                queue_ns=u.queue_ns, compute_ns=u.compute_ns)))
                         else:
                             if first:
-                                metrics.FIRST_TOKEN.labels(engine.name).observe(time.monotonic() - call.started)
+                                call.first_token = time.monotonic() - call.started
+                                metrics.FIRST_TOKEN.labels(engine.name).observe(call.first_token)
                                 first = False
                             yield pb.GenerateResponse(delta=event)
                 finally:
@@ -377,7 +397,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.EmbedResponse(embeddings=out, usage=pb.Usage(
             input_tokens=sum(e.input_tokens for e in out), compute_ns=compute))
 
-    # ListModels and Usage are answered while draining (see drain).
+    # ListModels, Usage and Requests are answered while draining (see drain).
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -398,3 +418,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                 embedded_inputs=t.embedded_inputs, queue_ns=t.queue_ns, compute_ns=t.compute_ns)
                     for model, t in self.book.rows(call.tenant)]
             return pb.UsageResponse(rows=rows, since_unix_ns=self.book.since_unix_ns)
+
+    async def Requests(self, request: pb.RequestsRequest,
+                       context: grpc.aio.ServicerContext) -> pb.RequestsResponse:
+        """The calling tenant's records in the window (history.py), within the request's bounds."""
+        async with self._serving("Requests", "", request.context, context, refuse_when_draining=False) as call:
+            bounds = Bounds(
+                after=request.after_unix_ns if request.HasField("after_unix_ns") else None,
+                after_inclusive=request.after_inclusive,
+                before=request.before_unix_ns if request.HasField("before_unix_ns") else None,
+                before_inclusive=request.before_inclusive)
+            rows = [pb.RequestRecord(
+                        at_unix_ns=r.at_unix_ns, tenant=r.tenant, model=r.model, kind=r.kind, status=r.status,
+                        queue_ns=r.queue_ns, first_token_ns=r.first_token_ns, total_ns=r.total_ns,
+                        input_tokens=r.input_tokens, output_tokens=r.output_tokens,
+                        embedded_inputs=r.embedded_inputs, compute_ns=r.compute_ns, request_id=r.request_id)
+                    for r in self.history.rows(call.tenant, bounds)]
+            return pb.RequestsResponse(rows=rows, max_rows=self.history.max_rows,
+                                       max_age_seconds=self.history.max_age_seconds)

@@ -19,6 +19,13 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'llm_user') AS need_ro
   CREATE ROLE llm_user NOLOGIN;
 \endif
 COMMENT ON ROLE llm_user IS 'May query the llm.* tables and call the llm.* functions: GRANT llm_user TO your_role';
+-- A dashboard's data-source role (Grafana): it reads what the sidecar measured and nothing else,
+-- no model calls (llm.completions, llm.embeddings, the functions), so a dashboard cannot run up work.
+SELECT NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'llm_dashboard') AS need_dashboard_role \gset
+\if :need_dashboard_role
+  CREATE ROLE llm_dashboard NOLOGIN;
+\endif
+COMMENT ON ROLE llm_dashboard IS 'May read llm.requests, llm.usage and llm.models (dashboards): GRANT llm_dashboard TO grafana';
 
 SELECT NOT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar') AS need_server \gset
 \if :need_server
@@ -55,6 +62,8 @@ REVOKE ALL ON SCHEMA llm FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA llm FROM PUBLIC;
 GRANT USAGE ON SCHEMA llm TO llm_user;
 GRANT SELECT ON ALL TABLES IN SCHEMA llm TO llm_user;
+GRANT USAGE ON SCHEMA llm TO llm_dashboard;
+GRANT SELECT ON llm.requests, llm.usage, llm.models TO llm_dashboard;
 
 -- Setups made with 0.1.0 created the helper functions here; 0.2.0 ships them
 -- in the extension.  Hand the existing ones to the extension before the

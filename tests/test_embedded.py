@@ -164,3 +164,12 @@ def test_up_twice_is_idempotent_then_down_stops_everything(work_dir):
     assert embedded.running_server(embedded.Layout(state).pgdata) is None
     assert embedded.port_is_free(port)
     assert run("status").returncode == 1
+
+
+def test_sidecar_env_caps_malloc_arenas_and_lets_the_environment_win(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    env = embedded.sidecar_env(tmp_path, "someone")
+    assert env["MALLOC_ARENA_MAX"] == "4"           # an operator's setting wins
+    assert env["MALLOC_MMAP_THRESHOLD_"] == embedded.SIDECAR_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert env["HOME"] == str(tmp_path) and env["HF_HUB_OFFLINE"] == "1"

@@ -84,7 +84,7 @@ def test_non_ascii_quals_round_trip(db):
 
 def test_non_ascii_quals_in_explain(db):
     plan = "\n".join(r[0] for r in db.execute("EXPLAIN SELECT * FROM echo_quals WHERE key = 'café'"))
-    assert "LLM: quals: key = 'café'" in plan
+    assert "Multicorn: quals: key = café" in plan
 
 
 def test_non_ascii_results_come_back(db):

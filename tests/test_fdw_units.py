@@ -94,11 +94,11 @@ class FakeRpcError(grpc.RpcError):
 
 def test_queue_full_is_recognised_only_with_the_sidecars_mark():
     full = FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant is full",
-                        [(client.REJECTED_KEY, client.QUEUE_FULL)])
+                        [(errors.REJECTED_KEY, client.QUEUE_FULL)])
     assert client._queue_full(full)
     assert not client._queue_full(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant is full"))
     assert not client._queue_full(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "x",
-                                               [(client.REJECTED_KEY, client.QUEUE_FULL)]))
+                                               [(errors.REJECTED_KEY, client.QUEUE_FULL)]))
 
 
 def test_oversized_request_fails_before_sending():
@@ -108,22 +108,22 @@ def test_oversized_request_fails_before_sending():
     assert err.value.sqlstate == errors.PROGRAM_LIMIT_EXCEEDED
 
 
-@pytest.mark.parametrize("code, details, sqlstate, words", [
-    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION,
-     ["not reachable"]),
-    (grpc.StatusCode.UNAVAILABLE, "model 'x' is still loading; retry shortly", errors.CANNOT_CONNECT_NOW,
-     ["still loading"]),
+@pytest.mark.parametrize("code, details, trailing, sqlstate, words", [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", (),
+     errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION, ["not reachable"]),
+    (grpc.StatusCode.UNAVAILABLE, "model 'x' is still loading; retry shortly",
+     [(errors.UNAVAILABLE_KEY, "loading")], errors.CANNOT_CONNECT_NOW, ["still loading"]),
     (grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down and takes no new requests",
-     errors.CANNOT_CONNECT_NOW, ["shutting down"]),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)",
+     [(errors.UNAVAILABLE_KEY, "draining")], errors.CANNOT_CONNECT_NOW, ["shutting down"]),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)", (),
      errors.PROGRAM_LIMIT_EXCEEDED, ["too large"]),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant 'x' already has 2 requests running",
-     errors.TOO_MANY_CONNECTIONS, ["at its limit for this tenant"]),
-    (grpc.StatusCode.INVALID_ARGUMENT, "stop strings must not be empty", errors.INVALID_PARAMETER_VALUE,
+     [(errors.REJECTED_KEY, client.QUEUE_FULL)], errors.TOO_MANY_CONNECTIONS, ["at its limit for this tenant"]),
+    (grpc.StatusCode.INVALID_ARGUMENT, "stop strings must not be empty", (), errors.INVALID_PARAMETER_VALUE,
      ["stop strings"]),
 ])
-def test_status_codes_become_sql_errors(code, details, sqlstate, words):
-    err = errors.error_from_rpc(FakeRpcError(code, details), "unix:///run/sidecar.sock")
+def test_status_codes_become_sql_errors(code, details, trailing, sqlstate, words):
+    err = errors.error_from_rpc(FakeRpcError(code, details, trailing), "unix:///run/sidecar.sock")
     assert err.sqlstate == sqlstate
     for word in words:
         assert word in str(err)

@@ -79,8 +79,8 @@ def test_join_becomes_parameterized_per_row_quals(conn, echo):
 
 def test_explain_shows_fdw_lines(conn, echo):
     plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT * FROM echo.quals WHERE field = 'x'"))
-    assert "LLM: echo mode=quals" in plan
-    assert "LLM: quals: field = 'x'" in plan
+    assert "Multicorn: echo mode=quals" in plan
+    assert "Multicorn: quals: field = x" in plan
 
 
 @pytest.mark.parametrize("table, message", [

@@ -7,8 +7,13 @@ ColumnDefinition objects from this module; their shapes follow Multicorn2's.
 """
 from __future__ import annotations
 
+import pkgutil
 from collections import OrderedDict, namedtuple
 from typing import Any, Iterable, Mapping
+
+# Modules written for Multicorn2's package (its testfdw.py, say, which imports ``.utils``) can sit
+# in a ``multicorn/`` directory anywhere on sys.path: it joins this package's path.
+__path__ = pkgutil.extend_path(__path__, __name__)
 
 __all__ = [
     "ANY",
@@ -51,10 +56,11 @@ class Qual:
         return ANY if self.operator[1] else ALL
 
     def __repr__(self) -> str:
+        # Multicorn2's format: the value as str, so Qual('a', '=', 'x') shows as "a = x"
         if self.is_list_operator:
             name, any_ = self.operator
-            return f"{self.field_name} {name} {'ANY' if any_ else 'ALL'}({self.value!r})"
-        return f"{self.field_name} {self.operator} {self.value!r}"
+            return f"{self.field_name} {name} {'ANY' if any_ else 'ALL'}({self.value})"
+        return f"{self.field_name} {self.operator} {self.value}"
 
     def __eq__(self, other: object) -> bool:
         return (
@@ -117,7 +123,12 @@ class TableDefinition:
 
 
 class ForeignDataWrapper:
-    """Base class of FDW classes; subclassing is optional (methods are looked up by name)."""
+    """Base class of FDW classes; subclassing is optional (methods are looked up by name).
+
+    The read side of Multicorn2's API.  The write API (insert/update/delete, rowid_column,
+    bulk_insert) is not supported by the llmfdw host: foreign tables of such a class refuse
+    INSERT/UPDATE/DELETE with an error naming the class.
+    """
 
     _startup_cost = 20
 
@@ -128,15 +139,29 @@ class ForeignDataWrapper:
     def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
         return (100000000, len(columns) * 100)
 
+    def can_sort(self, sortkeys: list[SortKey]) -> list[SortKey]:
+        """The sortkeys (a prefix of the list, in order) execute() can return rows sorted by."""
+        return []
+
+    def can_limit(self, limit: int | None, offset: int | None) -> bool:
+        """Whether execute() applies LIMIT/OFFSET itself (then it gets limit= and offset=)."""
+        return False
+
     def get_path_keys(self) -> list[tuple[tuple[str, ...], float]]:
         return []
 
-    def execute(self, quals: list[Qual], columns: set[str], sortkeys: list[SortKey] | None = None) -> Iterable[Any]:
+    def execute(self, quals: list[Qual], columns: set[str], sortkeys: list[SortKey] | None = None,
+                limit: int | None = None, offset: int | None = None) -> Iterable[Any]:
         raise NotImplementedError("an FDW class must implement execute()")
 
     def explain(self, quals: list[Qual], columns: set[str], sortkeys: list[SortKey] | None = None,
-                verbose: bool = False) -> Iterable[str]:
+                verbose: bool = False, limit: int | None = None, offset: int | None = None) -> Iterable[str]:
         return []
 
     def end_scan(self) -> None:
         pass
+
+    @classmethod
+    def import_schema(cls, schema: str, srv_options: dict[str, str], options: dict[str, str],
+                      restriction_type: str | None, restricts: list[str]) -> list["TableDefinition"]:
+        raise NotImplementedError("This FDW does not support IMPORT FOREIGN SCHEMA")

@@ -11,7 +11,9 @@ and the time left under statement_timeout.
 from __future__ import annotations
 
 import heapq
+import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -20,7 +22,8 @@ from typing import Callable, Iterator
 
 import grpc
 
-from llmfdw.fdw.errors import PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled, error_from_rpc
+from llmfdw.fdw.errors import (INVALID_PARAMETER_VALUE, PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled,
+                                error_from_rpc, mark_of)
 from llmfdw.v1 import llmfdw_pb2 as pb
 from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
 
@@ -34,28 +37,85 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # was down kept failing for seconds after it came back.  Retry the connection at least every
 # second instead (a local socket is cheap to try).
 RECONNECT_BACKOFF_MS = {"initial": 100, "min": 100, "max": 1000}
-# Trailing metadata the sidecar puts on a RESOURCE_EXHAUSTED that only means "the tenant's
-# queue is full now": a scan with calls of its own still open waits for one of them instead.
-REJECTED_KEY, QUEUE_FULL = "llmfdw-rejected", "queue-full"
+# The sidecar's mark on a RESOURCE_EXHAUSTED that only means "the tenant's queue is full now"
+# (see the proto's status contract): a scan with calls of its own still open waits for one of
+# them instead.
+QUEUE_FULL = "queue-full"
 
 # This backend's session, for the sidecar's fairness between sessions of one tenant (each
 # backend is its own process and imports this module once).
 SESSION_ID = uuid.uuid4().hex
 
+# Several sidecars behind one server: the `address` option may list targets separated by commas
+# (or be one dns:///name:port, which resolves to every address of a headless Service).  gRPC
+# itself balances and retries; nothing here picks a sidecar.
+#   - round_robin: every call goes to the next connected sidecar (a broken or closed
+#     connection drops out until it reconnects).
+#   - retryPolicy on UNAVAILABLE: a call that got no response headers yet (the sidecar was
+#     unreachable, was killed before answering, or refused it while draining or loading) is
+#     sent again, to the next sidecar.  gRPC commits a call once headers arrive, and the sidecar
+#     sends them with its first message (the first token, or an embedding batch), so a
+#     generation is retried until its first token and never after: rows already returned are
+#     never returned twice.  An embedding call retries until its first message.
+# A single address gets the same config: retries then smooth over a sidecar restart.
+SERVICE = "llmfdw.v1.Inference"
+RETRY_POLICY = {
+    "maxAttempts": 5,             # gRPC caps it at 5: the first try and four more
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
+})
+_IPV4 = re.compile(r"^(?:ipv4:)?(\d{1,3}(?:\.\d{1,3}){3}:\d+)$")
+_IPV6 = re.compile(r"^(?:ipv6:)?(\[[0-9A-Fa-f:.%]+\]:\d+)$")
+_UNIX = re.compile(r"^(?:unix:(?://)?)?(/[^,]+)$")   # a bare /path continues a unix:///a,/b list
+
 _channels: dict[str, grpc.Channel] = {}
 _END = object()
 
 
+def channel_target(address: str) -> str:
+    """The gRPC target for a server's `address` option.
+
+    One target is used as it is (unix:///path, host:port, dns:///name:port).  A comma-separated
+    list (`127.0.0.1:50051,127.0.0.1:50052`, `unix:///a.sock,unix:///b.sock`) becomes the one
+    target gRPC's resolvers accept for several addresses of one kind: `ipv4:a:p,b:p`,
+    `ipv6:[a]:p,[b]:p` or `unix:///path/a,/path/b` (all three split on commas).  gRPC has no
+    target for several host names or for a mix of kinds."""
+    parts = [p.strip() for p in address.split(",") if p.strip()]
+    if len(parts) <= 1:
+        return parts[0] if parts else address
+    for pattern, join in ((_IPV4, "ipv4:"), (_IPV6, "ipv6:"), (_UNIX, "unix://")):
+        matches = [pattern.match(p) for p in parts]
+        if all(matches):
+            return join + ",".join(m.group(1) for m in matches)
+    raise LlmError(
+        f"the address {address!r} lists several sidecars that gRPC cannot balance over: each must be "
+        "an IPv4 address with a port (10.0.0.5:50051), an [IPv6]:port, or a unix:///abs/path.sock, "
+        "all of one kind",
+        hint="For a DNS name that stands for several sidecars (a Kubernetes headless Service) give that one "
+             "name: ALTER SERVER llm_sidecar OPTIONS (SET address 'dns:///llmfdw-sidecar.ns.svc:50051');",
+        sqlstate=INVALID_PARAMETER_VALUE)
+
+
 def channel_for(address: str) -> grpc.Channel:
-    """The cached channel to `address`: a backend pays the connection once."""
+    """The cached channel to `address` (one sidecar, or several: see channel_target): a backend
+    pays the connection once."""
     chan = _channels.get(address)
     if chan is None:
         chan = grpc.insecure_channel(
-            address,
+            channel_target(address),
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 *((f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in RECONNECT_BACKOFF_MS.items()),
+                ("grpc.service_config", SERVICE_CONFIG),
+                ("grpc.service_config_disable_resolution", 1),   # never a config from DNS TXT records
+                ("grpc.enable_retries", 1),
             ],
         )
         _channels[address] = chan
@@ -179,8 +239,8 @@ class SidecarClient:
                         heapq.heappush(pending, (index, requests[index]))
                         window = open_calls  # wait for one of ours to end before trying again
                         continue
-                    if item.code() == grpc.StatusCode.UNAVAILABLE:
-                        forget_channel(self.address)
+                    if item.code() == grpc.StatusCode.UNAVAILABLE and mark_of(item) is None:
+                        forget_channel(self.address)  # not reachable (the sidecar marks its own)
                     raise error_from_rpc(item, self.address)
                 else:
                     answered.add(index)
@@ -202,10 +262,7 @@ def _check_size(request) -> None:
 
 def _queue_full(err: grpc.RpcError) -> bool:
     """Whether the sidecar turned the call away only because the tenant's queue is full."""
-    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return False
-    metadata = err.trailing_metadata() or ()
-    return any(key == REJECTED_KEY and value == QUEUE_FULL for key, value in metadata)
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and mark_of(err) == QUEUE_FULL
 
 
 def _pump(call, index: int, inbox: queue.Queue) -> None:

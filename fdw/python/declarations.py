@@ -2,7 +2,10 @@
 
 A column is either a request column (Steampipe's key column: a qual on it
 becomes a request field, and every row echoes the value the request used) or
-an output column (filled from the sidecar's answer).  Request columns that
+an output column (filled from the sidecar's answer); an output column with
+`range=True` also sends its range quals (`at > now() - interval '1 hour'`) as
+bounds the request carries, a hint Postgres rechecks (keycolumns.range_hint).
+Request columns that
 may have a default carry `option=True`: the table option `name` (or the
 server option `default_name`) sets it.  From these declarations come the key
 columns the FDW class resolves quals with (keycolumns.py), the options it
@@ -40,6 +43,8 @@ class Column:
     many: bool = False      # accepts = ANY(array): one row per element
     option: bool = False    # a default may be set as table option `name` / server `default_name`
     check: Check | None = None
+    range: bool = False     # an output column whose > >= < <= = quals are sent as bounds (a hint:
+                            # Postgres rechecks them; see keycolumns.range_hint)
 
     def key_column(self) -> KeyColumn:
         check = self.check
@@ -68,6 +73,10 @@ class TableSpec:
     @property
     def request_columns(self) -> list[Column]:
         return [c for c in self.columns if c.request]
+
+    @property
+    def range_columns(self) -> list[Column]:
+        return [c for c in self.columns if c.range]
 
     @property
     def option_parsers(self) -> dict[str, Callable[[str], Any]]:
@@ -147,4 +156,24 @@ USAGE = TableSpec(
     example="SELECT * FROM {table};",
 )
 
-SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE)}
+REQUESTS = TableSpec(
+    "requests",
+    (
+        Column("at", "timestamptz", range=True),   # arrival; WHERE at > ... ships only the rows in range
+        Column("tenant", "text"),
+        Column("model", "text"),
+        Column("kind", "text"),               # generate | embed | list_models | usage
+        Column("status", "text"),             # OK or the gRPC status code's name
+        Column("queue_ms", "double precision"),
+        Column("first_token_ms", "double precision"),   # generate only
+        Column("total_ms", "double precision"),
+        Column("input_tokens", "integer"),
+        Column("output_tokens", "integer"),
+        Column("embedded_inputs", "integer"),
+        Column("compute_ms", "double precision"),
+        Column("request_id", "text"),
+    ),
+    example="SELECT * FROM {table} WHERE at > now() - interval '15 minutes';",
+)
+
+SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE, REQUESTS)}

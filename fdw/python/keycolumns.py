@@ -6,6 +6,19 @@ with an error that names the column and the operators it accepts, and a hint
 with a query that works.  An operator a key column cannot turn into a
 request (``max_tokens > 5``) is an error too, rather than a silently empty
 result.
+
+Range hints are the other kind of pushed-down qual: bounds on an output
+column (``llm.requests.at``), declared with ``Column(..., range=True)``.
+``col > v``, ``>=``, ``<``, ``<=`` and ``=`` (so also ``BETWEEN``, which
+Postgres splits into ``>=`` and ``<=``) become the tightest lower and upper
+bound the request carries (``range_hint``), so the sidecar sends only the
+rows in range.  A range column is not a request column: each row carries
+its own value, and Postgres rechecks every qual on the rows that come back.
+So a hint only ever narrows what is shipped, never what the query returns,
+and a qual that cannot be a bound (another operator, a value unknown at
+plan time, a value the table cannot read) is simply not sent, never an
+error: the host's check of request columns (check_request_columns in
+fdw/src/llmfdw.c) does not apply to it.
 """
 from __future__ import annotations
 
@@ -140,6 +153,46 @@ class KeyColumns:
         problem = col.check(value)
         if problem:
             raise LlmError(problem, sqlstate=INVALID_PARAMETER_VALUE)
+
+
+RANGE_OPERATORS = (">", ">=", "<", "<=", "=")
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds on one column: low/high are None when the quals set none on that side."""
+
+    low: Any = None
+    low_inclusive: bool = False
+    high: Any = None
+    high_inclusive: bool = False
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
+
+
+def range_hint(quals: Iterable[Qual], column: str, parse: Callable[[Any], Any] = lambda v: v) -> Range:
+    """The tightest bounds that the quals on `column` put on it (see the module docstring).
+    `parse` turns a qual's value into a comparable bound, or None when it cannot (then that qual
+    is left to Postgres).  Two bounds on one side keep the tighter; at a tie, the exclusive one."""
+    low = high = None
+    low_inc = high_inc = False
+    for qual in quals:
+        if qual.field_name != column or qual.is_list_operator or qual.operator not in RANGE_OPERATORS:
+            continue
+        value = None if qual.value is None else parse(qual.value)
+        if value is None:
+            continue
+        if qual.operator in (">", ">=", "="):
+            inclusive = qual.operator != ">"
+            if low is None or value > low or (value == low and not inclusive):
+                low, low_inc = value, inclusive
+        if qual.operator in ("<", "<=", "="):
+            inclusive = qual.operator != "<"
+            if high is None or value < high or (value == high and not inclusive):
+                high, high_inc = value, inclusive
+    return Range(low, low_inc, high, high_inc)
 
 
 def _distinct(values: list[Any]) -> list[Any]:

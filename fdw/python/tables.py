@@ -1,10 +1,10 @@
-"""The virtual tables: completions, embeddings, models, usage.
+"""The virtual tables: completions, embeddings, models, usage, requests.
 
 Each is a Multicorn-API FDW class built from its declaration in
 declarations.py.  A foreign server of the llmfdw wrapper runs
 ``SidecarTables`` unless a superuser names another class; each foreign
 table's ``table`` option picks the class, and ``IMPORT FOREIGN SCHEMA llm``
-creates all four from their declarations.  Options (later wins): table, then
+creates them all from their declarations.  Options (later wins): table, then
 server, then user mapping; options.py says which names each level takes.
 """
 from __future__ import annotations
@@ -14,15 +14,15 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
 
 from llmfdw.fdw.client import SESSION_ID, CallControl, SidecarClient, new_request_id
-from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS, MODELS, SPECS, USAGE, TableSpec
+from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, SPECS, USAGE, TableSpec
 from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
-from llmfdw.fdw.keycolumns import KeyColumns, Resolved
+from llmfdw.fdw.keycolumns import KeyColumns, Range, Resolved, range_hint
 from llmfdw.fdw.options import DEFAULT_TIMEOUT, parse_options
 from llmfdw.v1 import llmfdw_pb2 as pb
 
@@ -74,6 +74,7 @@ class SidecarTable(ForeignDataWrapper):
     """Common plumbing: options, the client, the request context, the echoed request columns."""
 
     spec: TableSpec
+    explain_label = "LLM"  # EXPLAIN's label for our lines (the host's default is "Multicorn")
 
     def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
         super().__init__(options, columns)
@@ -167,13 +168,34 @@ class SidecarTable(ForeignDataWrapper):
 
     def explain(self, quals: list[Qual], columns: set[str], sortkeys=None, verbose: bool = False,
                 **kwargs: Any) -> list[str]:
-        pushed = ", ".join(repr(q) for q in quals if q.field_name in self.keys.columns) or "none"
+        pushed = ", ".join(_shown(q) for q in quals if q.field_name in self.keys.columns) or "none"
         lines = [f"{self.spec.name} via sidecar {self.address}",
                  f"model: {self.default_model or '(from quals)'}",
                  f"request quals: {pushed}"]
+        if kwargs.get("limit") is not None or kwargs.get("offset") is not None:
+            lines.append(f"limit: {kwargs.get('limit', 'all')}, offset: {kwargs.get('offset') or 0}"
+                         f" (requests only for those rows)")
         if verbose:
             lines.append(f"columns: {', '.join(sorted(columns))}")
         return lines
+
+
+def _shown(qual: Qual) -> str:
+    """A qual for EXPLAIN, its value quoted (Qual's repr is Multicorn2's: the value's str())."""
+    if qual.is_list_operator:
+        name, any_ = qual.operator
+        return f"{qual.field_name} {name} {'ANY' if any_ else 'ALL'}({qual.value!r})"
+    return f"{qual.field_name} {qual.operator} {qual.value!r}"
+
+
+def _window(values: list[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """The values a pushed-down OFFSET/LIMIT leaves of a request list.  The host pushes them
+    down only when every condition is "request column = value" (or = ANY), which every row
+    meets, and each distinct value gives one row: so a LIMIT 1 over prompt = ANY(...) runs one
+    prompt, not all of them."""
+    offset = kwargs.get("offset") or 0
+    limit = kwargs.get("limit")
+    return values[offset:] if limit is None else values[offset:offset + limit]
 
 
 # GenerationParams fields a request column (or its default) sets; stop is a list, set apart
@@ -185,6 +207,9 @@ class CompletionsTable(SidecarTable):
     """One row per prompt: the model's completion and what it cost."""
 
     spec = COMPLETIONS
+
+    def can_limit(self, limit: int | None, offset: int | None) -> bool:
+        return True  # execute() requests only the prompts the LIMIT/OFFSET keeps (_window)
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         resolved = self.resolve(quals)
@@ -200,7 +225,9 @@ class CompletionsTable(SidecarTable):
         if stop:
             params.stop.extend(stop if isinstance(stop, list) else [stop])
         system = self.param(resolved, "system") or ""
-        prompts = resolved.values["prompt"]
+        prompts = _window(resolved.values["prompt"], kwargs)
+        if not prompts:
+            return
         requests = [
             pb.GenerateRequest(model=model, prompt=p, system=system, params=params, context=self.context())
             for p in prompts
@@ -231,6 +258,9 @@ class EmbeddingsTable(SidecarTable):
 
     spec = EMBEDDINGS
 
+    def can_limit(self, limit: int | None, offset: int | None) -> bool:
+        return True  # execute() embeds only the inputs the LIMIT/OFFSET keeps (_window)
+
     def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
         super().__init__(options, columns)
         emb = columns.get("embedding")
@@ -242,7 +272,9 @@ class EmbeddingsTable(SidecarTable):
         if resolved.empty:
             return
         model = self.model_for(resolved)
-        inputs = resolved.values["input"]
+        inputs = _window(resolved.values["input"], kwargs)
+        if not inputs:
+            return
         request = pb.EmbedRequest(model=model, inputs=inputs, normalize=True, context=self.context())
         want_vector = "embedding" in columns
         for message in self.client.embed(request):
@@ -322,8 +354,77 @@ class UsageTable(ListingTable):
             }
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _unix_ns(value: Any) -> int | None:
+    """A timestamptz qual value as Unix nanoseconds, or None when it cannot be read (then the qual
+    is left to Postgres).  Our host hands timestamptz over as its text output: ISO 8601 with the
+    offset under the default DateStyle (ISO); another DateStyle, 'infinity', or a datetime without
+    a zone (which instant it means is unknown here) is not read."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        return None
+    return (value - _EPOCH) // _MICROSECOND * 1000
+
+
+def _timestamptz(unix_ns: int) -> str:
+    """Unix nanoseconds -> timestamptz text, to the microsecond (exact: no float on the way)."""
+    return (_EPOCH + timedelta(microseconds=unix_ns // 1000)).isoformat()
+
+
+class RequestsTable(SidecarTable):
+    """This tenant's recent requests, from the sidecar's bounded window (sidecar/history.py).
+
+    Quals on ``at`` (> >= < <= =, BETWEEN) are sent as the request's bounds, so the sidecar ships
+    only the rows in range; ``at`` is a range column, not a request column (Postgres rechecks the
+    quals on it, see keycolumns.range_hint)."""
+
+    spec = REQUESTS
+
+    def time_range(self, quals: list[Qual]) -> Range:
+        return range_hint(quals, "at", _unix_ns)
+
+    def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        # the window holds up to 10,000 rows by default; a time range usually keeps a few
+        bounded = any(q.field_name == "at" and q.operator in (">", ">=", "<", "<=", "=") for q in quals)
+        return (100 if bounded else 1000, 120)
+
+    def explain(self, quals: list[Qual], columns: set[str], sortkeys=None, verbose: bool = False,
+                **kwargs: Any) -> list[str]:
+        sent = [_shown(q) for q in quals if q.field_name == "at"
+                and not q.is_list_operator and q.operator in (">", ">=", "<", "<=", "=")]
+        return [f"{self.spec.name} via sidecar {self.address}",
+                f"time range sent: {', '.join(sent) or 'none (the whole window)'}"]
+
+    def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        span = self.time_range(quals)
+        request = pb.RequestsRequest(context=self.context())
+        if span.low is not None:
+            request.after_unix_ns, request.after_inclusive = span.low, span.low_inclusive
+        if span.high is not None:
+            request.before_unix_ns, request.before_inclusive = span.high, span.high_inclusive
+        # SidecarClient has no method of its own for this RPC: the same unary call as usage()
+        response = self.client._unary(self.client.stub.Requests, request)
+        for r in response.rows:
+            yield {
+                "at": _timestamptz(r.at_unix_ns), "tenant": r.tenant, "model": r.model or None,
+                "kind": r.kind, "status": r.status, "queue_ms": r.queue_ns / 1e6,
+                "first_token_ms": r.first_token_ns / 1e6 if r.HasField("first_token_ns") else None,
+                "total_ms": r.total_ns / 1e6, "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens, "embedded_inputs": r.embedded_inputs,
+                "compute_ms": r.compute_ns / 1e6, "request_id": r.request_id,
+            }
+
+
 TABLES: dict[str, type[SidecarTable]] = {cls.spec.name: cls for cls in
-                                         (CompletionsTable, EmbeddingsTable, ModelsTable, UsageTable)}
+                                         (CompletionsTable, EmbeddingsTable, ModelsTable, UsageTable,
+                                          RequestsTable)}
 assert TABLES.keys() == SPECS.keys(), "every declared table has its class"
 
 

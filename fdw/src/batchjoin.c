@@ -34,8 +34,10 @@
 
 #include "access/table.h"
 #include "commands/explain.h"
+#if PG_VERSION_NUM >= 180000
 #include "commands/explain_format.h"
 #include "commands/explain_state.h"
+#endif
 #include "executor/executor.h"
 #include "executor/tuptable.h"
 #include "foreign/foreign.h"
@@ -314,13 +316,15 @@ analyse_join(RelOptInfo *joinrel, RelOptInfo *innerrel, Path *param_path,
 		info->restrict_clauses = lappend(info->restrict_clauses, rinfo->clause);
 	}
 
-	/* As create_nestloop_path: clauses the inner path enforces are not repeated. */
+	/*
+	 * As create_nestloop_path: clauses the inner path enforces are not
+	 * repeated.  Pseudoconstant ones are kept: where a gating Result
+	 * evaluates them too (custom_restrictinfo) that costs one more test.
+	 */
 	foreach(lc, extra->restrictlist)
 	{
 		RestrictInfo *rinfo = lfirst(lc);
 
-		if (rinfo->pseudoconstant)
-			continue;			/* a gating Result evaluates it */
 		if (join_clause_is_movable_into(rinfo, innerrel->relids, inner_and_outer))
 			continue;
 		if (names_column((Node *) rinfo->clause, relid, request_attnums))
@@ -378,14 +382,23 @@ cost_batched_join(PlannerInfo *root, CustomPath *cpath, Path *outer, Path *inner
 		cpath->path.rows = cpath->path.parent->rows;
 	cpath->path.rows = clamp_row_est(cpath->path.rows);
 
+#if PG_VERSION_NUM >= 180000
 	cpath->path.disabled_nodes = outer->disabled_nodes + inner->disabled_nodes +
 		(enable_nestloop ? 0 : 1);
+#endif
 	cpath->path.startup_cost = outer->startup_cost +
 		outer_run * Min(1.0, batch_size / outer_rows) + inner->startup_cost;
 	cpath->path.total_cost = outer->total_cost +
 		calls * inner->startup_cost + lookups * inner_run +
 		outer_rows * cpu_tuple_cost + quals.startup +
 		pairs * quals.per_tuple + cpath->path.rows * cpu_tuple_cost;
+#if PG_VERSION_NUM < 180000
+	if (!enable_nestloop)		/* before 18: disable_cost, not disabled_nodes */
+	{
+		cpath->path.startup_cost += disable_cost;
+		cpath->path.total_cost += disable_cost;
+	}
+#endif
 }
 
 /*
@@ -471,7 +484,9 @@ batchjoin_pathlist_hook(PlannerInfo *root, RelOptInfo *joinrel, RelOptInfo *oute
 	cpath->path.parallel_safe = false;	/* Python runs in the leader only */
 	cpath->path.pathkeys = NIL;		/* rows come out as requests complete */
 	cpath->custom_paths = list_make1(outer);
+#if PG_VERSION_NUM >= 170000
 	cpath->custom_restrictinfo = extra->restrictlist;
+#endif
 	cpath->custom_private = list_make1(best);
 	cpath->methods = &batchjoin_path_methods;
 	cost_batched_join(root, cpath, outer, best_inner, best, join_batch_size);
@@ -516,7 +531,9 @@ match_nullingrels(Node *node, List *scan_tlist)
 		if (pos < 0)
 			return node;
 		var = copyObject((Var *) node);
+#if PG_VERSION_NUM >= 160000	/* before 16, Vars carry no nullingrels */
 		var->varnullingrels = ((Var *) ((TargetEntry *) list_nth(scan_tlist, pos))->expr)->varnullingrels;
+#endif
 		return (Node *) var;
 	}
 	if (IsA(node, PlaceHolderVar))

@@ -5,15 +5,22 @@
  *
  * Postgres -> Python (qual values): text types -> str, integers -> int,
  * floats and numeric -> float, bool -> bool, bytea -> bytes, arrays -> list,
+ * date -> datetime.date, timestamp -> datetime.datetime (microseconds kept),
  * NULL -> None, anything else -> its text output as str.  (Multicorn gives
- * bool and int8 as strings; we give real types.)
+ * bool, int2, int8 and float as strings and drops microseconds; we give real
+ * types.)
  *
  * Python -> Postgres (result rows), in two steps so that nothing can throw a
  * Postgres ERROR while the GIL is held:
  *	1. with the GIL: each value becomes a C string in the column type's text
- *	   input format (sequences become '{...}' for array columns and '[...]'
- *	   otherwise, which is pgvector's format; dicts and lists become JSON for
- *	   json/jsonb columns; bytes go to bytea columns as they are);
+ *	   input format, as Multicorn2 makes it: sequences become '{...}' for
+ *	   array columns and Python's str() of the list otherwise ("[1.5, 2.0]",
+ *	   which is also pgvector's format); dicts become hstore's '"k"=>"v"';
+ *	   dates and datetimes their ISO format.  Unlike Multicorn2, dicts and
+ *	   lists become JSON for json/jsonb columns, nested lists always become
+ *	   multidimensional arrays (Multicorn2 follows attndims, which Postgres
+ *	   does not enforce), a tuple is formatted as a list and None in a dict
+ *	   is NULL; bytes go to bytea columns as they are);
  *	2. without the GIL: the type's input function parses it, so a vector(384)
  *	   column rejects a 385-element list with pgvector's own error.
  * A bytes value for a column that is not bytea is taken as the type's binary
@@ -29,8 +36,15 @@
 #include "lib/stringinfo.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
+#include "utils/datetime.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
+#include "utils/timestamp.h"
+
+/* Python's datetime.h has the same include guard as utils/datetime.h. */
+#undef DATETIME_H
+#include <datetime.h>
 
 /* ---------------------------------------------------------------------
  * Postgres -> Python
@@ -84,6 +98,45 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 				bytea	   *b = DatumGetByteaPP(value);
 
 				return PyBytes_FromStringAndSize(VARDATA_ANY(b), VARSIZE_ANY_EXHDR(b));
+			}
+		case DATEOID:
+			{
+				DateADT		d = DatumGetDateADT(value);
+				int			y,
+							m,
+							day;
+
+				if (DATE_NOT_FINITE(d))
+					break;
+				j2date(d + POSTGRES_EPOCH_JDATE, &y, &m, &day);
+				if (y < 1 || y > 9999)
+					break;		/* outside Python's range: text, below */
+				if (PyDateTimeAPI == NULL)
+				{
+					PyDateTime_IMPORT;
+					if (PyDateTimeAPI == NULL)
+						return NULL;
+				}
+				return PyDate_FromDate(y, m, day);
+			}
+		case TIMESTAMPOID:
+			{
+				Timestamp	ts = DatumGetTimestamp(value);
+				struct pg_tm tm;
+				fsec_t		fsec;
+
+				if (TIMESTAMP_NOT_FINITE(ts) ||
+					timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0 ||
+					tm.tm_year < 1 || tm.tm_year > 9999)
+					break;
+				if (PyDateTimeAPI == NULL)
+				{
+					PyDateTime_IMPORT;
+					if (PyDateTimeAPI == NULL)
+						return NULL;
+				}
+				return PyDateTime_FromDateAndTime(tm.tm_year, tm.tm_mon, tm.tm_mday,
+												  tm.tm_hour, tm.tm_min, tm.tm_sec, fsec);
 			}
 		case NUMERICOID:
 			{
@@ -228,6 +281,104 @@ append_sequence(StringInfo buf, PyObject *seq, bool array_syntax)
 	return true;
 }
 
+/* Append s double-quoted, with backslash escapes (array elements, hstore). */
+static void
+append_quoted(StringInfo buf, const char *s)
+{
+	appendStringInfoChar(buf, '"');
+	for (const char *p = s; *p; p++)
+	{
+		if (*p == '"' || *p == '\\')
+			appendStringInfoChar(buf, '\\');
+		appendStringInfoChar(buf, *p);
+	}
+	appendStringInfoChar(buf, '"');
+}
+
+/*
+ * A plain copy of a list or tuple (as a list), numpy values made Python
+ * values (their tolist()), so that str() of it reads "[0.5, 1.0]".
+ */
+static PyObject *
+plain_list(PyObject *seq)
+{
+	PyObject   *fast = PySequence_Fast(seq, "expected a sequence");
+	PyObject   *result;
+	Py_ssize_t	n;
+
+	if (fast == NULL)
+		return NULL;
+	n = PySequence_Fast_GET_SIZE(fast);
+	result = PyList_New(n);
+	for (Py_ssize_t i = 0; result != NULL && i < n; i++)
+	{
+		PyObject   *item = PySequence_Fast_GET_ITEM(fast, i);
+		PyObject   *copy;
+
+		if (PyList_Check(item) || PyTuple_Check(item))
+			copy = plain_list(item);
+		else if (!PyUnicode_Check(item) && !PyBytes_Check(item) &&
+				 PyObject_HasAttrString(item, "tolist"))
+			copy = PyObject_CallMethod(item, "tolist", NULL);
+		else
+			copy = Py_NewRef(item);
+		if (copy == NULL)
+			Py_CLEAR(result);
+		else
+			PyList_SET_ITEM(result, i, copy);
+	}
+	Py_DECREF(fast);
+	return result;
+}
+
+/* A mapping in hstore's text format: "k"=>"v", "k2"=>NULL (Multicorn2's, None as NULL). */
+static bool
+append_mapping(StringInfo buf, PyObject *mapping)
+{
+	PyObject   *items = PyMapping_Items(mapping);
+	Py_ssize_t	n;
+
+	if (items == NULL)
+		return false;
+	n = PyList_GET_SIZE(items);
+	for (Py_ssize_t i = 0; i < n; i++)
+	{
+		PyObject   *pair = PyList_GET_ITEM(items, i);
+		StringInfoData part;
+
+		if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2)
+		{
+			Py_DECREF(items);
+			PyErr_SetString(PyExc_TypeError, "mapping items must be (key, value) pairs");
+			return false;
+		}
+		if (i > 0)
+			appendStringInfoString(buf, ", ");
+		for (int j = 0; j < 2; j++)
+		{
+			PyObject   *v = PyTuple_GET_ITEM(pair, j);
+
+			if (j == 1)
+				appendStringInfoString(buf, "=>");
+			if (v == Py_None)
+			{
+				appendStringInfoString(buf, "NULL");
+				continue;
+			}
+			initStringInfo(&part);
+			if (!append_value(&part, v, false))
+			{
+				Py_DECREF(items);
+				return false;
+			}
+			append_quoted(buf, part.data);
+			pfree(part.data);
+		}
+	}
+	Py_DECREF(items);
+	return true;
+}
+
 static bool
 append_value(StringInfo buf, PyObject *value, bool in_array)
 {
@@ -243,8 +394,19 @@ append_value(StringInfo buf, PyObject *value, bool in_array)
 		appendBinaryStringInfo(buf, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
 		return true;
 	}
+	if ((PyList_Check(value) || PyTuple_Check(value)) && in_array)
+		return append_sequence(buf, value, true);
 	if (PyList_Check(value) || PyTuple_Check(value))
-		return append_sequence(buf, value, in_array);
+	{
+		/* not an array column: str() of the list, as Multicorn2 */
+		PyObject   *plain = plain_list(value);
+		bool		ok = plain != NULL && append_str(buf, plain);
+
+		Py_XDECREF(plain);
+		return ok;
+	}
+	if (PyDict_Check(value) || (!PySequence_Check(value) && PyMapping_Check(value)))
+		return append_mapping(buf, value);
 	if (PyObject_HasAttrString(value, "tolist"))
 	{
 		/* numpy arrays and scalars */

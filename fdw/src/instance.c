@@ -42,6 +42,7 @@ typedef struct InstanceEntry
 {
 	InstanceKey key;			/* hash key */
 	bool		stale;			/* its catalog entries changed: rebuild */
+	uint32		table_hash;		/* its pg_foreign_table row's syscache hash */
 	PyObject   *instance;		/* strong reference */
 } InstanceEntry;
 
@@ -51,8 +52,21 @@ static HTAB *instances = NULL;
  * Catalog callbacks.  They may run anywhere (no Python here): they only mark
  * entries stale, and the next lookup drops the old instance.  Options of
  * servers and user mappings reach every table, so those mark all entries;
- * a relcache invalidation marks its table's (InvalidOid: all).
+ * a table's own options (pg_foreign_table) and a relcache invalidation mark
+ * that table's (hash 0 / InvalidOid: all).
  */
+static void
+invalidate_table(Datum arg, int cacheid, uint32 hashvalue)
+{
+	HASH_SEQ_STATUS scan;
+	InstanceEntry *entry;
+
+	hash_seq_init(&scan, instances);
+	while ((entry = hash_seq_search(&scan)) != NULL)
+		if (hashvalue == 0 || entry->table_hash == hashvalue)
+			entry->stale = true;
+}
+
 static void
 invalidate_all(Datum arg, int cacheid, uint32 hashvalue)
 {
@@ -88,7 +102,7 @@ init_instance_cache(void)
 							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	CacheRegisterSyscacheCallback(FOREIGNSERVEROID, invalidate_all, (Datum) 0);
 	CacheRegisterSyscacheCallback(USERMAPPINGOID, invalidate_all, (Datum) 0);
-	CacheRegisterSyscacheCallback(FOREIGNTABLEREL, invalidate_all, (Datum) 0);
+	CacheRegisterSyscacheCallback(FOREIGNTABLEREL, invalidate_table, (Datum) 0);
 	CacheRegisterRelcacheCallback(invalidate_rel, (Datum) 0);
 }
 
@@ -527,6 +541,7 @@ llmfdw_get_instance(Oid foreigntableid)
 	{
 		entry->instance = NULL;
 		entry->stale = true;
+		entry->table_hash = GetSysCacheHashValue1(FOREIGNTABLEREL, ObjectIdGetDatum(foreigntableid));
 	}
 
 	if (!entry->stale)

@@ -14,23 +14,31 @@
 #include "llmfdw.h"
 
 #include "access/reloptions.h"
+#include "access/stratnum.h"
 #include "access/table.h"
 #include "catalog/pg_attribute.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_foreign_server.h"
 #include "catalog/pg_foreign_table.h"
 #include "catalog/pg_user_mapping.h"
 #include "commands/defrem.h"
 #include "commands/explain.h"
+#if PG_VERSION_NUM >= 180000
 #include "commands/explain_format.h"
 #include "commands/explain_state.h"
+#endif
 #include "foreign/fdwapi.h"
 #include "foreign/foreign.h"
 #include "miscadmin.h"
 #include "optimizer/optimizer.h"
 #include "optimizer/pathnode.h"
 #include "optimizer/planmain.h"
+#include "optimizer/paths.h"
 #include "optimizer/restrictinfo.h"
+#include "optimizer/tlist.h"
+#include "parser/parsetree.h"
 #include "pgstat.h"
+#include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -49,6 +57,9 @@ typedef struct LlmfdwPlan
 	int			width;
 	Cost		startup_cost;
 	List	   *request_attnums;	/* the class's request_columns, as attnums */
+	List	   *sortkeys;		/* sort keys can_sort() accepted (see sort_key) */
+	List	   *sort_pathkeys;	/* their PathKeys */
+	bool		sort_pushed_down;	/* they cover the query's ORDER BY */
 } LlmfdwPlan;
 
 /*
@@ -59,6 +70,12 @@ enum FdwScanPrivateIndex
 {
 	/* Integer list of the attnos the query reads */
 	FdwScanPrivateNeededColumns,
+	/* List of the sort keys execute() sorts by (see sort_key) */
+	FdwScanPrivateSortKeys,
+	/* Integer: LIMIT execute() applies, -1 for none */
+	FdwScanPrivateLimit,
+	/* Integer: OFFSET execute() applies, -1 for none */
+	FdwScanPrivateOffset,
 };
 
 /*
@@ -86,6 +103,9 @@ typedef struct LlmfdwScan
 	int			natts;
 	Bitmapset  *needed;			/* attnos the query reads */
 	List	   *quals;			/* LlmfdwQual */
+	List	   *sortkeys;		/* pushed-down ORDER BY (see sort_key), or NIL */
+	int			limit;			/* pushed-down LIMIT, or -1 */
+	int			offset;			/* pushed-down OFFSET, or -1 */
 	LlmfdwRowStrings row;
 	MemoryContextCallback cleanup;
 } LlmfdwScan;
@@ -268,6 +288,7 @@ llmfdwGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntable
 	LLMFDW_END_PYTHON(st);
 
 	baserel->rows = clamp_row_est(rows);
+	baserel->reltarget->width = plan->width;	/* get_rel_size's, as Multicorn2 */
 	baserel->fdw_private = plan;
 	plan->request_attnums = request_attnums(plan);
 }
@@ -431,6 +452,189 @@ has_any_qual(List *quals, AttrNumber attnum)
 	return false;
 }
 
+/* ---------------------------------------------------------------------
+ * Sort and LIMIT pushdown (Multicorn2's can_sort / can_limit)
+ *
+ * A sort key is a Node list, so that it can sit in fdw_private:
+ * (String attname, Integer attnum, Boolean is_reversed, Boolean nulls_first,
+ * String collation name or "").
+ * --------------------------------------------------------------------- */
+
+static List *
+sort_key(const char *attname, AttrNumber attnum, bool reversed, bool nulls_first,
+		 const char *collate)
+{
+	return list_make5(makeString(pstrdup(attname)), makeInteger(attnum),
+					  makeBoolean(reversed), makeBoolean(nulls_first),
+					  makeString(pstrdup(collate ? collate : "")));
+}
+
+/* A Python list of multicorn.SortKey; NULL with a Python error set.  GIL held. */
+static PyObject *
+sortkeys_to_python(List *keys)
+{
+	PyObject   *cls = llmfdw_multicorn_attr("SortKey");
+	PyObject   *result = cls ? PyList_New(0) : NULL;
+	ListCell   *lc;
+
+	foreach(lc, keys)
+	{
+		List	   *key = lfirst(lc);
+		const char *collate = strVal(list_nth(key, 4));
+		PyObject   *name = result ? llmfdw_text_to_python(strVal(linitial(key)), -1) : NULL;
+		PyObject   *coll = name ? (collate[0] ? llmfdw_text_to_python(collate, -1) : Py_NewRef(Py_None)) : NULL;
+		PyObject   *sk = coll ? PyObject_CallFunction(cls, "OiOOO", name, intVal(lsecond(key)),
+													  boolVal(lthird(key)) ? Py_True : Py_False,
+													  boolVal(lfourth(key)) ? Py_True : Py_False,
+													  coll) : NULL;
+
+		Py_XDECREF(name);
+		Py_XDECREF(coll);
+		if (sk == NULL || PyList_Append(result, sk) < 0)
+			Py_CLEAR(result);
+		Py_XDECREF(sk);
+		if (result == NULL)
+			break;
+	}
+	Py_XDECREF(cls);
+	return result;
+}
+
+/*
+ * The query's pathkeys (ORDER BY, or what GROUP BY, a window or a merge join
+ * would like) as sort keys of columns of this table; NIL unless every one
+ * is a plain column of it, as Multicorn2 asks.
+ */
+static List *
+query_sort_keys(PlannerInfo *root, RelOptInfo *baserel, LlmfdwPlan *plan, List **pathkeys)
+{
+	List	   *keys = NIL;
+	ListCell   *lc;
+
+	*pathkeys = NIL;
+	foreach(lc, root->query_pathkeys)
+	{
+		PathKey    *pk = lfirst(lc);
+		EquivalenceClass *ec = pk->pk_eclass;
+		Var		   *var = NULL;
+		ListCell   *lc2;
+		bool		reversed;
+
+		if (ec->ec_has_volatile)
+			return NIL;
+		foreach(lc2, ec->ec_members)
+		{
+			EquivalenceMember *em = lfirst(lc2);
+			Node	   *expr = (Node *) em->em_expr;
+
+			while (expr && IsA(expr, RelabelType))
+				expr = (Node *) ((RelabelType *) expr)->arg;
+			if (bms_equal(em->em_relids, baserel->relids) && expr && IsA(expr, Var) &&
+				((Var *) expr)->varno == baserel->relid && ((Var *) expr)->varattno > 0 &&
+				((Var *) expr)->varattno <= plan->natts)
+			{
+				var = (Var *) expr;
+				break;
+			}
+		}
+		if (var == NULL)
+		{
+			*pathkeys = NIL;
+			return NIL;
+		}
+#if PG_VERSION_NUM >= 180000
+		reversed = (pk->pk_cmptype == COMPARE_GT);
+#else
+		reversed = (pk->pk_strategy == BTGreaterStrategyNumber);
+#endif
+		keys = lappend(keys, sort_key(plan->columns[var->varattno - 1].name, var->varattno,
+									  reversed, pk->pk_nulls_first,
+									  OidIsValid(ec->ec_collation) && ec->ec_collation != DEFAULT_COLLATION_OID
+									  ? get_collation_name(ec->ec_collation) : NULL));
+		*pathkeys = lappend(*pathkeys, pk);
+	}
+	return keys;
+}
+
+/*
+ * can_sort(sortkeys) -> the keys execute() will sort by.  They (matched by
+ * attnum) become plan->sortkeys and the pathkeys of the sorted paths.
+ */
+static void
+plan_sort(PlannerInfo *root, RelOptInfo *baserel, LlmfdwPlan *plan)
+{
+	List	   *wanted_pathkeys;
+	List	   *wanted = query_sort_keys(root, baserel, plan, &wanted_pathkeys);
+	List	   *accepted = NIL;
+	LlmfdwPyState st;
+
+	if (wanted == NIL)
+		return;
+	LLMFDW_WITH_PYTHON(st);
+	{
+		bool		can = has_method(plan->instance, "can_sort");
+		PyObject   *pykeys = can ? sortkeys_to_python(wanted) : NULL;
+		PyObject   *res = pykeys ? PyObject_CallMethod(plan->instance, "can_sort", "O", pykeys) : NULL;
+		PyObject   *iter;
+		PyObject   *item;
+
+		Py_XDECREF(pykeys);
+		if (!can)
+			res = Py_NewRef(Py_None);
+		if (res == NULL)
+			llmfdw_raise_python_error(&st, "calling can_sort()");
+		iter = res == Py_None ? NULL : PyObject_GetIter(res);
+		Py_DECREF(res);
+		if (iter == NULL && PyErr_Occurred())
+			llmfdw_raise_python_error(&st, "can_sort() must return a list of the SortKeys it was given");
+		while (iter != NULL && (item = PyIter_Next(iter)) != NULL)
+		{
+			PyObject   *pyattnum = PyObject_GetAttrString(item, "attnum");
+			long		attnum = pyattnum ? PyLong_AsLong(pyattnum) : -1;
+			ListCell   *lc;
+			ListCell   *lc2;
+
+			Py_XDECREF(pyattnum);
+			Py_DECREF(item);
+			if (PyErr_Occurred())
+			{
+				Py_DECREF(iter);
+				llmfdw_raise_python_error(&st, "can_sort() must return a list of the SortKeys it was given");
+			}
+			forboth(lc, wanted, lc2, wanted_pathkeys)
+			{
+				if (intVal(lsecond((List *) lfirst(lc))) == attnum &&
+					!list_member_ptr(plan->sort_pathkeys, lfirst(lc2)))
+				{
+					accepted = lappend(accepted, lfirst(lc));
+					plan->sort_pathkeys = lappend(plan->sort_pathkeys, lfirst(lc2));
+				}
+			}
+		}
+		Py_XDECREF(iter);
+		if (PyErr_Occurred())
+			llmfdw_raise_python_error(&st, "calling can_sort()");
+	}
+	LLMFDW_END_PYTHON(st);
+	plan->sortkeys = accepted;
+	plan->sort_pushed_down = accepted != NIL &&
+		pathkeys_contained_in(root->sort_pathkeys, plan->sort_pathkeys);
+}
+
+/* add_path, and beside it the same path sorted by what can_sort() accepted. */
+static void
+add_scan_path(PlannerInfo *root, RelOptInfo *baserel, LlmfdwPlan *plan, ForeignPath *path)
+{
+	add_path(baserel, (Path *) path);
+	if (plan->sort_pathkeys == NIL)
+		return;
+	add_path(baserel, (Path *)
+			 create_foreignscan_path(root, baserel, NULL, path->path.rows, 0,
+									 path->path.startup_cost, path->path.total_cost,
+									 plan->sort_pathkeys, PATH_REQ_OUTER(&path->path), NULL, NIL,
+									 list_make3(plan->sortkeys, makeInteger(-1), makeInteger(-1))));
+}
+
 static void
 llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid)
 {
@@ -460,13 +664,15 @@ llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 			unhonoured = true;
 	}
 
-	total = plan->startup_cost + baserel->rows * plan->width;
+	/* Multicorn2's costs: rows x width (never below the startup cost) */
+	plan_sort(root, baserel, plan);
+	total = Max(plan->startup_cost, baserel->rows * plan->width);
 	if (unhonoured)
 		total += LLMFDW_UNHONOURED_COST;
-	add_path(baserel, (Path *)
-			 create_foreignscan_path(root, baserel, NULL, baserel->rows, 0,
-									 plan->startup_cost, total,
-									 NIL, NULL, NULL, NIL, NIL));
+	add_scan_path(root, baserel, plan,
+				  create_foreignscan_path(root, baserel, NULL, baserel->rows, 0,
+										  plan->startup_cost, total,
+										  NIL, NULL, NULL, NIL, NIL));
 	if (joined == NIL)
 		return;
 
@@ -517,11 +723,11 @@ llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid
 			seen = lappend(seen, required);
 
 			ppi = get_baserel_parampathinfo(root, baserel, required);
-			add_path(baserel, (Path *)
-					 create_foreignscan_path(root, baserel, NULL, rows, 0,
-											 plan->startup_cost,
-											 plan->startup_cost + rows * plan->width,
-											 NIL, ppi->ppi_req_outer, NULL, NIL, NIL));
+			add_scan_path(root, baserel, plan,
+						  create_foreignscan_path(root, baserel, NULL, rows, 0,
+												  plan->startup_cost,
+												  Max(plan->startup_cost, rows * plan->width),
+												  NIL, ppi->ppi_req_outer, NULL, NIL, NIL));
 		}
 	}
 }
@@ -628,6 +834,142 @@ check_request_columns(PlannerInfo *root, RelOptInfo *baserel, LlmfdwPlan *plan,
 	}
 }
 
+/*
+ * LIMIT/OFFSET pushdown, on Multicorn2's terms: a SELECT of this one table,
+ * constant LIMIT/OFFSET, no WITH TIES, its ORDER BY (if any) pushed down,
+ * and can_limit(limit, offset) true.  Multicorn2 also wants no WHERE at all:
+ * a class that does not apply a condition would return rows it filters,
+ * and too few of them.  We accept conditions that every row the class
+ * returns meets by construction: "column = value" / "= ANY" on its request
+ * columns (see request_attnums), which it echoes from the request.  So
+ * "prompt = ANY(...) LIMIT 1" starts one prompt, not all of them.
+ */
+static void
+add_limit_path(PlannerInfo *root, RelOptInfo *baserel, LlmfdwPlan *plan,
+			   RelOptInfo *final_rel, FinalPathExtraData *extra)
+{
+	Query	   *parse = root->parse;
+	int64		limit = -1;
+	int64		offset = -1;
+	bool		ok = false;
+	double		rows;
+	List	   *sortkeys = NIL;
+	List	   *pathkeys = NIL;
+	PathTarget *target;
+	ListCell   *lc;
+	LlmfdwPyState st;
+
+	if (!extra->limit_needed || parse->commandType != CMD_SELECT ||
+		parse->limitOption == LIMIT_OPTION_WITH_TIES ||
+		parse->rowMarks != NIL || parse->hasTargetSRFs)
+		return;
+	if (parse->limitCount)
+	{
+		Const	   *c = (Const *) parse->limitCount;
+
+		if (!IsA(c, Const) || c->constisnull || c->consttype != INT8OID)
+			return;
+		limit = DatumGetInt64(c->constvalue);
+	}
+	if (parse->limitOffset)
+	{
+		Const	   *c = (Const *) parse->limitOffset;
+
+		if (!IsA(c, Const) || c->constisnull || c->consttype != INT8OID)
+			return;
+		offset = DatumGetInt64(c->constvalue);
+	}
+	if (limit > PG_INT32_MAX || offset > PG_INT32_MAX || limit < -1 || offset < -1)
+		return;
+	if (root->sort_pathkeys != NIL)
+	{
+		if (!plan->sort_pushed_down)
+			return;
+		sortkeys = plan->sortkeys;
+		pathkeys = root->sort_pathkeys;
+	}
+	foreach(lc, baserel->baserestrictinfo)
+	{
+		RestrictInfo *rinfo = lfirst(lc);
+		bool		echoed = false;
+		ListCell   *lc2;
+
+		foreach(lc2, plan->request_attnums)
+			echoed |= is_request_equality(root, (Node *) rinfo->clause, baserel->relid,
+										  lfirst_int(lc2));
+		if (!echoed)
+			return;
+	}
+
+	LLMFDW_WITH_PYTHON(st);
+	{
+		bool		can = has_method(plan->instance, "can_limit");
+		PyObject   *pylimit = limit >= 0 ? PyLong_FromLongLong(limit) : Py_NewRef(Py_None);
+		PyObject   *pyoffset = offset >= 0 ? PyLong_FromLongLong(offset) : Py_NewRef(Py_None);
+		PyObject   *res = (pylimit && pyoffset) ? (can ?
+												   PyObject_CallMethod(plan->instance, "can_limit", "OO", pylimit, pyoffset) :
+												   Py_NewRef(Py_False)) : NULL;
+		int			truth = res ? PyObject_IsTrue(res) : -1;
+
+		Py_XDECREF(pylimit);
+		Py_XDECREF(pyoffset);
+		Py_XDECREF(res);
+		if (truth < 0)
+			llmfdw_raise_python_error(&st, "calling can_limit()");
+		ok = truth == 1;
+	}
+	LLMFDW_END_PYTHON(st);
+	if (!ok)
+		return;
+
+	rows = limit >= 0 ? Min((double) limit, baserel->rows) : baserel->rows - Max(offset, 0);
+	rows = clamp_row_est(rows);
+	target = copy_pathtarget(root->upper_targets[UPPERREL_FINAL]);
+	target->width = plan->width;	/* get_rel_size's, as for the scan */
+
+	/*
+	 * The path's parent is the base relation, as in Multicorn2: the plan is a
+	 * scan of it (GetForeignPlan), with no Limit or Sort above.
+	 */
+	add_path(final_rel, (Path *)
+			 create_foreign_upper_path(root, baserel, target,
+									   rows, 0, plan->startup_cost,
+									   Max(plan->startup_cost, rows * plan->width),
+									   pathkeys, NULL, NIL,
+									   list_make3(sortkeys, makeInteger((int) limit),
+												  makeInteger((int) offset))));
+}
+
+/*
+ * UPPERREL_ORDERED: remember the scan when its sort covers the ORDER BY (the
+ * ordered rel's fdw_private points at the base rel); UPPERREL_FINAL: LIMIT.
+ */
+static void
+llmfdwGetForeignUpperPaths(PlannerInfo *root, UpperRelationKind stage,
+						   RelOptInfo *input_rel, RelOptInfo *output_rel, void *extra)
+{
+	RelOptInfo *baserel;
+
+	if (stage == UPPERREL_ORDERED)
+	{
+		if (input_rel->reloptkind == RELOPT_BASEREL && input_rel->fdw_private != NULL &&
+			((LlmfdwPlan *) input_rel->fdw_private)->sort_pushed_down)
+			output_rel->fdw_private = input_rel;
+		return;
+	}
+	if (stage != UPPERREL_FINAL || extra == NULL)
+		return;
+	if (input_rel->reloptkind == RELOPT_BASEREL)
+		baserel = input_rel;
+	else if (input_rel->reloptkind == RELOPT_UPPER_REL && input_rel->fdw_private != NULL)
+		baserel = input_rel->fdw_private;	/* set above, for the ordered rel */
+	else
+		return;
+	if (baserel->fdw_private == NULL)
+		return;
+	add_limit_path(root, baserel, baserel->fdw_private, output_rel, extra);
+}
+
 static ForeignScan *
 llmfdwGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 					 ForeignPath *best_path, List *tlist, List *scan_clauses,
@@ -638,18 +980,22 @@ llmfdwGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel, Oid foreigntableid,
 	List	   *exprs = list_concat(list_copy(baserel->reltarget->exprs), clauses);
 	Bitmapset  *needed = needed_columns(exprs, baserel->relid, plan->natts);
 	List	   *needed_list = NIL;
+	List	   *pushed = best_path->fdw_private;	/* sortkeys, limit, offset */
 	int			x = -1;
 
 	while ((x = bms_next_member(needed, x)) >= 0)
 		needed_list = lappend_int(needed_list, x);
 	check_request_columns(root, baserel, plan, clauses, get_rel_name(foreigntableid));
+	if (pushed == NIL)
+		pushed = list_make3(NIL, makeInteger(-1), makeInteger(-1));
 
 	/*
 	 * Every clause is both rechecked (qual) and shown to the FDW (fdw_exprs),
 	 * where the planner turns outer-relation Vars into Params for us.
 	 */
 	return make_foreignscan(tlist, clauses, baserel->relid,
-							copyObject(clauses), list_make1(needed_list),
+							copyObject(clauses),
+							lcons(needed_list, copyObject(pushed)),
 							NIL, NIL, outer_plan);
 }
 
@@ -670,6 +1016,9 @@ llmfdwBeginForeignScan(ForeignScanState *node, int eflags)
 	scan->columns = llmfdw_columns(desc);
 	foreach(lc, (List *) list_nth(fsplan->fdw_private, FdwScanPrivateNeededColumns))
 		scan->needed = bms_add_member(scan->needed, lfirst_int(lc));
+	scan->sortkeys = list_nth(fsplan->fdw_private, FdwScanPrivateSortKeys);
+	scan->limit = intVal(list_nth(fsplan->fdw_private, FdwScanPrivateLimit));
+	scan->offset = intVal(list_nth(fsplan->fdw_private, FdwScanPrivateOffset));
 	scan->quals = llmfdw_extract_quals(fsplan->fdw_exprs, fsplan->scan.scanrelid);
 	llmfdw_init_quals(scan->quals, &node->ss.ps);
 	scan->row.values = palloc0(sizeof(char *) * scan->natts);
@@ -684,7 +1033,42 @@ llmfdwBeginForeignScan(ForeignScanState *node, int eflags)
 	node->fdw_state = scan;
 }
 
-/* Call execute(quals, columns) and keep the iterator it returns. */
+/*
+ * execute()'s and explain()'s keyword arguments, as Multicorn2 passes them:
+ * sortkeys only when a sort is pushed down, limit and offset only when
+ * they are.  A new dict, or NULL with a Python error set.  GIL held.
+ */
+static PyObject *
+scan_kwargs(LlmfdwScan *scan)
+{
+	PyObject   *kwargs = PyDict_New();
+	PyObject   *v;
+
+	if (kwargs != NULL && scan->sortkeys != NIL)
+	{
+		v = sortkeys_to_python(scan->sortkeys);
+		if (v == NULL || PyDict_SetItemString(kwargs, "sortkeys", v) < 0)
+			Py_CLEAR(kwargs);
+		Py_XDECREF(v);
+	}
+	if (kwargs != NULL && scan->limit >= 0)
+	{
+		v = PyLong_FromLong(scan->limit);
+		if (v == NULL || PyDict_SetItemString(kwargs, "limit", v) < 0)
+			Py_CLEAR(kwargs);
+		Py_XDECREF(v);
+	}
+	if (kwargs != NULL && scan->offset >= 0)
+	{
+		v = PyLong_FromLong(scan->offset);
+		if (v == NULL || PyDict_SetItemString(kwargs, "offset", v) < 0)
+			Py_CLEAR(kwargs);
+		Py_XDECREF(v);
+	}
+	return kwargs;
+}
+
+/* Call execute(quals, columns[, sortkeys=, limit=, offset=]) and keep the iterator it returns. */
 static void
 start_execute(ForeignScanState *node, LlmfdwScan *scan)
 {
@@ -696,11 +1080,16 @@ start_execute(ForeignScanState *node, LlmfdwScan *scan)
 	{
 		PyObject   *pyquals = llmfdw_quals_to_python(scan->quals, scan->columns, true);
 		PyObject   *pycols = pyquals ? llmfdw_column_names(scan->needed, scan->columns) : NULL;
-		PyObject   *result = pycols ? PyObject_CallMethod(scan->instance, "execute", "OO",
-														  pyquals, pycols) : NULL;
+		PyObject   *args = pycols ? PyTuple_Pack(2, pyquals, pycols) : NULL;
+		PyObject   *kwargs = args ? scan_kwargs(scan) : NULL;
+		PyObject   *meth = kwargs ? PyObject_GetAttrString(scan->instance, "execute") : NULL;
+		PyObject   *result = meth ? PyObject_Call(meth, args, kwargs) : NULL;
 
 		Py_XDECREF(pyquals);
 		Py_XDECREF(pycols);
+		Py_XDECREF(args);
+		Py_XDECREF(kwargs);
+		Py_XDECREF(meth);
 		if (result == NULL)
 			llmfdw_raise_python_error(&st, "calling execute()");
 		if (result == Py_None)
@@ -830,7 +1219,13 @@ llmfdwEndForeignScan(ForeignScanState *node)
 	scan_cleanup(scan);
 }
 
-/* EXPLAIN: the lines the FDW's explain() returns, values of Params as None. */
+/*
+ * EXPLAIN: the lines the FDW's explain() returns, values of Params as None,
+ * each labelled "Multicorn" as Multicorn2 does (or the class's explain_label:
+ * "LLM" for the llm.* tables).  VERBOSE also shows a pushed-down sort and
+ * limit (plain EXPLAIN shows them as the Sort and Limit nodes that are not
+ * there).
+ */
 static void
 llmfdwExplainForeignScan(ForeignScanState *node, ExplainState *es)
 {
@@ -838,6 +1233,7 @@ llmfdwExplainForeignScan(ForeignScanState *node, ExplainState *es)
 	LlmfdwPyState st;
 	List	   *lines = NIL;
 	ListCell   *lc;
+	char	   *label = "Multicorn";
 
 	LLMFDW_WITH_PYTHON(st);
 	{
@@ -850,13 +1246,30 @@ llmfdwExplainForeignScan(ForeignScanState *node, ExplainState *es)
 		PyObject   *iter;
 		PyObject   *item;
 
+		if (has_method(scan->instance, "explain_label"))
+		{
+			PyObject   *l = PyObject_GetAttrString(scan->instance, "explain_label");
+
+			if (l != NULL && PyUnicode_Check(l))
+			{
+				char	   *text = llmfdw_python_to_server(l);
+
+				if (text != NULL)
+					label = text;
+			}
+			Py_XDECREF(l);
+			PyErr_Clear();
+		}
 		if (!has_method(scan->instance, "explain"))
 			goto done;
 		pyquals = llmfdw_quals_to_python(scan->quals, scan->columns, false);
 		pycols = pyquals ? llmfdw_column_names(scan->needed, scan->columns) : NULL;
 		meth = PyObject_GetAttrString(scan->instance, "explain");
 		args = pycols ? PyTuple_Pack(2, pyquals, pycols) : NULL;
-		kwargs = Py_BuildValue("{s:O}", "verbose", es->verbose ? Py_True : Py_False);
+		kwargs = scan_kwargs(scan);
+		if (kwargs != NULL &&
+			PyDict_SetItemString(kwargs, "verbose", es->verbose ? Py_True : Py_False) < 0)
+			Py_CLEAR(kwargs);
 		res = (meth && args && kwargs) ? PyObject_Call(meth, args, kwargs) : NULL;
 		Py_XDECREF(pyquals);
 		Py_XDECREF(pycols);
@@ -889,7 +1302,75 @@ done:
 	LLMFDW_END_PYTHON(st);
 
 	foreach(lc, lines)
-		ExplainPropertyText("LLM", (char *) lfirst(lc), es);
+		ExplainPropertyText(label, (char *) lfirst(lc), es);
+	if (es->verbose && scan->sortkeys != NIL)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		foreach(lc, scan->sortkeys)
+		{
+			List	   *key = lfirst(lc);
+			bool		reversed = boolVal(lthird(key));
+
+			appendStringInfo(&buf, "%s%s", buf.len > 0 ? ", " : "",
+							 quote_identifier(strVal(linitial(key))));
+			if (strVal(list_nth(key, 4))[0])
+				appendStringInfo(&buf, " COLLATE %s", quote_identifier(strVal(list_nth(key, 4))));
+			if (reversed)
+				appendStringInfoString(&buf, " DESC");
+			if (boolVal(lfourth(key)) != reversed)
+				appendStringInfoString(&buf, boolVal(lfourth(key)) ? " NULLS FIRST" : " NULLS LAST");
+		}
+		ExplainPropertyText("Pushed Down Sort Key", buf.data, es);
+	}
+	if (es->verbose && scan->limit >= 0)
+		ExplainPropertyInteger("Pushed Down Limit", NULL, scan->limit, es);
+	if (es->verbose && scan->offset >= 0)
+		ExplainPropertyInteger("Pushed Down Offset", NULL, scan->offset, es);
+}
+
+/*
+ * INSERT, UPDATE, DELETE: Multicorn2's write API (insert, update, delete,
+ * rowid_column, bulk_insert) is not supported.  Postgres would say "cannot
+ * insert into foreign table"; this says why, and names the class's method.
+ */
+static List *
+llmfdwPlanForeignModify(PlannerInfo *root, ModifyTable *plan, Index resultRelation,
+						int subplan_index)
+{
+	RangeTblEntry *rte = planner_rt_fetch(resultRelation, root);
+	const char *verb = plan->operation == CMD_INSERT ? "insert into" :
+		plan->operation == CMD_UPDATE ? "update" :
+		plan->operation == CMD_DELETE ? "delete from" : "merge into";
+	const char *method = plan->operation == CMD_INSERT ? "insert" :
+		plan->operation == CMD_UPDATE ? "update" : "delete";
+	PyObject   *instance = llmfdw_get_instance(rte->relid);
+	char	   *cls = NULL;
+	bool		defines = false;
+	LlmfdwPyState st;
+
+	LLMFDW_WITH_PYTHON(st);
+	{
+		PyObject   *type = PyObject_GetAttrString((PyObject *) Py_TYPE(instance), "__qualname__");
+
+		cls = type && PyUnicode_Check(type) ? llmfdw_python_to_server(type) : NULL;
+		Py_XDECREF(type);
+		PyErr_Clear();
+		defines = has_method(instance, method);
+		Py_DECREF(instance);
+	}
+	LLMFDW_END_PYTHON(st);
+
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("cannot %s foreign table \"%s\": llmfdw runs only the read side of Multicorn2's API",
+					verb, get_rel_name(rte->relid)),
+			 defines && cls
+			 ? errdetail("Its FDW class %s defines %s(), but the write API (insert, update, delete, "
+						 "rowid_column, bulk_insert) is not supported.", cls, method)
+			 : errdetail("Foreign tables of llmfdw are read-only.")));
+	return NIL;
 }
 
 Datum
@@ -905,6 +1386,8 @@ llmfdw_handler(PG_FUNCTION_ARGS)
 	routine->ReScanForeignScan = llmfdwReScanForeignScan;
 	routine->EndForeignScan = llmfdwEndForeignScan;
 	routine->ExplainForeignScan = llmfdwExplainForeignScan;
+	routine->GetForeignUpperPaths = llmfdwGetForeignUpperPaths;
+	routine->PlanForeignModify = llmfdwPlanForeignModify;
 	routine->ImportForeignSchema = llmfdw_import_foreign_schema;
 	PG_RETURN_POINTER(routine);
 }

@@ -19,6 +19,7 @@
 #define LLMFDW_H
 
 #include "postgres.h"
+#include "compat.h"			/* shims for older PostgreSQL versions */
 
 /* Python's headers redefine these; let them win, as PL/Python does. */
 #undef _POSIX_C_SOURCE

@@ -9,7 +9,9 @@
  *	col OP value				Qual(col, "OP", value)
  *	col OP ANY|ALL (array)		Qual(col, ("OP", True|False), [values])
  *	col IS [NOT] NULL			Qual(col, "=" | "<>", None)
- *	boolcol / NOT boolcol		Qual(col, "=", True | False)
+ *	boolcol / NOT boolcol		Qual(col, "=" | "<>", True)
+ *	boolcol IS [NOT] TRUE|FALSE	Qual(col, "IS" | "IS NOT", True | False)
+ *	boolcol IS [NOT] UNKNOWN	Qual(col, "IS" | "IS NOT", None)
  * "value" is anything without Vars and without volatile functions: a Const,
  * a Param (a join's outer value, an init-plan's result), a stable expression.
  * Other clauses are simply not pushed down: Postgres rechecks every clause
@@ -129,7 +131,34 @@ qual_from_clause(Node *clause, Index relid)
 		return q;
 	}
 
-	/* boolcol, NOT boolcol */
+	/* boolcol IS [NOT] TRUE|FALSE|UNKNOWN */
+	if (IsA(clause, BooleanTest))
+	{
+		BooleanTest *bt = (BooleanTest *) clause;
+		AttrNumber	attnum = own_column((Node *) bt->arg, relid);
+		LlmfdwQual *q;
+
+		if (attnum == 0)
+			return NULL;
+		q = palloc0(sizeof(LlmfdwQual));
+		q->attnum = attnum;
+		q->opname = pstrdup(bt->booltesttype == IS_TRUE || bt->booltesttype == IS_FALSE ||
+							bt->booltesttype == IS_UNKNOWN ? "IS" : "IS NOT");
+		if (bt->booltesttype == IS_UNKNOWN || bt->booltesttype == IS_NOT_UNKNOWN)
+		{
+			q->is_null_test = true;
+			q->value_type = UNKNOWNOID;
+		}
+		else
+		{
+			q->value = (Expr *) makeBoolConst(bt->booltesttype == IS_TRUE ||
+											  bt->booltesttype == IS_NOT_TRUE, false);
+			q->value_type = BOOLOID;
+		}
+		return q;
+	}
+
+	/* boolcol, NOT boolcol: Multicorn2's "= true" and "<> true" */
 	{
 		bool		positive = true;
 		Node	   *arg = clause;
@@ -146,8 +175,8 @@ qual_from_clause(Node *clause, Index relid)
 			return NULL;
 		q = palloc0(sizeof(LlmfdwQual));
 		q->attnum = attnum;
-		q->opname = pstrdup("=");
-		q->value = (Expr *) makeBoolConst(positive, false);
+		q->opname = pstrdup(positive ? "=" : "<>");
+		q->value = (Expr *) makeBoolConst(true, false);
 		q->value_type = BOOLOID;
 		return q;
 	}

@@ -1,0 +1,38 @@
+# PostgreSQL 18 with pgvector and the llmfdw extension (its C host embeds Debian's libpython3.11,
+# and its Python half runs from /opt/llmfdw/venv, set as llmfdw.python_path).
+#   docker build -f docker/postgres.Dockerfile -t llmfdw/postgres:0.2.0 .   (repository root)
+# Built on the official image (Debian bookworm, user postgres uid/gid 999). Also holds
+# sql/llmfdw.sql at /usr/share/llmfdw/llmfdw.sql, which the chart's DDL Job runs.
+FROM postgres:18.1-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential postgresql-server-dev-18 \
+      python3.11-dev python3.11-venv \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY fdw/Makefile fdw/llmfdw.control fdw/llmfdw--0.1.0.sql fdw/llmfdw--0.1.0--0.2.0.sql ./fdw/
+COPY fdw/src ./fdw/src
+RUN make -C fdw PG_CONFIG=/usr/lib/postgresql/18/bin/pg_config \
+ && make -C fdw PG_CONFIG=/usr/lib/postgresql/18/bin/pg_config install DESTDIR=/out
+# The Python half the backends import: the llmfdw package and gRPC, in a venv of Debian's python3.11.
+COPY setup.py pyproject.toml ./
+COPY proto ./proto
+COPY sidecar ./sidecar
+COPY fdw/python ./fdw/python
+COPY fdw/multicorn ./fdw/multicorn
+RUN python3.11 -m venv /opt/llmfdw/venv \
+ && /opt/llmfdw/venv/bin/pip install --no-cache-dir pip==26.3 \
+ && /opt/llmfdw/venv/bin/pip install --no-cache-dir grpcio==1.85.1 grpcio-health-checking==1.85.1 \
+      grpcio-tools==1.85.1 protobuf==7.36.2 PyYAML==6.0.4 setuptools==84.2.1 wheel==0.48.0 \
+ && /opt/llmfdw/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
+
+FROM postgres:18.1-bookworm
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends postgresql-18-pgvector libpython3.11 python3.11 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/ /
+COPY --from=build /opt/llmfdw /opt/llmfdw
+COPY sql/llmfdw.sql /usr/share/llmfdw/llmfdw.sql
+RUN echo "llmfdw.python_path = '/opt/llmfdw/venv/lib/python3.11/site-packages'" \
+      >> /usr/share/postgresql/postgresql.conf.sample
+USER 999:999
+# checkov:skip=CKV_DOCKER_2: Kubernetes probes it with pg_isready (helm/templates/postgres-statefulset.yaml)

