@@ -45,18 +45,51 @@ CREATE SCHEMA IF NOT EXISTS llm;
 COMMENT ON SCHEMA llm IS 'Models served by the llmfdw sidecar, as foreign tables';
 
 -- The tables come from their declarations (fdw/python/declarations.py),
--- with the sidecar's models as defaults.  A run again imports only the
--- tables that are missing: existing ones, and the views, grants and data that
--- depend on them, are left as they are.
-SELECT coalesce(string_agg(quote_ident(c.relname), ', '), '') AS existing_tables
-  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname = 'llm' AND c.relkind = 'f' \gset
-SELECT :'existing_tables' = '' AS import_all \gset
-\if :import_all
-  IMPORT FOREIGN SCHEMA llm FROM SERVER llm_sidecar INTO llm;
-\else
-  IMPORT FOREIGN SCHEMA llm EXCEPT (:existing_tables) FROM SERVER llm_sidecar INTO llm;
-\endif
+-- with the sidecar's models as defaults.  They are imported into a staging
+-- schema and compared with what is in llm: a missing table moves in, a
+-- missing column is added, a column whose type changed is altered (Postgres
+-- refuses that when a view uses the column, and the error names the view).
+-- Nothing is dropped, so the views, grants, options and data that users made
+-- on the tables stay as they are.
+DROP SCHEMA IF EXISTS llm_declared CASCADE;
+CREATE SCHEMA llm_declared;
+IMPORT FOREIGN SCHEMA llm FROM SERVER llm_sidecar INTO llm_declared;
+DO $upgrade$
+DECLARE
+  tbl record;
+  col record;
+  why text;
+BEGIN
+  FOR tbl IN SELECT relname FROM pg_class WHERE relnamespace = 'llm_declared'::regnamespace LOOP
+    IF to_regclass(format('llm.%I', tbl.relname)) IS NULL THEN
+      EXECUTE format('ALTER FOREIGN TABLE llm_declared.%I SET SCHEMA llm', tbl.relname);
+      CONTINUE;
+    END IF;
+    -- types compare without modifiers: vector(N) follows the model, which users may change
+    FOR col IN SELECT d.attname, format_type(d.atttypid, d.atttypmod) AS declared,
+                    format_type(e.atttypid, e.atttypmod) AS existing, d.atttypid <> e.atttypid AS changed
+               FROM pg_attribute d
+               LEFT JOIN pg_attribute e ON e.attrelid = format('llm.%I', tbl.relname)::regclass
+                                       AND e.attname = d.attname AND NOT e.attisdropped
+              WHERE d.attrelid = format('llm_declared.%I', tbl.relname)::regclass AND d.attnum > 0 LOOP
+      IF col.existing IS NULL THEN
+        EXECUTE format('ALTER FOREIGN TABLE llm.%I ADD COLUMN %I %s', tbl.relname, col.attname, col.declared);
+      ELSIF col.changed THEN
+        BEGIN
+          EXECUTE format('ALTER FOREIGN TABLE llm.%I ALTER COLUMN %I TYPE %s', tbl.relname, col.attname, col.declared);
+        EXCEPTION WHEN feature_not_supported OR dependent_objects_still_exist THEN
+          GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+          RAISE EXCEPTION 'column llm.%.% must change from % to % (its declaration changed), but a view uses it',
+                          tbl.relname, col.attname, col.existing, col.declared
+            USING DETAIL = coalesce(nullif(why, ''), SQLERRM),
+                  HINT = 'Save the view''s definition (pg_get_viewdef), drop it, run the setup again, create it again.';
+        END;
+      END IF;
+    END LOOP;
+  END LOOP;
+END
+$upgrade$;
+DROP SCHEMA llm_declared CASCADE;
 
 REVOKE ALL ON SCHEMA llm FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA llm FROM PUBLIC;

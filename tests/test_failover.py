@@ -12,9 +12,10 @@ policy sends every call that got no answer yet to another sidecar, so:
 
 How the second figure is measured: the killed sidecar's own metrics, scraped immediately before
 the SIGKILL: generations that have sent their first token (llmfdw_time_to_first_token_seconds
-count) minus generations that have finished (llmfdw_requests_total, rpc=Generate).  The scrape
-and the kill are a few milliseconds apart, so a generation can start or finish streaming in
-between; the test allows that one-call race (and prints both figures).  The SIGTERMed sidecar
+count) minus generations that have finished (llmfdw_requests_total, rpc=Generate).  The kill
+waits (up to 3 s) for a scrape that shows at least one, so that the mid-stream case is exercised.
+The scrape and the kill are a few milliseconds apart, so a generation can start or finish
+streaming in between; the test allows that one-call race (and prints both figures).  The SIGTERMed sidecar
 finishes what it runs (--grace) and refuses new calls with UNAVAILABLE, which gRPC retries
 elsewhere: no query fails because of it.
 """
@@ -54,7 +55,9 @@ models:
 """
 SESSIONS = 8
 LOAD_SECONDS = 16.0
-KILL_AT, TERM_AT = 5.0, 10.0
+KILL_AT = 5.0            # then up to 3 s more, until a generation streams on the sidecar to kill
+TERM_AFTER_KILL = 4.0
+LOAD_AFTER_TERM = 5.0    # the load runs until LOAD_SECONDS, and at least this long after the SIGTERM
 SCHEMA = "failover"
 
 
@@ -173,18 +176,19 @@ def test_three_sidecars_one_killed_one_terminated(pg_dsn, work_dir):
         killed.proc.send_signal(signal.SIGKILL)
         killed_at = time.monotonic() - t0
 
-        time.sleep(TERM_AT - KILL_AT)
+        time.sleep(TERM_AFTER_KILL)
         terminated.proc.send_signal(signal.SIGTERM)
         termed_at = time.monotonic() - t0
         drained = {}
-        while terminated.proc.poll() is None and time.monotonic() - t0 < LOAD_SECONDS:
+        load_end = max(LOAD_SECONDS, termed_at + LOAD_AFTER_TERM)
+        while terminated.proc.poll() is None and time.monotonic() - t0 < load_end:
             try:
                 drained = scrape(terminated.metrics_port)
             except OSError:
                 pass
             time.sleep(0.2)
 
-        time.sleep(max(0.0, LOAD_SECONDS - (time.monotonic() - t0)))
+        time.sleep(max(0.0, load_end - (time.monotonic() - t0)))
         load.stop.set()
         for t in threads:
             t.join(60)
@@ -289,13 +293,17 @@ def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
 
 
 def test_an_address_list_gRPC_cannot_balance_is_refused():
-    from llmfdw.fdw.client import channel_target
+    from llmfdw.fdw.client import channel_target, several_sidecars
     from llmfdw.fdw.errors import LlmError
 
     assert channel_target("10.0.0.5:50051, 10.0.0.6:50051") == "ipv4:10.0.0.5:50051,10.0.0.6:50051"
     assert channel_target("unix:///a.sock,unix:///b.sock") == "unix:///a.sock,/b.sock"
     assert channel_target("[fd00::5]:1,[fd00::6]:1") == "ipv6:[fd00::5]:1,[fd00::6]:1"
     assert channel_target("dns:///svc.ns.svc.cluster.local:50051") == "dns:///svc.ns.svc.cluster.local:50051"
+    # retries only where another sidecar may take the call
+    assert several_sidecars("ipv4:10.0.0.5:50051,10.0.0.6:50051") and several_sidecars("dns:///svc:50051")
+    assert several_sidecars("sidecar.example:50051")
+    assert not several_sidecars("unix:///run/sidecar.sock") and not several_sidecars("127.0.0.1:50051")
     for bad in ("a.example:1,b.example:1", "unix:///a.sock,127.0.0.1:1"):
         with pytest.raises(LlmError, match="several sidecars") as err:
             channel_target(bad)

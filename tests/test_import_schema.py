@@ -138,3 +138,27 @@ def test_upgrade_from_0_1_0_keeps_views_grants_and_data(pg_server, scratch_db, s
         with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
             c.execute("DROP OWNED BY upgrader")
             c.execute("DROP ROLE upgrader")
+
+
+def test_setup_applies_declaration_changes_and_names_a_blocking_view(conn, pg_server, sidecar_socket):
+    """What a declaration change looks like to an existing database, simulated by changing the
+    table instead: a column the declaration has and the table lacks is added back; a column whose
+    type differs is altered back, unless a view uses it: then the setup stops, naming the view."""
+    address = f"unix://{sidecar_socket}"
+    conn.execute("ALTER FOREIGN TABLE llm.usage DROP COLUMN since")
+    conn.execute("ALTER FOREIGN TABLE llm.models ALTER COLUMN dimensions TYPE bigint")
+    try:
+        embedded.apply_schema(pg_server, "llmfdw_test", address)
+        assert ("since", "timestamp with time zone") in columns(conn, "llm.usage")
+        assert ("dimensions", "integer") in columns(conn, "llm.models")
+        conn.execute("ALTER FOREIGN TABLE llm.models ALTER COLUMN dimensions TYPE bigint")
+        conn.execute("CREATE VIEW public.model_dims AS SELECT name, dimensions FROM llm.models")
+        with pytest.raises(RuntimeError) as err:
+            embedded.apply_schema(pg_server, "llmfdw_test", address)
+        text = str(err.value)
+        assert "column llm.models.dimensions must change from bigint to integer" in text
+        assert "model_dims" in text and "pg_get_viewdef" in text
+    finally:
+        conn.execute("DROP VIEW IF EXISTS public.model_dims")
+        conn.execute("ALTER FOREIGN TABLE llm.models ALTER COLUMN dimensions TYPE integer")
+        embedded.apply_schema(pg_server, "llmfdw_test", address)

@@ -57,7 +57,9 @@ SESSION_ID = uuid.uuid4().hex
 #     sends them with its first message (the first token, or an embedding batch), so a
 #     generation is retried until its first token and never after: rows already returned are
 #     never returned twice.  An embedding call retries until its first message.
-# A single address gets the same config: retries then smooth over a sidecar restart.
+# One sidecar (one unix:// socket or one IP address) gets round_robin but no retries: trying the
+# same dead sidecar again only delays the error, and keeps the channel (and its reconnect
+# backoff) that forget_channel would replace, so a restarted sidecar would be seen later.
 SERVICE = "llmfdw.v1.Inference"
 RETRY_POLICY = {
     "maxAttempts": 5,             # gRPC caps it at 5: the first try and four more
@@ -70,6 +72,7 @@ SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{"name": [{"service": SERVICE}], "retryPolicy": RETRY_POLICY}],
 })
+SINGLE_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 _IPV4 = re.compile(r"^(?:ipv4:)?(\d{1,3}(?:\.\d{1,3}){3}:\d+)$")
 _IPV6 = re.compile(r"^(?:ipv6:)?(\[[0-9A-Fa-f:.%]+\]:\d+)$")
 _UNIX = re.compile(r"^(?:unix:(?://)?)?(/[^,]+)$")   # a bare /path continues a unix:///a,/b list
@@ -102,18 +105,29 @@ def channel_target(address: str) -> str:
         sqlstate=INVALID_PARAMETER_VALUE)
 
 
+def several_sidecars(target: str) -> bool:
+    """Whether a gRPC target may stand for several sidecars: a list, or a name that DNS
+    resolves (a headless Service gives one address per pod).  Not one socket or one IP."""
+    if "," in target or target.startswith("dns:"):
+        return True
+    if target.startswith(("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")):
+        return False
+    return not (_IPV4.match(target) or _IPV6.match(target))
+
+
 def channel_for(address: str) -> grpc.Channel:
     """The cached channel to `address` (one sidecar, or several: see channel_target): a backend
     pays the connection once."""
     chan = _channels.get(address)
     if chan is None:
+        target = channel_target(address)
         chan = grpc.insecure_channel(
-            channel_target(address),
+            target,
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 *((f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in RECONNECT_BACKOFF_MS.items()),
-                ("grpc.service_config", SERVICE_CONFIG),
+                ("grpc.service_config", SERVICE_CONFIG if several_sidecars(target) else SINGLE_SERVICE_CONFIG),
                 ("grpc.service_config_disable_resolution", 1),   # never a config from DNS TXT records
                 ("grpc.enable_retries", 1),
             ],
@@ -171,6 +185,9 @@ class SidecarClient:
 
     def usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         return self._unary(self.stub.Usage, request)
+
+    def requests(self, request: pb.RequestsRequest) -> pb.RequestsResponse:
+        return self._unary(self.stub.Requests, request)
 
     def _unary(self, method, request):
         for response in self._stream(method, request, unary=True):

@@ -409,8 +409,7 @@ class RequestsTable(SidecarTable):
             request.after_unix_ns, request.after_inclusive = span.low, span.low_inclusive
         if span.high is not None:
             request.before_unix_ns, request.before_inclusive = span.high, span.high_inclusive
-        # SidecarClient has no method of its own for this RPC: the same unary call as usage()
-        response = self.client._unary(self.client.stub.Requests, request)
+        response = self.client.requests(request)
         for r in response.rows:
             yield {
                 "at": _timestamptz(r.at_unix_ns), "tenant": r.tenant, "model": r.model or None,

@@ -29,7 +29,8 @@ _FINISH = {"stop": "stop", "length": "length"}
 # How long a cancelled request may take to leave its slot (llama.cpp checks at each token;
 # a long prompt still being read is not interrupted, so do not wait for it forever).
 STOP_WAIT_S = 2.0
-
+# Host memory for llama.cpp's prompt cache (see load()).
+PROMPT_CACHE_MIB = 256
 
 class LlamaCppEngine(GenerationEngine):
     engine_name = "llama_cpp"
@@ -46,6 +47,10 @@ class LlamaCppEngine(GenerationEngine):
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.use_jinja = False        # llama.cpp's built-in template for the model
+        # llama.cpp keeps finished prompts' KV state in host memory for reuse, 8 GiB by default:
+        # with many distinct prompts (one sidecar for many databases) that is what a soak saw as
+        # steady growth.  Bound it; engine_args: {cache_ram_mib: N} changes it (0: off).
+        params.cache_ram_mib = PROMPT_CACHE_MIB
         for key, value in cfg.engine_args.items():
             setattr(params, key, value)
         if not os.path.exists(params.model.path):
