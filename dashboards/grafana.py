@@ -35,7 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-DASHBOARDS = Path(__file__).resolve().parent
+# The dashboards live in the Helm chart, which can only read files inside itself (its ConfigMap
+# for Grafana's dashboard sidecar ships them); this directory has the scripts and provisioning.
+DASHBOARDS = Path(__file__).resolve().parent.parent / "helm" / "files" / "dashboards"
 _MACRO = re.compile(r"\$([_a-zA-Z0-9]+)\(([^\)]*)\)")   # macros.go's sExpr
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

@@ -200,10 +200,10 @@ def render_all(dsn: str, prometheus: str | None, out: Path, rate_interval: str =
     start = end - dt.timedelta(minutes=minutes)
     when = f"real results, {start:%Y-%m-%d %H:%M} to {end:%H:%M} UTC"
     paths = [draw("llmfdw: requests (PostgreSQL)", sql_panels(dsn, start, end), out / "llmfdw-postgres.png",
-                  f"dashboards/llmfdw-postgres.json, {when}")]
+                  f"helm/files/dashboards/llmfdw-postgres.json, {when}")]
     if prometheus:
         paths.append(draw("llmfdw: sidecar (Prometheus)", prometheus_panels(prometheus, start, end, rate_interval),
-                          out / "llmfdw-prometheus.png", f"dashboards/llmfdw-prometheus.json, {when}"))
+                          out / "llmfdw-prometheus.png", f"helm/files/dashboards/llmfdw-prometheus.json, {when}"))
     return paths
 
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL dashboard (dashboards/llmfdw-postgres.json), run as Grafana would run it.
+"""The PostgreSQL dashboard (helm/files/dashboards/llmfdw-postgres.json), run as Grafana would run it.
 
 Grafana is on no package registry this project can use, so the test does what its PostgreSQL data
 source does with each panel: interpolate the template variables (values from the variables' own
@@ -140,7 +140,7 @@ def test_macros_expand_as_grafana_defines_them():
 
 
 def test_datasources_are_provisioned_with_the_uids_the_dashboards_use():
-    root = Path(grafana.DASHBOARDS)
+    root = Path(grafana.__file__).resolve().parent
     provisioned = yaml.safe_load((root / "provisioning" / "datasources" / "llmfdw.yaml").read_text())
     uids = {d["uid"]: d["type"] for d in provisioned["datasources"]}
     for name in ("llmfdw-postgres.json", "llmfdw-prometheus.json"):

@@ -80,6 +80,11 @@ def _kind(docs, kind: str, component: str | None = None) -> list[dict]:
             (component is None or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component)]
 
 
+def _sidecar_config(docs) -> list[dict]:
+    """The ConfigMap(s) holding the sidecar's YAML (not the dashboards' ConfigMap)."""
+    return [d for d in _kind(docs, "ConfigMap") if "sidecar.yaml" in d.get("data", {})]
+
+
 def _containers(pod_owner: dict) -> dict[str, dict]:
     spec = pod_owner["spec"]["template"]["spec"]
     return {c["name"]: c for c in spec.get("initContainers", []) + spec["containers"]}
@@ -246,7 +251,7 @@ def test_sidecar_container_everywhere(rendered):
         assert volumes["rendered-config"]["emptyDir"]["medium"] == "Memory"
         assert "emptyDir" in volumes["home"] and "emptyDir" in volumes["tmp"]
         assert _kind(docs, "NetworkPolicy")
-        assert len(_kind(docs, "ConfigMap")) == 1
+        assert len(_sidecar_config(docs)) == 1
 
 
 def test_secret_files_are_readable_by_the_containers_that_mount_them(rendered):
@@ -343,7 +348,7 @@ def test_default_models_are_the_sidecars(chart):
 # -- the init step and the launcher, for real ---------------------------------------------------
 
 def _write_init_inputs(docs, directory: Path) -> tuple[Path, Path, Path]:
-    configmap = _kind(docs, "ConfigMap")[0]["data"]
+    configmap = _sidecar_config(docs)[0]["data"]
     (directory / "config").mkdir()
     (directory / "tokens").mkdir()
     (directory / "config" / "sidecar.yaml").write_text(configmap["sidecar.yaml"])
@@ -476,3 +481,14 @@ def test_dockerfile_copies_files_that_exist_and_pins_its_bases(dockerfile):
                 top = source.split("/")[0]
                 assert any(line.lstrip("!").rstrip("/") in (source, top) for line in ignore if line.startswith("!")), \
                     f"{dockerfile.name}.dockerignore leaves out {source}"
+
+
+def test_grafana_dashboards_configmap_carries_both_dashboards(rendered):
+    maps = [d for d in rendered["shared-values.yaml"] if d["kind"] == "ConfigMap"
+            and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert len(maps) == 1
+    boards = maps[0]["data"]
+    assert set(boards) == {"llmfdw-postgres.json", "llmfdw-prometheus.json"}
+    assert all(json.loads(text)["panels"] for text in boards.values())
+    assert not any(d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"].get("labels", {})
+                   for d in rendered["cpu-values.yaml"])

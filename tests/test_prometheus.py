@@ -1,4 +1,4 @@
-"""The Prometheus dashboard (dashboards/llmfdw-prometheus.json) against a real Prometheus.
+"""The Prometheus dashboard (helm/files/dashboards/llmfdw-prometheus.json) against a real Prometheus.
 
 Prometheus is Debian's package (`make prometheus` installs it; `make test` depends on that).  The
 test starts one with a config of its own in a temporary directory: it scrapes the session

@@ -93,6 +93,8 @@ def test_embeddings_store_into_a_vector_column_with_an_hnsw_index(conn):
 
 
 def test_join_is_a_parameterized_nested_loop_and_memoize_skips_repeats(conn, sidecar_metrics_port):
+    # the plain nested loop, as it plans with the batched join off (tests/test_batch_join.py has that)
+    conn.execute("SET llmfdw.join_batch_size = 0")
     conn.execute("CREATE TEMP TABLE reviews (id int, body text)")
     conn.execute("INSERT INTO reviews SELECT g, CASE WHEN g % 2 = 0 THEN 'great' ELSE 'awful' END "
                  "FROM generate_series(1, 40) g")
