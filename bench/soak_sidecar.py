@@ -143,7 +143,7 @@ def proc_status(pid: int) -> dict[str, float]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) / 1024
         elif key == "Threads":
             out[key] = int(value)
@@ -163,9 +163,19 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=30)
     parser.add_argument("--reconnect-every", type=int, default=50, help="queries per connection")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mix", default="", help="comma-separated kinds to run (default: all), "
+                        "e.g. embed_one,embed_many; weights as in KINDS")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.mix:
+        chosen = [k.strip() for k in args.mix.split(",") if k.strip()]
+        unknown = [k for k in chosen if k not in KINDS]
+        if unknown:
+            parser.error(f"--mix: unknown kinds {unknown}; known: {list(KINDS)}")
+        for k in list(KINDS):
+            if k not in chosen:
+                del KINDS[k]
 
     state = Path(tempfile.mkdtemp(prefix="llmfdw-soak-", dir="/tmp"))
     state.chmod(0o755)
@@ -193,9 +203,11 @@ def main() -> int:
             done, errors = stats.snapshot()
             t = time.monotonic() - began
             curve.append({"t_s": round(t, 1), "rss_mb": round(st["VmRSS"], 1), "hwm_mb": round(st["VmHWM"], 1),
+                          "anon_mb": round(st.get("RssAnon", 0), 1), "file_mb": round(st.get("RssFile", 0), 1),
                           "threads": st["Threads"], "queries": done, "errors": errors})
             unexpected = sum(errors.values())
-            print(f"t={t / 60:5.1f} min  rss={st['VmRSS']:7.1f} MB  hwm={st['VmHWM']:7.1f} MB  "
+            print(f"t={t / 60:5.1f} min  rss={st['VmRSS']:7.1f} MB  anon={st.get('RssAnon', 0):7.1f} MB  "
+                  f"hwm={st['VmHWM']:7.1f} MB  "
                   f"threads={st['Threads']:3d}  queries={done:6d}  unexpected={unexpected}", flush=True)
 
         sample()

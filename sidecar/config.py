@@ -39,7 +39,9 @@ AUTH_MODES = ("off", "required")
 DEFAULT_TENANT = "default"   # the tenant of a request that names none
 DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
 MAX_HISTORY_ROWS = 1_000_000   # history.max_rows: the window is kept in memory
-DTYPES = ("float32", "bfloat16")   # an embedding model's dtype (engines/base.py checks the hardware at load)
+# an embedding model's dtype (engines/base.py checks the hardware at load); auto: bfloat16 where
+# the CPU runs it natively, else float32
+DTYPES = ("float32", "bfloat16", "auto")
 
 
 class ConfigError(ValueError):
@@ -58,7 +60,7 @@ class ModelConfig:
     max_batch_tokens: int = 8192  # padded tokens per embedding batch (texts x the longest)
     batch_wait_ms: float = 2.0   # how long a batch waits for more texts
     threads: int | None = None   # CPU threads (default: all cores)
-    dtype: str | None = None     # embedding models: float32 | bfloat16 (None: float32; see engines/base.check_dtype)
+    dtype: str | None = None     # embedding models: float32 | bfloat16 | auto (None: float32; see engines/base.check_dtype)
     session_reserve: int | None = None   # slots one session may not take (None: see reserve())
     defaults: dict[str, Any] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)

@@ -118,7 +118,7 @@ def test_bfloat16_on_a_cpu_without_it_fails_the_load_naming_the_key(monkeypatch)
 
 
 @pytest.mark.parametrize("extra, words", [
-    ("dtype: float16", "models[0].dtype: must be one of float32, bfloat16, not 'float16'"),
+    ("dtype: float16", "models[0].dtype: must be one of float32, bfloat16, auto, not 'float16'"),
     ("dtype: 32", "models[0].dtype: must be a string, not 32"),
 ])
 def test_a_wrong_dtype_fails_the_config(tmp_path, extra, words):
@@ -136,3 +136,11 @@ def test_dtype_is_for_embedding_models_only(tmp_path):
                     "dtype: bfloat16}\n")
     with pytest.raises(ConfigError, match="models\\[0\\].dtype: applies to embedding models"):
         load_config(path)
+
+
+def test_auto_takes_bfloat16_only_where_the_cpu_runs_it():
+    from llmfdw.sidecar.engines.base import check_dtype, cpu_bf16
+
+    assert check_dtype("m", "auto") == ("bfloat16" if cpu_bf16() else "float32")
+    assert check_dtype("m", "auto", device="cuda") == "bfloat16"
+    assert check_dtype("m", None) == "float32"

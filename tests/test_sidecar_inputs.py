@@ -132,8 +132,10 @@ def test_long_texts_embed_as_the_full_text_did(stub):
     long = " ".join(words[i % len(words)] for i in range(5000))          # about 25,000 characters
     for text in (normal, long):
         got = embed_one(stub, text)
-        want = model.encode([text])[0]
-        assert np.allclose(np.frombuffer(got.vector, dtype="<f4"), want, atol=1e-5)
+        want = model.encode([text], normalize_embeddings=True)[0]
+        vector = np.frombuffer(got.vector, dtype="<f4")
+        # bfloat16 where the CPU has it (dtype: auto): compare directions, not digits
+        assert vector @ want / np.linalg.norm(vector) >= 0.999
         assert got.truncated
     assert embed_one(stub, normal).input_tokens == len(model.tokenizer(normal)["input_ids"])
     assert 256 < embed_one(stub, long).input_tokens < len(model.tokenizer(long)["input_ids"])

@@ -43,12 +43,15 @@ def cpu_bf16() -> str:
 
 
 def check_dtype(name: str, dtype: str | None, *, device: str = "cpu") -> str:
-    """The dtype an embedding model runs in (float32 when its config names none); a dtype this
+    """The dtype an embedding model runs in (float32 when its config names none; auto: bfloat16
+    where the hardware runs it natively, else float32); a dtype this
     machine cannot run fast is an error naming the key, raised at load, so the sidecar does not
     start (it exits 2) rather than silently running a slow or emulated model."""
     dtype = dtype or "float32"
     if dtype not in DTYPES:
         raise ValueError(f"model {name}: dtype must be one of {DTYPES}, not {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if device != "cpu" or cpu_bf16() else "float32"
     if dtype == "bfloat16" and device == "cpu" and not cpu_bf16():
         raise ValueError(f"model {name}: dtype: bfloat16 needs a CPU with AVX512-BF16 or AMX-BF16 "
                          f"(neither is in /proc/cpuinfo flags here); set dtype: float32 for this model")
