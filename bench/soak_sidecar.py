@@ -163,6 +163,8 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=30)
     parser.add_argument("--reconnect-every", type=int, default=50, help="queries per connection")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="sidecar config file (default: the packaged sidecar/models.yaml)")
     parser.add_argument("--mix", default="", help="comma-separated kinds to run (default: all), "
                         "e.g. embed_one,embed_many; weights as in KINDS")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))
@@ -182,9 +184,10 @@ def main() -> int:
     layout = embedded.Layout(state)
     stats, curve = Stats(), []
     results: dict = {"minutes": args.minutes, "sessions": args.sessions, "mix": KINDS,
-                     "reconnect_every": args.reconnect_every}
+                     "reconnect_every": args.reconnect_every,
+                     "config": str(args.config) if args.config else None}
     try:
-        uri = embedded.up(layout, port=embedded.free_port(), demo=False)
+        uri = embedded.up(layout, port=embedded.free_port(), config=args.config, demo=False)
         pid = embedded.sidecar_pid(layout)
         assert pid is not None, "the sidecar is not running"
         with psycopg.connect(uri, autocommit=True) as conn:   # warm-up: first calls load lazily
