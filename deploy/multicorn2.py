@@ -30,22 +30,21 @@ A missing tarball is not an error: the script says so and exits 0, and the test 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
-import tarfile
 from pathlib import Path
+
+try:  # run as deploy/multicorn2.py, or imported as deploy.multicorn2
+    import vendored
+except ImportError:
+    from deploy import vendored
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = "3.2"
 TARBALL_NAME = f"multicorn2-{VERSION}.tar.gz"
-# Where the vendored tarball lives: $LLMFDW_MULTICORN2_TARBALL, else the shared vendor directory
-# beside the checkout.
-TARBALL_CANDIDATES = [REPO.parent / "shared" / "vendor" / TARBALL_NAME,
-                      Path("/work/shared/vendor") / TARBALL_NAME]
 # Debian's interpreter: the library the backend embeds (same as fdw/Makefile's PYTHON_CONFIG).
 SYSTEM_PYTHON = "/usr/bin/python3.11"
 SYSTEM_PYTHON_CONFIG = "/usr/bin/python3.11-config"
@@ -77,19 +76,12 @@ def default_pg_config() -> Path:
 
 
 def find_tarball(given: str | None) -> Path | None:
-    env = os.environ.get("LLMFDW_MULTICORN2_TARBALL")
-    for candidate in ([Path(given)] if given else []) + ([Path(env)] if env else []) + TARBALL_CANDIDATES:
-        if candidate.is_file():
-            return candidate.resolve()
-    return None
+    """--tarball, else $LLMFDW_MULTICORN2_TARBALL, else the shared vendor directory."""
+    return vendored.find(TARBALL_NAME, "LLMFDW_MULTICORN2_TARBALL", given)
 
 
 def pg_config(pgc: Path, what: str) -> str:
     return subprocess.run([str(pgc), f"--{what}"], check=True, capture_output=True, text=True).stdout.strip()
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def utils_suffix() -> str:
@@ -125,22 +117,15 @@ def targets(pgc: Path) -> dict[str, Path]:
 def missing(pgc: Path, tarball: Path) -> list[str]:
     want = targets(pgc)
     gone = [name for name, path in want.items() if not path.exists()]
-    if not gone and want["stamp"].read_text().strip() != sha256(tarball):
+    if not gone and want["stamp"].read_text().strip() != vendored.sha256(tarball):
         gone.append("stamp (a different tarball)")
     return gone
 
 
 def extract(tarball: Path) -> Path:
-    src_parent = build_root() / "src"
-    if src_parent.exists():
-        shutil.rmtree(src_parent)
-    src_parent.mkdir(parents=True)
-    log(f"extracting {tarball} into {src_parent}")
-    with tarfile.open(tarball) as tar:
-        tar.extractall(src_parent, filter="data")
-    tops = [p for p in src_parent.iterdir() if p.is_dir()]
+    tops = vendored.unpack(tarball, build_root() / "src", log)
     if len(tops) != 1 or not (tops[0] / "multicorn.control").exists():
-        raise SystemExit(f"multicorn2: unexpected tarball layout in {src_parent}")
+        raise SystemExit(f"multicorn2: unexpected tarball layout in {tarball}")
     return tops[0]
 
 
@@ -178,7 +163,7 @@ def build(pgc: Path, tarball: Path) -> None:
     pg_includes = [f"-I{pg_config(pgc, d)}" for d in ("includedir", "pkgincludedir", "includedir-server")]
     run(["gcc", "-shared", "-fPIC", "-O2", "-fwrapv", "-fno-strict-aliasing", *includes, *pg_includes,
          f"-I{src / 'src'}", src / "src" / "utils.c", "-o", want["utils"]])
-    want["stamp"].write_text(sha256(tarball) + "\n")
+    want["stamp"].write_text(vendored.sha256(tarball) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     tarball = find_tarball(args.tarball)
     if tarball is None:
         log(f"{TARBALL_NAME} not found (looked at $LLMFDW_MULTICORN2_TARBALL and "
-            f"{', '.join(map(str, TARBALL_CANDIDATES))}); not building it, tests/test_multicorn2.py will skip")
+            f"{', '.join(str(d / TARBALL_NAME) for d in vendored.VENDOR_DIRS)}); not building it, tests/test_multicorn2.py will skip")
         return 0
     gone = [] if args.force else missing(pgc, tarball)
     if not args.force and not gone:

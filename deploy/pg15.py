@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
+
+try:  # run as deploy/pg15.py, or imported as deploy.pg15
+    import vendored
+except ImportError:
+    from deploy import vendored
 
 REPO = Path(__file__).resolve().parent.parent
 MAJOR = 15
@@ -42,8 +45,6 @@ BINDIR = Path(f"/usr/lib/postgresql/{MAJOR}/bin")
 PG_CONFIG = BINDIR / "pg_config"
 PGVECTOR_VERSION = "0.8.6"
 PGVECTOR_TARBALL = f"pgvector-{PGVECTOR_VERSION}.tar.gz"
-TARBALL_CANDIDATES = [REPO.parent / "shared" / "vendor" / PGVECTOR_TARBALL,
-                      Path("/work/shared/vendor") / PGVECTOR_TARBALL]
 FDW = REPO / "fdw"
 # What a PGXS build of fdw/ reads: copied to the build directory.
 FDW_SOURCES = ["Makefile", "*.control", "*.sql", "src/*.c", "src/*.h"]
@@ -70,20 +71,13 @@ def build_root() -> Path:
 
 
 def find_tarball() -> Path | None:
-    env = os.environ.get("LLMFDW_PGVECTOR_TARBALL")
-    for candidate in ([Path(env)] if env else []) + TARBALL_CANDIDATES:
-        if candidate.is_file():
-            return candidate.resolve()
-    return None
+    """$LLMFDW_PGVECTOR_TARBALL, else the shared vendor directory."""
+    return vendored.find(PGVECTOR_TARBALL, "LLMFDW_PGVECTOR_TARBALL")
 
 
 def pg_config(what: str) -> Path:
     return Path(subprocess.run([str(PG_CONFIG), f"--{what}"], check=True, capture_output=True,
                                text=True).stdout.strip())
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,25 +133,19 @@ def pgvector_stamp() -> Path:
 def pgvector_missing(tarball: Path) -> list[str]:
     gone = [str(p) for p in pgvector_files() if not p.exists()]
     stamp = pgvector_stamp()
-    if not gone and (not stamp.exists() or stamp.read_text().strip() != sha256(tarball)):
+    if not gone and (not stamp.exists() or stamp.read_text().strip() != vendored.sha256(tarball)):
         gone.append(f"{stamp} (built from another tarball)")
     return gone
 
 
 def build_pgvector(tarball: Path) -> None:
-    src_parent = build_root() / "pgvector"
-    if src_parent.exists():
-        shutil.rmtree(src_parent)
-    src_parent.mkdir(parents=True)
-    log(f"extracting {tarball} into {src_parent}")
-    with tarfile.open(tarball) as tar:
-        tar.extractall(src_parent, filter="data")
-    (src,) = [p for p in src_parent.iterdir() if (p / "vector.control").exists()]
+    (src,) = [p for p in vendored.unpack(tarball, build_root() / "pgvector", log)
+              if (p / "vector.control").exists()]
     jobs = str(min(4, os.cpu_count() or 1))
     # with_llvm=no: no JIT bitcode (it needs clang, and nothing needs the inlining).
     run(["make", "-C", src, "-j", jobs, f"PG_CONFIG={PG_CONFIG}", "with_llvm=no"])
     run(["make", "-C", src, f"PG_CONFIG={PG_CONFIG}", "with_llvm=no", "install"])
-    pgvector_stamp().write_text(sha256(tarball) + "\n")
+    pgvector_stamp().write_text(vendored.sha256(tarball) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if tarball is None:
         log(f"{PGVECTOR_TARBALL} not found (looked at $LLMFDW_PGVECTOR_TARBALL and "
-            f"{', '.join(map(str, TARBALL_CANDIDATES))}); not building, tests/test_pg15.py will skip")
+            f"{', '.join(str(d / PGVECTOR_TARBALL) for d in vendored.VENDOR_DIRS)}); not building, tests/test_pg15.py will skip")
         return 0
     writable = os.access(pg_config("pkglibdir"), os.W_OK)
     old = os.umask(0o022)  # the server's OS user must read all of it

@@ -129,3 +129,21 @@ def test_status_codes_become_sql_errors(code, details, trailing, sqlstate, words
         assert word in str(err)
     if "not reachable" not in words:
         assert "not reachable" not in str(err)
+
+
+# the sidecar's mark decides, never the message text (the proto's status contract)
+@pytest.mark.parametrize("code, details, trailing, sqlstate, reachable", [
+    # the message says "model ..." but without the mark it is gRPC's own UNAVAILABLE
+    (grpc.StatusCode.UNAVAILABLE, "model 'x' is still loading", (), errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION, False),
+    (grpc.StatusCode.UNAVAILABLE, "anything", [("llmfdw-unavailable", "loading")], errors.CANNOT_CONNECT_NOW, True),
+    (grpc.StatusCode.UNAVAILABLE, "anything", [("llmfdw-unavailable", "overloaded")], errors.CANNOT_CONNECT_NOW, True),
+    (grpc.StatusCode.UNAVAILABLE, "x", [("llmfdw-rejected", "queue-full")], errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION, False),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant 'x' is full", [("llmfdw-rejected", "queue-full")],
+     errors.TOO_MANY_CONNECTIONS, True),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)", (),
+     errors.PROGRAM_LIMIT_EXCEEDED, True),
+])
+def test_the_mark_not_the_message_decides(code, details, trailing, sqlstate, reachable):
+    err = errors.error_from_rpc(FakeRpcError(code, details, trailing), "unix:///run/sidecar.sock")
+    assert err.sqlstate == sqlstate
+    assert ("not reachable" not in str(err)) == reachable

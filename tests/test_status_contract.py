@@ -439,36 +439,3 @@ def test_an_error_without_a_code_is_internal_and_an_engine_failure_is_unavailabl
         assert marks(err) == {"llmfdw-unavailable": "failed"}
         assert sql_error(err).sqlstate == errors.CANNOT_CONNECT_NOW
         assert len(failures) == 1 and isinstance(failures[0], EngineFailed)   # the sidecar exits (3)
-
-
-# -- errors.py: marks decide, messages never do -----------------------------------------------
-
-class FakeRpcError(grpc.RpcError):
-    def __init__(self, code, details, trailing=()):
-        self._code, self._details, self._trailing = code, details, tuple(trailing)
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailing
-
-
-@pytest.mark.parametrize("code, details, trailing, sqlstate, reachable", [
-    # the message says "model ..." but without the mark it is gRPC's own UNAVAILABLE
-    (Code.UNAVAILABLE, "model 'x' is still loading", (), errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION, False),
-    (Code.UNAVAILABLE, "anything", [("llmfdw-unavailable", "loading")], errors.CANNOT_CONNECT_NOW, True),
-    (Code.UNAVAILABLE, "anything", [("llmfdw-unavailable", "overloaded")], errors.CANNOT_CONNECT_NOW, True),
-    (Code.UNAVAILABLE, "x", [("llmfdw-rejected", "queue-full")], errors.FDW_UNABLE_TO_ESTABLISH_CONNECTION, False),
-    (Code.RESOURCE_EXHAUSTED, "tenant 'x' is full", [("llmfdw-rejected", "queue-full")],
-     errors.TOO_MANY_CONNECTIONS, True),
-    (Code.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)", (),
-     errors.PROGRAM_LIMIT_EXCEEDED, True),
-])
-def test_the_mark_not_the_message_decides(code, details, trailing, sqlstate, reachable):
-    err = sql_error(FakeRpcError(code, details, trailing))
-    assert err.sqlstate == sqlstate
-    assert ("not reachable" not in str(err)) == reachable
