@@ -25,6 +25,7 @@ import argparse
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -186,6 +187,9 @@ def main() -> int:
     results: dict = {"minutes": args.minutes, "sessions": args.sessions, "mix": KINDS,
                      "reconnect_every": args.reconnect_every,
                      "config": str(args.config) if args.config else None}
+    # a SIGTERM (kill, a time limit) unwinds through the finally below, which stops the sidecar
+    # and Postgres this run started
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         uri = embedded.up(layout, port=embedded.free_port(), config=args.config, demo=False)
         pid = embedded.sidecar_pid(layout)
