@@ -1215,7 +1215,7 @@ next_inner_row(BatchJoinState *bj)
 				start_request(bj, &st);
 				continue;
 			}
-			item = PyIter_Next(bj->iterator);
+			item = llmfdw_iter_next(bj->iterator);
 			if (item == NULL)
 			{
 				if (PyErr_Occurred())

@@ -1109,21 +1109,29 @@ start_execute(ForeignScanState *node, LlmfdwScan *scan)
 }
 
 /*
- * The wait event a scan reports while the FDW class produces rows: named
- * "LlmfdwSidecar" where Postgres lets extensions name theirs (17+).
+ * The next row from an execute() iterator (PyIter_Next; GIL held), reported
+ * as wait event "LlmfdwSidecar" (named on 17+; PG_WAIT_EXTENSION before):
+ * a scan spends that time waiting for the sidecar, and pg_stat_activity
+ * should say so.  Every scan node fetches rows through this.
  */
-uint32
-llmfdw_wait_event(void)
+PyObject *
+llmfdw_iter_next(PyObject *iterator)
 {
 #if PG_VERSION_NUM >= 170000
 	static uint32 event = 0;
+#else
+	const uint32 event = PG_WAIT_EXTENSION;
+#endif
+	PyObject   *item;
 
+#if PG_VERSION_NUM >= 170000
 	if (event == 0)
 		event = WaitEventExtensionNew("LlmfdwSidecar");
-	return event;
-#else
-	return PG_WAIT_EXTENSION;
 #endif
+	pgstat_report_wait_start(event);
+	item = PyIter_Next(iterator);
+	pgstat_report_wait_end();
+	return item;
 }
 
 static TupleTableSlot *
@@ -1149,10 +1157,7 @@ llmfdwIterateForeignScan(ForeignScanState *node)
 		MemoryContext old = MemoryContextSwitchTo(node->ss.ps.ps_ExprContext->ecxt_per_tuple_memory);
 		PyObject   *item;
 
-		/* mostly waiting for the sidecar: pg_stat_activity shows it */
-		pgstat_report_wait_start(llmfdw_wait_event());
-		item = PyIter_Next(scan->iterator);
-		pgstat_report_wait_end();
+		item = llmfdw_iter_next(scan->iterator);
 
 		if (item == NULL && PyErr_Occurred())
 			llmfdw_raise_python_error(&st, "iterating over the result of execute()");

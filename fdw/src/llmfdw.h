@@ -39,8 +39,8 @@ extern char *llmfdw_python_path;
 
 /* ---- llmfdw.c ---- */
 
-/* The wait event to report while waiting on the FDW class (the sidecar). */
-extern uint32 llmfdw_wait_event(void);
+/* The next row of an execute() iterator, reported as waiting on the sidecar. */
+extern PyObject *llmfdw_iter_next(PyObject *iterator);
 
 /* ---- python.c ---- */
 
