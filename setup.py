@@ -1,4 +1,6 @@
-"""Packaging for llmfdw's Python half: the proto stubs, the sidecar, the FDW classes.
+"""Packaging for llmfdw's Python half: the gRPC stubs (llm_inference), the sidecar
+(llm_sidecar), the FDW classes (llm_tables) and the Multicorn2 API they are written against
+(multicorn).
 
 The gRPC stubs are generated from proto/ at build time (never committed), so the
 .proto file stays the one source of truth for both halves.
@@ -10,6 +12,10 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
 PROTO_DIR = ROOT / "proto"
+# (component folder, package): the package's files are <component folder>/<package>/.
+PACKAGE_ROOTS = (("proto", "llm_inference"), ("fdw", "llm_tables"), ("fdw", "multicorn"),
+                 ("sidecar", "llm_sidecar"))
+SUBPACKAGES = {"llm_inference": ("", ".v1"), "llm_sidecar": ("", ".engines")}
 
 
 class BuildWithProtos(build_py):
@@ -40,23 +46,12 @@ setup(
     version="0.1.0",
     description="Open-weight LLMs and embedding models as Postgres foreign tables, served by a gRPC sidecar",
     python_requires=">=3.11,<3.12",
-    package_dir={
-        "llmfdw": "proto/llmfdw",
-        "llmfdw.v1": "proto/llmfdw/v1",
-        "llmfdw.sidecar": "sidecar",
-        "llmfdw.sidecar.engines": "sidecar/engines",
-        "llmfdw.fdw": "fdw/python",
-        "multicorn": "fdw/multicorn",
-    },
-    packages=[
-        "llmfdw",
-        "llmfdw.v1",
-        "llmfdw.sidecar",
-        "llmfdw.sidecar.engines",
-        "llmfdw.fdw",
-        "multicorn",
-    ],
-    package_data={"llmfdw.sidecar": ["*.yaml"]},
+    # Each Python package is the folder of the same name one level under its component folder
+    # (README, "Where the code lives"): llm_inference -> proto/llm_inference, llm_tables and
+    # multicorn -> fdw/<name>, llm_sidecar -> sidecar/llm_sidecar.
+    package_dir={name: f"{root}/{name}" for root, name in PACKAGE_ROOTS},
+    packages=[f"{name}{sub}" for root, name in PACKAGE_ROOTS for sub in SUBPACKAGES.get(name, ("",))],
+    package_data={"llm_sidecar": ["*.yaml"]},
     cmdclass={"build_py": BuildWithProtos},
-    entry_points={"console_scripts": ["llmfdw-sidecar = llmfdw.sidecar.server:main"]},
+    entry_points={"console_scripts": ["llmfdw-sidecar = llm_sidecar.server:main"]},
 )

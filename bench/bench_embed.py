@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deploy import embedded  # noqa: E402
 from bench.common import save  # noqa: E402
-from llmfdw.sidecar.config import DEFAULT_CONFIG  # noqa: E402
-from llmfdw.sidecar.engines.base import cpu_bf16  # noqa: E402
+from llm_sidecar.config import DEFAULT_CONFIG  # noqa: E402
+from llm_sidecar.engines.base import cpu_bf16  # noqa: E402
 
 FP32, BF16 = "all-minilm-l6-v2", "all-minilm-l6-v2-bf16"
 VOCAB = ("the a of and to in is was for on with as by at from that this it be are were database "

@@ -28,8 +28,8 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from bench.common import save  # noqa: E402
-from llmfdw.v1 import llmfdw_pb2 as pb  # noqa: E402
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc  # noqa: E402
+from llm_inference.v1 import inference_pb2 as pb  # noqa: E402
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from sidecar_process import running_sidecar  # noqa: E402
 
 EMB, GEN = "all-minilm-l6-v2", "smollm2-135m-instruct"

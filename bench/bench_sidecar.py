@@ -38,12 +38,12 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from bench.common import WORDS, corpus, save  # noqa: E402
 from sidecar_process import running_sidecar  # noqa: E402
 
-from llmfdw.sidecar import engines  # noqa: E402
-from llmfdw.sidecar.config import DEFAULT_CONFIG, load_config  # noqa: E402
-from llmfdw.sidecar.engines.base import GenerateFinal, GenerateParams  # noqa: E402
-from llmfdw.sidecar.metering import Metered  # noqa: E402
-from llmfdw.v1 import llmfdw_pb2 as pb  # noqa: E402
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc  # noqa: E402
+from llm_sidecar import engines  # noqa: E402
+from llm_sidecar.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from llm_sidecar.engines.base import GenerateFinal, GenerateParams  # noqa: E402
+from llm_sidecar.metering import Metered  # noqa: E402
+from llm_inference.v1 import inference_pb2 as pb  # noqa: E402
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 EMB, GEN = "all-minilm-l6-v2", "smollm2-135m-instruct"
 PROMPTS = ["Write a short poem about {}.", "Explain what a {} is in two sentences.",

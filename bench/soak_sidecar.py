@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak_sidecar.py [--minutes 20] [--sessions 16] [--sample-s 30]
 
 Starts its own Postgres and a real sidecar with the packaged models (deploy/embedded.py, in a
-temporary directory), applies sql/llmfdw.sql, then runs --sessions Postgres sessions (threads, one
+temporary directory), applies sql/llm_schema.sql, then runs --sessions Postgres sessions (threads, one
 connection each, reconnecting every --reconnect-every queries) that loop over a mix of real SQL
 until --minutes are up:
   complete   - llm.completions, one varied prompt, max_tokens 8-32
@@ -165,7 +165,7 @@ def main() -> int:
     parser.add_argument("--reconnect-every", type=int, default=50, help="queries per connection")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--config", type=Path, default=None,
-                        help="sidecar config file (default: the packaged sidecar/models.yaml)")
+                        help="sidecar config file (default: the packaged sidecar/llm_sidecar/models.yaml)")
     parser.add_argument("--mix", default="", help="comma-separated kinds to run (default: all), "
                         "e.g. embed_one,embed_many; weights as in KINDS")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "soak.json"))

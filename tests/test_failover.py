@@ -3,7 +3,7 @@
 Three sidecars on local TCP ports (127.0.0.1 only), each serving the small embedding model and the
 generation model; one foreign server whose `address` lists all three.  Eight sessions run mixed
 queries for a bounded time while one sidecar is SIGKILLed and, later, another is SIGTERMed
-(drains, then exits).  gRPC's round_robin spreads the calls (fdw/python/client.py), and its retry
+(drains, then exits).  gRPC's round_robin spreads the calls (fdw/llm_tables/client.py), and its retry
 policy sends every call that got no answer yet to another sidecar, so:
 
   - no embedding query fails;
@@ -251,7 +251,7 @@ def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from llmfdw.fdw.client import channel_for, forget_channel
+    from llm_tables.client import channel_for, forget_channel
 
     calls = [0, 0, 0]
 
@@ -293,8 +293,8 @@ def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
 
 
 def test_an_address_list_gRPC_cannot_balance_is_refused():
-    from llmfdw.fdw.client import channel_target, several_sidecars
-    from llmfdw.fdw.errors import LlmError
+    from llm_tables.client import channel_target, several_sidecars
+    from llm_tables.errors import LlmError
 
     assert channel_target("10.0.0.5:50051, 10.0.0.6:50051") == "ipv4:10.0.0.5:50051,10.0.0.6:50051"
     assert channel_target("unix:///a.sock,unix:///b.sock") == "unix:///a.sock,/b.sock"

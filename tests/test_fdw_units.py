@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from llmfdw.fdw import client, errors
-from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS
-from llmfdw.fdw.options import check_table_options, parse_options
-from llmfdw.v1 import llmfdw_pb2 as pb
+from llm_tables import client, errors
+from llm_tables.declarations import COMPLETIONS, EMBEDDINGS
+from llm_tables.options import check_table_options, parse_options
+from llm_inference.v1 import inference_pb2 as pb
 from multicorn import Qual
 
 KEYS = COMPLETIONS.keys("llm.completions")

@@ -3,6 +3,13 @@
 Each query must either return correct rows or fail with a clear SQL error;
 the backend must never crash (same backend pid afterwards) and the same
 connection must run the next query.
+
+Two levels.  The FDW host's qual handling (fdw/src/quals.c, convert.c) is fuzzed through
+tests/echo_fdw.py, which reports every qual it receives as a NOTICE and runs no model: every
+operator, with constants, NULLs and LATERAL parameters, on a column of every type the host
+converts, checking the Python type each qual value arrives as.  The llm tables' own key-column
+rules (a required qual missing, a request column the request did not take) are fuzzed on the
+real tables with one value per type, so that each generation is two tokens long.
 """
 from __future__ import annotations
 
@@ -12,9 +19,26 @@ import pytest
 OPERATORS = ["= {v}", "<> {v}", "< {v}", ">= {v}", "IS NULL", "IS NOT NULL", "= ANY(ARRAY[{v}, {v}])",
              "<> ALL(ARRAY[{v}])", "IN ({v}, {v})", "BETWEEN {v} AND {v}", "IS DISTINCT FROM {v}"]
 TEXT_OPERATORS = ["LIKE {v}", "ILIKE {v}", "~ {v}"]
-VALUES = {"text": ["'x'", "''", "NULL::text"], "integer": ["2", "-1", "NULL::int"], "bigint": ["2", "NULL::bigint"],
-          "double precision": ["0.5", "-1", "'NaN'::float8"], "text[]": ["ARRAY['x']", "'{}'::text[]"],
-          "vector": ["NULL::vector"], "boolean": ["true"]}
+# one value per type on the real tables (each non-error query generates)
+VALUES = {"text": ["'x'"], "integer": ["2"], "bigint": ["2"], "double precision": ["'NaN'::float8"],
+          "text[]": ["ARRAY['x']"], "vector": ["NULL::vector"], "boolean": ["true"]}
+
+# The echo table: column type -> (values to compare with, the Python types a pushed value may have)
+HOST_TYPES = {
+    "text": (["'x'", "''", "repeat('é🐘', 50000)", "NULL::text"], "str"),
+    "integer": (["2", "-2147483648", "NULL::int"], "int"),
+    "bigint": (["9223372036854775807", "NULL::bigint"], "int"),
+    "double precision": (["0.5", "'NaN'::float8", "'-Infinity'::float8"], "float"),
+    "numeric": (["1.25", "'NaN'::numeric"], "float"),   # as Multicorn2: numeric -> float
+    "boolean": (["true", "NULL::bool"], "bool"),
+    "text[]": (["ARRAY['x', NULL]", "'{}'::text[]"], "list"),
+    "bytea": (["'\\x00ff'::bytea"], "bytes"),
+    # as Multicorn2: other types arrive as their text output, and so does a date Python cannot hold
+    "jsonb": (["'{\"a\": [1, null]}'::jsonb"], "str"),
+    "vector": (["'[1,2,3]'::vector"], "str"),
+    "date": (["'2026-01-31'::date", "'infinity'::date"], "date str"),
+    "timestamptz": (["'2026-01-31 12:00+00'::timestamptz"], "str"),
+}
 
 
 def columns(conn, table: str) -> list[tuple[str, str]]:
@@ -35,6 +59,76 @@ def survives(conn, sql: str, pid: int) -> str:
         outcome = f"error: {err.diag.message_primary}"
     assert conn.execute("SELECT pg_backend_pid()").fetchone() == (pid,), f"backend changed after {sql}"
     return outcome
+
+
+@pytest.fixture(scope="module")
+def echo_types(pg_dsn):
+    """fuzz.types: one column of every type in HOST_TYPES, backed by echo_fdw in `notice` mode."""
+    cols = ", ".join(f"c{i} {typ}{'(3)' if typ == 'vector' else ''}" for i, typ in enumerate(HOST_TYPES))
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("DROP SCHEMA IF EXISTS fuzz CASCADE")
+        c.execute("DROP SERVER IF EXISTS fuzz_echo CASCADE")
+        c.execute("CREATE SCHEMA fuzz")
+        c.execute("CREATE SERVER fuzz_echo FOREIGN DATA WRAPPER llmfdw OPTIONS (wrapper 'echo_fdw.EchoFdw')")
+        c.execute(f"CREATE FOREIGN TABLE fuzz.types ({cols}) SERVER fuzz_echo OPTIONS (mode 'notice')")
+    yield
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("DROP SCHEMA fuzz CASCADE")
+        c.execute("DROP SERVER fuzz_echo CASCADE")
+
+
+def value_type(op: str, pytype: str, typ: str) -> bool:
+    """Whether a qual value of Python type `pytype` fits a qual with operator `op` on a column of
+    SQL type `typ`: the column's Python type, None for NULL, a list for ANY/ALL."""
+    if op.endswith(("ANY", "ALL")):
+        return pytype in ("list", "NoneType")
+    return pytype in (*HOST_TYPES[typ][1].split(), "NoneType")
+
+
+@pytest.mark.parametrize("typ", list(HOST_TYPES))
+def test_host_quals_of_every_type_and_operator(conn, echo_types, typ):
+    """Every operator on a column of type `typ` (constants, NULLs, LATERAL parameters): the
+    backend survives, errors are Postgres's own or clean, and each qual the host pushes arrives
+    in Python as the column's type (SQL NULL as None, ANY/ALL as a list)."""
+    column = f"c{list(HOST_TYPES).index(typ)}"
+    pid = conn.info.backend_pid
+    seen: list[str] = []
+    conn.add_notice_handler(lambda d: seen.append(d.message_primary or ""))
+    ops = OPERATORS + (TEXT_OPERATORS if typ == "text" else [])
+    outcomes, pushed = {}, 0
+    for op in ops:
+        for v in HOST_TYPES[typ][0]:
+            pred = op.format(v=v)
+            for sql in (f"SELECT * FROM fuzz.types WHERE {column} {pred}",
+                        f"SELECT s.* FROM (VALUES ({v})) p(x) CROSS JOIN LATERAL "
+                        f"(SELECT * FROM fuzz.types WHERE {column} {op.format(v='p.x')}) s"):
+                seen.clear()
+                outcomes[sql] = survives(conn, sql, pid)
+                quals = [m.split("\t") for m in seen if m.startswith("qual\t")]
+                for _, field, qop, pytype, _ in quals:
+                    assert field == column, (sql, field)
+                    assert value_type(qop, pytype, typ), (sql, qop, pytype)
+                pushed += len(quals)
+    for sql, outcome in outcomes.items():
+        assert outcome == "rows" or "Python" not in outcome and "Traceback" not in outcome, (sql, outcome)
+    assert pushed > len(HOST_TYPES[typ][0]), "no qual reached the FDW class"
+
+
+def test_host_survives_huge_and_odd_quals(conn, echo_types):
+    """A 100,000-element ANY list, a 10 MB text, a NUL-free but odd Unicode text."""
+    pid = conn.info.backend_pid
+    seen: list[str] = []
+    conn.add_notice_handler(lambda d: seen.append(d.message_primary or ""))
+    conn.execute("SELECT * FROM fuzz.types WHERE c1 = ANY(%s)", (list(range(100_000)),)).fetchall()
+    assert any(m.startswith("qual\tc1\t= ANY\tlist") for m in seen)
+    seen.clear()
+    conn.execute("SELECT * FROM fuzz.types WHERE c0 = %s", ("x" * 10_000_000,)).fetchall()
+    assert seen == ["qual\tc0\t=\tstr\t'" + "x" * 10_000_000 + "'"]   # the whole text, once
+    seen.clear()
+    odd = "\u202e\U0001f418\ud7ff\t\\'\""
+    conn.execute("SELECT * FROM fuzz.types WHERE c0 = %s", (odd,)).fetchall()
+    assert seen == [f"qual\tc0\t=\tstr\t{odd!r}"]
+    assert survives(conn, "SELECT 1", pid) == "rows"
 
 
 @pytest.fixture

@@ -341,7 +341,7 @@ def test_colocated_shape(rendered):
 
 
 def test_default_models_are_the_sidecars(chart):
-    packaged = yaml.safe_load((REPO / "sidecar" / "models.yaml").read_text())
+    packaged = yaml.safe_load((REPO / "sidecar" / "llm_sidecar" / "models.yaml").read_text())
     assert chart.merge_values({})["sidecar"]["config"]["models"] == packaged["models"]
 
 
@@ -362,7 +362,7 @@ def _write_init_inputs(docs, directory: Path) -> tuple[Path, Path, Path]:
 
 @pytest.mark.parametrize("name", [p.name for p in CI_VALUES])
 def test_init_step_renders_a_config_the_sidecar_loads(rendered, name, tmp_path):
-    from llmfdw.sidecar.config import load_config
+    from llm_sidecar.config import load_config
 
     script, source, tokens = _write_init_inputs(rendered[name], tmp_path)
     out = tmp_path / "sidecar.yaml"
@@ -376,12 +376,12 @@ def test_init_step_renders_a_config_the_sidecar_loads(rendered, name, tmp_path):
     config = load_config(out)
     expected = _values(CHART / "ci" / name)["sidecar"].get("config", {}).get("models")
     assert [m.name for m in config.models] == [m["name"] for m in expected or
-                                                yaml.safe_load((REPO / "sidecar/models.yaml").read_text())["models"]]
+                                                yaml.safe_load((REPO / "sidecar/llm_sidecar/models.yaml").read_text())["models"]]
     if name == "cpu-values.yaml":
         assert config.auth == "required"
-        assert config.tenants["acme"].token == "ci-acme-token" and config.tenants["acme"].max_in_flight == 4
+        assert config.tenant("acme").token == "ci-acme-token" and config.tenant("acme").max_in_flight == 4
     if name == "shared-values.yaml":
-        assert config.tenants["team-a"].token == "token-a" and config.tenants["team-b"].token == "token-b"
+        assert config.tenant("team-a").token == "token-a" and config.tenant("team-b").token == "token-b"
 
 
 def test_init_step_refuses_a_missing_token(rendered, tmp_path):

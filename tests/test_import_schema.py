@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from deploy import embedded
-from llmfdw.fdw.declarations import SPECS
+from llm_tables.declarations import SPECS
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ def test_invalid_parameters_are_clear_errors(conn, where, word):
 def test_stopped_sidecar_is_a_clear_error(conn):
     conn.execute("DROP SERVER IF EXISTS llm_dead CASCADE")
     conn.execute("CREATE SERVER llm_dead FOREIGN DATA WRAPPER llmfdw "
-                 "OPTIONS (wrapper 'llmfdw.fdw.tables.SidecarTables', address 'unix:///tmp/llmfdw-nobody.sock')")
+                 "OPTIONS (wrapper 'llm_tables.tables.SidecarTables', address 'unix:///tmp/llmfdw-nobody.sock')")
     conn.execute("CREATE FOREIGN TABLE public.dead_models (name text) SERVER llm_dead OPTIONS (table 'models')")
     try:
         with pytest.raises(psycopg.Error) as exc:

@@ -2,7 +2,7 @@
 
 The design names Multicorn2 as the API the FDW classes are written against; llmfdw runs them in
 its own C host (fdw/src).  This test runs the installed classes (wrapper
-`llmfdw.fdw.tables.SidecarTables`) through the real Multicorn2 extension built by
+`llm_tables.tables.SidecarTables`) through the real Multicorn2 extension built by
 deploy/multicorn2.py (`make multicorn2`), against the session's sidecar, and compares with what
 our host returns for the same queries.  The same results: the models, a greedy completion, one at
 temperature = 0, the embeddings (same vectors).  The differences between the hosts:
@@ -37,7 +37,7 @@ from deploy import embedded, multicorn2
 from sidecar_process import sample, scrape
 
 MC2_DB, SCHEMA, SERVER = "llmfdw_mc2", "mc2", "mc2_sidecar"
-WRAPPER = "llmfdw.fdw.tables.SidecarTables"
+WRAPPER = "llm_tables.tables.SidecarTables"
 MC2_TIMEOUT = 3  # the Multicorn2 server's `timeout` option (s): how long a cancelled call runs on
 FRANCE = "What is the capital of France?"
 LONG = "Write a very long story about a dragon and a knight."  # seconds of decoding at 1500 tokens

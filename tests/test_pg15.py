@@ -2,7 +2,7 @@
 
 deploy/pg15.py (`make pg15`, run by `make test`) installs postgresql-15 and
 postgresql-server-dev-15 and builds pgvector (the vendored 0.8.6 tarball) and llmfdw into them. This
-module starts a throwaway PostgreSQL 15 cluster and runs through it what a user does: sql/llmfdw.sql
+module starts a throwaway PostgreSQL 15 cluster and runs through it what a user does: sql/llm_schema.sql
 with PostgreSQL 15's psql, a completion, an embedding (pgvector's type and operators), a join with a
 table of their own, the error for a missing prompt, an IMPORT FOREIGN SCHEMA into another schema
 and a cancel. The requests go to the session's sidecar (conftest.py), the one the PostgreSQL 18
@@ -84,13 +84,13 @@ def pg15_server():
 
 @pytest.fixture(scope="module")
 def pg15_dsn(pg15_server, sidecar_socket):
-    """Database llmfdw_pg15 with sql/llmfdw.sql applied by PostgreSQL 15's own psql."""
+    """Database llmfdw_pg15 with sql/llm_schema.sql applied by PostgreSQL 15's own psql."""
     embedded.create_database(pg15_server, DATABASE)
     dsn = pg15_server.dsn(DATABASE)
     proc = subprocess.run([str(pg15.BINDIR / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn,
                            "-v", f"sidecar_address=unix://{sidecar_socket}", "-f", str(embedded.SCHEMA_SQL)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"psql (15) -f sql/llmfdw.sql failed:\n{proc.stdout}"
+    assert proc.returncode == 0, f"psql (15) -f sql/llm_schema.sql failed:\n{proc.stdout}"
     return dsn
 
 

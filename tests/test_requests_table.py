@@ -17,11 +17,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from llmfdw.fdw.keycolumns import Range, range_hint
-from llmfdw.sidecar.config import ConfigError, load_config
-from llmfdw.sidecar.history import Bounds, History, Record
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_tables.keycolumns import Range, range_hint
+from llm_sidecar.config import ConfigError, load_config
+from llm_sidecar.history import Bounds, History, Record
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from multicorn import Qual
 from sidecar_process import running_sidecar
 
@@ -153,7 +153,7 @@ def test_range_hint_reads_bounds():
 
 
 def test_timestamptz_text_is_read_to_the_microsecond():
-    from llmfdw.fdw.tables import _timestamptz, _unix_ns
+    from llm_tables.tables import _timestamptz, _unix_ns
 
     assert _unix_ns("2026-05-01 12:00:00.123456+00") == 1777636800123456000
     assert _unix_ns("2026-05-01 14:00:00.123456+02") == 1777636800123456000
@@ -183,12 +183,12 @@ def test_the_window_is_bounded_by_count_and_age():
 
 
 @pytest.mark.parametrize("history, words", [
-    ("{max_rows: 0}", "history.max_rows: must be an integer >= 1"),
+    ("{max_rows: 0}", "history.max_rows: must be >= 1, not 0"),
     ("{max_rows: '10'}", "history.max_rows"),
-    ("{max_rows: 2000000}", "at most 1,000,000"),
-    ("{max_age_seconds: 0}", "history.max_age_seconds: must be a number in (0"),
+    ("{max_rows: 2000000}", "history.max_rows: must be <= 1,000,000, not 2000000"),
+    ("{max_age_seconds: 0}", "history.max_age_seconds: must be > 0, not 0"),
     ("{max_age_seconds: .nan}", "history.max_age_seconds"),
-    ("{max_age: 60}", "unknown keys ['max_age']"),
+    ("{max_age: 60}", "history: unknown keys ['max_age']"),
 ])
 def test_bad_history_config_is_refused(tmp_path, history, words):
     path = tmp_path / "c.yaml"

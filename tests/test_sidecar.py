@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from sidecar_process import long_generation_underway, sample, scrape
 
 GEN = "smollm2-135m-instruct"

@@ -1,4 +1,4 @@
-"""Admission (sidecar/tenants.py) on a real event loop: limits, turns between tenants and between
+"""Admission (sidecar/llm_sidecar/tenants.py) on a real event loop: limits, turns between tenants and between
 sessions, the per-session cap, cancellation."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from llmfdw.sidecar.config import Limits
-from llmfdw.sidecar.tenants import Admission, LimitExceeded
+from llm_sidecar.config import Limits
+from llm_sidecar.tenants import Admission, LimitExceeded
 
 ROOMY = Limits(max_in_flight=10, max_queued=10)
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from bench.bench_fairness import generation_fairness
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from bench.bench_fairness import embedding_fairness
-from llmfdw.sidecar.config import ConfigError, load_config
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_sidecar.config import ConfigError, load_config
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
@@ -32,21 +32,21 @@ def write(tmp_path, model_extra: str = "", top: str = ""):
     (', context_length: "2048"', "",
      "models[0].context_length: must be an integer, not '2048' (remove the quotes)"),
     (", defaults: {max_tokens: lots}", "",
-     "models[0].defaults.max_tokens: must be an integer in [1, context_length 2048], not 'lots'"),
+     "models[0].defaults.max_tokens: must be an integer, not 'lots'"),
     (", defaults: {max_tokens: 4096}", "",
-     "models[0].defaults.max_tokens: must be an integer in [1, context_length 2048], not 4096"),
-    (", defaults: {temperature: .nan}", "", "models[0].defaults.temperature: must be a number in [0, 2]"),
-    (", defaults: {top_p: 0}", "", "models[0].defaults.top_p: must be a number in (0, 1]"),
+     "models[0].defaults.max_tokens: must be at most context_length (2048), not 4096"),
+    (", defaults: {temperature: .nan}", "", "models[0].defaults.temperature: must be a finite number, not nan"),
+    (", defaults: {top_p: 0}", "", "models[0].defaults.top_p: must be > 0, not 0"),
     (", defaults: {tempreature: 0.5}", "", "models[0].defaults: unknown keys ['tempreature']"),
     (", parallel: 8, session_reserve: 8", "",
      "models[0].session_reserve: must be in [0, parallel - 1] = [0, 7], not 8"),
-    (', session_reserve: "1"', "", "models[0].session_reserve: must be an integer, not '1'"),
+    (', session_reserve: "1"', "", "models[0].session_reserve: must be an integer, not '1' (remove the quotes)"),
     (", parallel: true", "", "models[0].parallel: must be an integer, not True"),
-    (", batch_wait_ms: -1", "", "models[0].batch_wait_ms: must be a number in [0, 60000], not -1"),
-    (", threads: 0", "", "models[0].threads: must be an integer >= 1, not 0"),
+    (", batch_wait_ms: -1", "", "models[0].batch_wait_ms: must be >= 0, not -1"),
+    (", threads: 0", "", "models[0].threads: must be >= 1, not 0"),
     (", source: /x.gguf", "", "models[0].source: must be a mapping"),
-    ("", "max_input_bytes: 1MiB\n", "max_input_bytes: must be an integer >= 1, not '1MiB'"),
-    ("", "max_input_bytes: 0\n", "max_input_bytes: must be an integer >= 1, not 0"),
+    ("", "max_input_bytes: 1MiB\n", "max_input_bytes: must be an integer, not '1MiB'"),
+    ("", "max_input_bytes: 0\n", "max_input_bytes: must be >= 1, not 0"),
 ])
 def test_config_values_of_the_wrong_type_or_range_fail_naming_the_key(tmp_path, model_extra, top, words):
     with pytest.raises(ConfigError) as exc:

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from sidecar_process import running_sidecar, sidecar_process
 
 GEN = "smollm2-135m-instruct"
-PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "models.yaml"
+PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "llm_sidecar" / "models.yaml"
 
 
 def write_config(path: Path, **changes) -> Path:

@@ -23,7 +23,7 @@ from sidecar_process import sidecar_process
 
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="switching to a second OS user needs root")
-PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "models.yaml"
+PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "llm_sidecar" / "models.yaml"
 GEN = "smollm2-135m-instruct"
 
 CONNECT = """
@@ -176,7 +176,7 @@ def restore_umask():
 
 
 def test_root_is_refused_unless_allow_root(monkeypatch, caplog, tmp_path, restore_umask):
-    from llmfdw.sidecar import server
+    from llm_sidecar import server
 
     monkeypatch.setattr(server.os, "geteuid", lambda: 0)
     sock = tmp_path / "s.sock"

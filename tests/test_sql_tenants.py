@@ -38,7 +38,7 @@ def tenancy(pg_dsn, run_dir, work_dir):
     with running_sidecar(str(sock), config_path=str(config), log_path=str(work_dir / "log" / "auth-sidecar.log")):
         with psycopg.connect(pg_dsn, autocommit=True) as c:
             c.execute(f"CREATE SERVER llm_auth FOREIGN DATA WRAPPER llmfdw "
-                      f"OPTIONS (wrapper 'llmfdw.fdw.tables.SidecarTables', address 'unix://{sock}')")
+                      f"OPTIONS (wrapper 'llm_tables.tables.SidecarTables', address 'unix://{sock}')")
             c.execute("CREATE SCHEMA tenancy")
             c.execute("CREATE FOREIGN TABLE tenancy.completions (prompt text, max_tokens int, completion text) "
                       "SERVER llm_auth OPTIONS (table 'completions', model 'smollm2-135m-instruct')")

@@ -1,8 +1,8 @@
-"""The status contract (proto/llmfdw/v1/llmfdw.proto, above `service Inference`), end to end.
+"""The status contract (proto/llm_inference/v1/inference.proto, above `service Inference`), end to end.
 
 Each code the contract lists is produced by a real request to a real sidecar process, carries the
 documented trailing metadata ("llmfdw-unavailable", "llmfdw-rejected") and no other mark, and
-fdw/python/errors.py turns the real gRPC error into the documented SQLSTATE: "not reachable" only
+fdw/llm_tables/errors.py turns the real gRPC error into the documented SQLSTATE: "not reachable" only
 when nothing answers.  Every RPC (ListModels and Usage too) is counted in the metrics and logged.
 
 INTERNAL and an engine that dies mid-request cannot be caused from outside a healthy sidecar: for
@@ -28,19 +28,19 @@ import pytest
 import yaml
 
 from deploy import embedded
-from llmfdw.fdw import errors
-from llmfdw.sidecar import servicer as servicer_module
-from llmfdw.sidecar.config import ModelConfig, SidecarConfig
-from llmfdw.sidecar.engines.base import READY, EngineFailed, GenerateFinal, GenerationEngine
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_tables import errors
+from llm_sidecar import servicer as servicer_module
+from llm_sidecar.config import ModelConfig, SidecarConfig
+from llm_sidecar.engines.base import READY, EngineFailed, GenerateFinal, GenerationEngine
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from sidecar_process import long_generation_underway, running_sidecar, sample, scrape, sidecar_process
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
 REPO = Path(__file__).resolve().parents[1]
-PACKAGED = REPO / "sidecar" / "models.yaml"
-PROTO = REPO / "proto" / "llmfdw" / "v1" / "llmfdw.proto"
+PACKAGED = REPO / "sidecar" / "llm_sidecar" / "models.yaml"
+PROTO = REPO / "proto" / "llm_inference" / "v1" / "inference.proto"
 ADDRESS = "unix:///contract/sidecar.sock"   # only shown in messages
 Code = grpc.StatusCode
 
@@ -390,7 +390,7 @@ class BreakingEngine(GenerationEngine):
 @contextlib.contextmanager
 def in_process_sidecar(sock: Path) -> Iterator[tuple[pb_grpc.InferenceStub, list]]:
     failures: list[Exception] = []
-    engine = BreakingEngine(ModelConfig(name="breaking", task="generate", engine="breaking", source={}))
+    engine = BreakingEngine(ModelConfig(name="breaking", task="generate", engine="llama_cpp", source={}))
     config = SidecarConfig(models=[engine.config])
     loop = asyncio.new_event_loop()
     ready, stop = threading.Event(), None

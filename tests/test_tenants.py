@@ -11,14 +11,14 @@ import pytest
 import yaml
 
 from deploy import embedded
-from llmfdw.sidecar.servicer import ADMISSION_REJECTED
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_sidecar.servicer import ADMISSION_REJECTED
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from sidecar_process import running_sidecar, sample, scrape
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
-PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "models.yaml"
+PACKAGED = Path(__file__).resolve().parents[1] / "sidecar" / "llm_sidecar" / "models.yaml"
 TOKENS = {"acme": "acme-s3cret", "beta": "beta-s3cret", "ledger": "ledger-s3cret", "pair": "pair-s3cret"}
 MARKER = ADMISSION_REJECTED[0]    # ("llmfdw-rejected", "queue-full")
 

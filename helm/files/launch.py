@@ -1,4 +1,4 @@
-"""Start the llmfdw sidecar (same arguments as `python -m llmfdw.sidecar.server`) with its
+"""Start the llmfdw sidecar (same arguments as `python -m llm_sidecar.server`) with its
 Prometheus endpoint on every interface of the pod, so that Prometheus can scrape it.
 
 The sidecar binds --metrics-port to 127.0.0.1 only (right for `make up`; in a pod, nothing
@@ -8,7 +8,7 @@ instead.  Drop this launcher once the sidecar takes a --metrics-address option.
 import os
 import sys
 
-from llmfdw.sidecar import metrics, server
+from llm_sidecar import metrics, server
 
 _serve = metrics.serve
 _address = os.environ.get("LLMFDW_METRICS_ADDRESS", "0.0.0.0")

@@ -32,7 +32,7 @@ def main(source: str, tokens_dir: str, output: str) -> int:
         yaml.safe_dump(config, fh, sort_keys=False)
     os.replace(tmp, output)
     try:
-        from llmfdw.sidecar.config import ConfigError, load_config
+        from llm_sidecar.config import ConfigError, load_config
     except ImportError:
         return 0
     try:

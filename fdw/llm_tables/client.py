@@ -22,10 +22,10 @@ from typing import Callable, Iterator
 
 import grpc
 
-from llmfdw.fdw.errors import (INVALID_PARAMETER_VALUE, PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled,
+from llm_tables.errors import (INVALID_PARAMETER_VALUE, PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled,
                                 error_from_rpc, mark_of)
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
 # How often a waiting call asks Postgres whether to stop.
 POLL_SECONDS = 0.02
@@ -60,7 +60,7 @@ SESSION_ID = uuid.uuid4().hex
 # One sidecar (one unix:// socket or one IP address) gets round_robin but no retries: trying the
 # same dead sidecar again only delays the error, and keeps the channel (and its reconnect
 # backoff) that forget_channel would replace, so a restarted sidecar would be seen later.
-SERVICE = "llmfdw.v1.Inference"
+SERVICE = "llm_inference.v1.Inference"
 RETRY_POLICY = {
     "maxAttempts": 5,             # gRPC caps it at 5: the first try and four more
     "initialBackoff": "0.05s",
@@ -154,7 +154,7 @@ class CallControl:
 
 
 class SidecarClient:
-    """Typed calls to the llmfdw.v1.Inference service."""
+    """Typed calls to the llm_inference.v1.Inference service."""
 
     def __init__(self, address: str, control: CallControl) -> None:
         self.address = address

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import importlib
 
-from llmfdw.sidecar.config import ModelConfig
-from llmfdw.sidecar.engines.base import Engine
+from llm_sidecar.config import ModelConfig
+from llm_sidecar.engines.base import Engine
 
 _CLASSES = {
-    ("llama_cpp", "generate"): ("llmfdw.sidecar.engines.llama_cpp", "LlamaCppEngine"),
-    ("sentence_transformers", "embed"): ("llmfdw.sidecar.engines.sentence_transformers", "SentenceTransformersEngine"),
-    ("vllm", "generate"): ("llmfdw.sidecar.engines.vllm", "VllmGenerationEngine"),
-    ("vllm", "embed"): ("llmfdw.sidecar.engines.vllm", "VllmEmbeddingEngine"),
+    ("llama_cpp", "generate"): ("llm_sidecar.engines.llama_cpp", "LlamaCppEngine"),
+    ("sentence_transformers", "embed"): ("llm_sidecar.engines.sentence_transformers", "SentenceTransformersEngine"),
+    ("vllm", "generate"): ("llm_sidecar.engines.vllm", "VllmGenerationEngine"),
+    ("vllm", "embed"): ("llm_sidecar.engines.vllm", "VllmEmbeddingEngine"),
 }
 
 

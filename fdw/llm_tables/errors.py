@@ -42,7 +42,7 @@ class LlmError(MulticornException):
         self._is_multicorn_exception = True
 
 
-# The sidecar's marks in trailing metadata (see the status contract in proto/llmfdw/v1/llmfdw.proto):
+# The sidecar's marks in trailing metadata (see the status contract in proto/llm_inference/v1/inference.proto):
 # a status code that may carry one -> the metadata key.  UNAVAILABLE with "llmfdw-unavailable"
 # means the sidecar is up but cannot serve now; without it, gRPC could not reach the sidecar.
 # RESOURCE_EXHAUSTED with "llmfdw-rejected" means the tenant is at its limits; without it, gRPC

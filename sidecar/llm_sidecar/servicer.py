@@ -1,4 +1,4 @@
-"""llmfdw.v1.Inference: protobuf in, engine calls, protobuf out.
+"""llm_inference.v1.Inference: protobuf in, engine calls, protobuf out.
 
 Validation lives here, so every engine gets clean parameters and every
 caller gets a status code with a message written for the SQL user.  Each
@@ -8,7 +8,7 @@ ends in one structured log line.  A cancelled or expired call cancels the
 handler task; closing the engine's iterator then stops the model work (see
 each engine).
 
-Status codes (the contract is written in proto/llmfdw/v1/llmfdw.proto, above
+Status codes (the contract is written in proto/llm_inference/v1/inference.proto, above
 the service).  Every RPC, ListModels and Usage too, goes through one path,
 _serving: refused while draining (Generate and Embed only), authenticated,
 counted in llmfdw_requests_total / llmfdw_request_seconds and logged as one
@@ -54,17 +54,17 @@ from typing import AsyncIterator, Callable
 import grpc
 import numpy as np
 
-from llmfdw.sidecar import metrics
-from llmfdw.sidecar.config import SidecarConfig
-from llmfdw.sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
+from llm_sidecar import metrics
+from llm_sidecar.config import SidecarConfig
+from llm_sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
-from llmfdw.sidecar.history import Bounds, History, Record
-from llmfdw.sidecar.metering import Metered, UsageBook
-from llmfdw.sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
-from llmfdw.v1 import llmfdw_pb2 as pb
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_sidecar.history import Bounds, History, Record
+from llm_sidecar.metering import Metered, UsageBook
+from llm_sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
-log = logging.getLogger("llmfdw.sidecar")
+log = logging.getLogger("llm_sidecar")
 
 _TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
@@ -211,9 +211,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @staticmethod
     def _params(engine: Engine, p: pb.GenerationParams) -> GenerateParams:
         defaults = engine.config.defaults
-        max_tokens = p.max_tokens if p.HasField("max_tokens") else int(defaults.get("max_tokens", 128))
-        temperature = p.temperature if p.HasField("temperature") else float(defaults.get("temperature", 0.0))
-        top_p = p.top_p if p.HasField("top_p") else defaults.get("top_p")
+        max_tokens = p.max_tokens if p.HasField("max_tokens") else (defaults.max_tokens or 128)
+        temperature = p.temperature if p.HasField("temperature") else (defaults.temperature or 0.0)
+        top_p = p.top_p if p.HasField("top_p") else defaults.top_p
         if max_tokens < 1:
             raise BadArgument(f"max_tokens must be at least 1, got {max_tokens}")
         if max_tokens > engine.config.context_length:

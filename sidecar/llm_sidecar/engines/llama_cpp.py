@@ -20,9 +20,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-from llmfdw.sidecar import metrics
-from llmfdw.sidecar.metering import Metered
-from llmfdw.sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
+from llm_sidecar import metrics
+from llm_sidecar.metering import Metered
+from llm_sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
 
 _FINISH = {"stop": "stop", "length": "length"}

@@ -1,6 +1,6 @@
 -- llmfdw: the FDW, the server that points at the sidecar, and schema llm.
 --
---   psql -v ON_ERROR_STOP=1 -v sidecar_address='unix:///abs/path/sidecar.sock' -f sql/llmfdw.sql
+--   psql -v ON_ERROR_STOP=1 -v sidecar_address='unix:///abs/path/sidecar.sock' -f sql/llm_schema.sql
 --
 -- Safe to run again: it keeps the server (updating its address), the tables
 -- and everything that depends on them, and adds what is missing.
@@ -34,7 +34,7 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar'
   ALTER SERVER llm_sidecar OPTIONS (SET address :'sidecar_address');
   -- servers made by earlier versions named the (now default) class
   SELECT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar'
-                 AND 'wrapper=llmfdw.fdw.tables.SidecarTables' = ANY (srvoptions)) AS old_wrapper \gset
+                 AND 'wrapper=llm_tables.tables.SidecarTables' = ANY (srvoptions)) AS old_wrapper \gset
   \if :old_wrapper
     ALTER SERVER llm_sidecar OPTIONS (DROP wrapper);
   \endif
@@ -44,7 +44,7 @@ REVOKE USAGE ON FOREIGN SERVER llm_sidecar FROM PUBLIC;
 CREATE SCHEMA IF NOT EXISTS llm;
 COMMENT ON SCHEMA llm IS 'Models served by the llmfdw sidecar, as foreign tables';
 
--- The tables come from their declarations (fdw/python/declarations.py),
+-- The tables come from their declarations (fdw/llm_tables/declarations.py),
 -- with the sidecar's models as defaults.  They are imported into a staging
 -- schema and compared with what is in llm: a missing table moves in, a
 -- missing column is added, a column whose type changed is altered (Postgres

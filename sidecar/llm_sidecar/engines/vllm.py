@@ -34,13 +34,13 @@ from typing import Any, AsyncGenerator, AsyncIterator
 
 import numpy as np
 
-from llmfdw.sidecar import metrics
-from llmfdw.sidecar.batching import CHUNK, Batch, Batcher, Request, TokenIds, Tokens
-from llmfdw.sidecar.config import ModelConfig
-from llmfdw.sidecar.engines.base import (FAILED, READY, EmbeddingEngine, EmbeddingResult, Engine,
+from llm_sidecar import metrics
+from llm_sidecar.batching import CHUNK, Batch, Batcher, Request, TokenIds, Tokens
+from llm_sidecar.config import ModelConfig
+from llm_sidecar.engines.base import (FAILED, READY, EmbeddingEngine, EmbeddingResult, Engine,
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine,
-                                         check_dtype)
-from llmfdw.sidecar.metering import Metered
+                                         bound_torch_caches, check_dtype)
+from llm_sidecar.metering import Metered
 
 # The AsyncEngineArgs a model's engine_args may set; anything else is a start-up error.
 ENGINE_ARGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
@@ -69,6 +69,7 @@ class _Vllm(Engine):
         """Start vLLM's engine core (its own processes) with `defaults` under the model's engine_args."""
         # The sidecar runs gRPC threads: vLLM's worker processes must not be forked from it.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        bound_torch_caches()   # inherited by vLLM's worker processes
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -208,7 +209,7 @@ class _SharedClock:
 
 
 class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
-    """Texts go through the batcher every embedding engine shares (sidecar/batching.py: the
+    """Texts go through the batcher every embedding engine shares (sidecar/llm_sidecar/batching.py: the
     max_batch and max_batch_tokens budgets, each request's texts shortest first, requests in
     turn, so a request of 100,000 texts does not hold one of 3 behind it).  Each batch's texts
     are handed to vLLM at once, one pooling request per text (vLLM's own scheduler runs them

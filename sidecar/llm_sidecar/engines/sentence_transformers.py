@@ -1,7 +1,7 @@
 """Embeddings on the CPU with sentence-transformers, batched across callers.
 
 The batch policy (budgets, length-aware order, fairness between requests) is
-sidecar/batching.py, shared with the vLLM engine.  This engine:
+sidecar/llm_sidecar/batching.py, shared with the vLLM engine.  This engine:
 
 - tokenizes each request once, on arrival, in chunks of batching.CHUNK texts
   (so the first batch of a large request runs while the rest is tokenized),
@@ -30,16 +30,17 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from llmfdw.sidecar import metrics
-from llmfdw.sidecar.batching import CHUNK, Batch, Batcher, Group, Request, TokenIds, Tokens
-from llmfdw.sidecar.engines.base import READY, EmbeddingEngine, check_dtype
-from llmfdw.sidecar.metering import Metered
+from llm_sidecar import metrics
+from llm_sidecar.batching import CHUNK, Batch, Batcher, Group, Request, TokenIds, Tokens
+from llm_sidecar.engines.base import READY, EmbeddingEngine, bound_torch_caches, check_dtype
+from llm_sidecar.metering import Metered
 
 
 class SentenceTransformersEngine(EmbeddingEngine):
     engine_name = "sentence_transformers"
 
     async def load(self) -> None:
+        bound_torch_caches()
         import torch
         from sentence_transformers import SentenceTransformer
 

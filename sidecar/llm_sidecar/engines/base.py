@@ -5,13 +5,14 @@ The servicer only talks to these classes; an engine never sees protobuf.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
 
-from llmfdw.sidecar.config import DTYPES, ModelConfig
-from llmfdw.sidecar.metering import Metered
+from llm_sidecar.config import DTYPES, ModelConfig
+from llm_sidecar.metering import Metered
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 # An embedding model reads at most its context of tokens, and in natural text a token spans
@@ -20,6 +21,20 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 # tokenize, stalling every caller) while every text whose first `context` tokens average under
 # 32 characters is embedded exactly as before.
 CHARS_PER_TOKEN = 32
+# torch's CPU matmuls go through oneDNN, which keeps a compiled primitive per input shape in two
+# caches of 1,024 entries each by default: ideep's (LRU_CACHE_CAPACITY) and oneDNN's own.  An
+# embedding batch is [texts, longest] and every layer flattens it to texts x longest rows, so
+# nearly every batch is a new shape: under a 15-minute mixed soak these caches were the sidecar's
+# only unbounded-looking growth (400 MB and rising in a jemalloc heap profile, see README,
+# Benchmarks).  128 entries keep repeated shapes (short single-text queries) hot.
+TORCH_CACHE_ENV = {"LRU_CACHE_CAPACITY": "128", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
+
+
+def bound_torch_caches() -> None:
+    """Cap torch's per-shape kernel caches (TORCH_CACHE_ENV; an operator's own value wins).
+    Call before torch runs its first matmul: both caches read their capacity once."""
+    for key, value in TORCH_CACHE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def cpu_bf16() -> str:

@@ -19,12 +19,12 @@ from typing import Any, Iterator
 
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
 
-from llmfdw.fdw.client import SESSION_ID, CallControl, SidecarClient, new_request_id
-from llmfdw.fdw.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, SPECS, USAGE, TableSpec
-from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
-from llmfdw.fdw.keycolumns import KeyColumns, Range, Resolved, range_hint
-from llmfdw.fdw.options import DEFAULT_TIMEOUT, parse_options
-from llmfdw.v1 import llmfdw_pb2 as pb
+from llm_tables.client import SESSION_ID, CallControl, SidecarClient, new_request_id
+from llm_tables.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, SPECS, USAGE, TableSpec
+from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
+from llm_tables.keycolumns import KeyColumns, Range, Resolved, range_hint
+from llm_tables.options import DEFAULT_TIMEOUT, parse_options
+from llm_inference.v1 import inference_pb2 as pb
 
 try:  # inside the llmfdw host
     import _llmfdw_host as _host
@@ -379,7 +379,7 @@ def _timestamptz(unix_ns: int) -> str:
 
 
 class RequestsTable(SidecarTable):
-    """This tenant's recent requests, from the sidecar's bounded window (sidecar/history.py).
+    """This tenant's recent requests, from the sidecar's bounded window (sidecar/llm_sidecar/history.py).
 
     Quals on ``at`` (> >= < <= =, BETWEEN) are sent as the request's bounds, so the sidecar ships
     only the rows in range; ``at`` is a range column, not a request column (Postgres rechecks the

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 
 from multicorn import Qual
 
-from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
+from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 
 Check = Callable[[Any], "str | None"]
 

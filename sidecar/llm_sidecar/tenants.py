@@ -43,8 +43,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from llmfdw.sidecar import metrics
-from llmfdw.sidecar.config import DEFAULT_TENANT, Limits, SidecarConfig
+from llm_sidecar import metrics
+from llm_sidecar.config import DEFAULT_TENANT, Limits, SidecarConfig
 
 
 class Unauthenticated(Exception):
@@ -64,7 +64,7 @@ def authenticate(config: SidecarConfig, tenant: str, token: str) -> str:
     if not token:
         raise Unauthenticated(f"this sidecar requires a token and the request for tenant {name!r} "
                               f"carries none")
-    known = config.tenants.get(name)
+    known = config.tenant(name)
     # compare_digest even for an unknown tenant, so timing does not tell which tenants exist
     expected = known.token if known is not None else "\0"
     if not hmac.compare_digest(expected.encode(), token.encode()) or known is None:

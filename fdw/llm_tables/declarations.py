@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llmfdw.fdw.keycolumns import Check, KeyColumn, KeyColumns, fits, text_list
+from llm_tables.keycolumns import Check, KeyColumn, KeyColumns, fits, text_list
 
 # SQL type of a request column -> how its option text is parsed
 _PARSERS: dict[str, Callable[[str], Any]] = {

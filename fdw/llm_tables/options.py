@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llmfdw.fdw.declarations import SPECS, TableSpec
-from llmfdw.fdw.errors import INVALID_PARAMETER_VALUE, LlmError
+from llm_tables.declarations import SPECS, TableSpec
+from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 
 DEFAULT_TIMEOUT = 600.0
 # name -> parser, for options that are not request defaults

@@ -1,6 +1,6 @@
 """The sidecar process: gRPC on a Unix socket (and/or TCP), health, signals.
 
-    python -m llmfdw.sidecar.server --listen unix:///run/llmfdw/sidecar.sock [--config models.yaml]
+    python -m llm_sidecar.server --listen unix:///run/llmfdw/sidecar.sock [--config models.yaml]
         [--socket-group postgres] [--allow-root]
 
 Models load after the server is listening, so a supervisor can poll
@@ -36,14 +36,14 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from llmfdw.sidecar import engines, metrics
-from llmfdw.sidecar.config import DEFAULT_CONFIG, ConfigError, SidecarConfig, load_config
-from llmfdw.sidecar.engines.base import FAILED, READY, Engine
-from llmfdw.sidecar.servicer import InferenceServicer
-from llmfdw.v1 import llmfdw_pb2_grpc as pb_grpc
+from llm_sidecar import engines, metrics
+from llm_sidecar.config import DEFAULT_CONFIG, ConfigError, SidecarConfig, load_config
+from llm_sidecar.engines.base import FAILED, READY, Engine
+from llm_sidecar.servicer import InferenceServicer
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
-log = logging.getLogger("llmfdw.sidecar")
-SERVICE = "llmfdw.v1.Inference"
+log = logging.getLogger("llm_sidecar")
+SERVICE = "llm_inference.v1.Inference"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Connecting to a Unix socket needs write permission on it: owner only, or owner and group.
 PRIVATE_SOCKET_MODE = 0o600

@@ -50,8 +50,8 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import numpy as np
 
-from llmfdw.sidecar.engines.base import EmbeddingResult, readable_part
-from llmfdw.sidecar.metering import Metered
+from llm_sidecar.engines.base import EmbeddingResult, readable_part
+from llm_sidecar.metering import Metered
 
 Group = list[tuple[int, EmbeddingResult]]
 # Texts tokenized per step for a large request: its first batch starts after the first chunk,

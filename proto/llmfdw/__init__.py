@@ -1,1 +1,0 @@
-"""llmfdw: LLMs and embedding models as Postgres foreign tables."""
