@@ -24,9 +24,9 @@ CHARS_PER_TOKEN = 32
 # torch's CPU matmuls go through oneDNN, which keeps a compiled primitive per input shape in two
 # caches of 1,024 entries each by default: ideep's (LRU_CACHE_CAPACITY) and oneDNN's own.  An
 # embedding batch is [texts, longest] and every layer flattens it to texts x longest rows, so
-# nearly every batch is a new shape: under a 15-minute mixed soak these caches were the sidecar's
-# only unbounded-looking growth (400 MB and rising in a jemalloc heap profile, see README,
-# Benchmarks).  128 entries keep repeated shapes (short single-text queries) hot.
+# nearly every batch is a new shape: under a 15-minute mixed soak these caches took 886 MB and
+# kept growing (a jemalloc heap profile: docs/soak-heap-profile.txt).  128 entries keep repeated
+# shapes (short single-text queries) hot and cost no measurable speed (README, Benchmarks).
 TORCH_CACHE_ENV = {"LRU_CACHE_CAPACITY": "128", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
 
 
