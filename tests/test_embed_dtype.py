@@ -144,3 +144,15 @@ def test_auto_takes_bfloat16_only_where_the_cpu_runs_it():
     assert check_dtype("m", "auto") == ("bfloat16" if cpu_bf16() else "float32")
     assert check_dtype("m", "auto", device="cuda") == "bfloat16"
     assert check_dtype("m", None) == "float32"
+
+
+def test_torch_kernel_caches_are_capped_unless_the_operator_set_them(monkeypatch):
+    """The engines cap torch's per-shape oneDNN caches before loading (the soak's growth); a
+    value already in the environment wins."""
+    import os
+
+    env = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"}
+    monkeypatch.setattr(os, "environ", env)
+    base.bound_torch_caches()
+    assert env == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7", "LRU_CACHE_CAPACITY": base.TORCH_CACHE_ENV["LRU_CACHE_CAPACITY"]}
+    assert int(base.TORCH_CACHE_ENV["LRU_CACHE_CAPACITY"]) < 1024   # below torch's default
