@@ -3,6 +3,7 @@
 #   make up       install what is missing, start Postgres and the sidecar, print a demo and the URI
 #   make down     stop them
 #   make status   what is running
+#   make uri      print the psql connection string (with the generated password)
 #   make test     install what is missing and run the test suite (starts its own Postgres/sidecar)
 #   make bench    run the benchmarks (figures printed and written to bench/results/*.json)
 #   make install  only the install steps (system packages, venv, requirements, package, C extension)
@@ -41,10 +42,10 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status test test-vllm bench bench-sidecar bench-fdw bench-embed clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed clean distclean
 
 help:
-	@sed -n '3,10s/^# //p' Makefile
+	@sed -n '3,11s/^# //p' Makefile
 
 install: sysdeps $(STAMP)-package ext
 
@@ -93,6 +94,9 @@ down:
 
 status:
 	@$(PY) -m deploy.embedded status || true
+
+uri:
+	@$(PY) -m deploy.embedded uri
 
 # The real Multicorn2 (the vendored 3.2 tarball), built against the wheel's Postgres for
 # tests/test_multicorn2.py. deploy/multicorn2.py builds only what is missing (about a second).

@@ -7,7 +7,7 @@ PromQL panels over /api/v1/query_range of a Prometheus that scrapes the sidecar.
 panels: time series as lines (or bars where the panel draws bars), tables as tables.
 
     make docs     # the test cluster: tests/test_prometheus.py renders into docs/ (LLMFDW_RENDER_DOCS)
-    .venv/bin/python dashboards/render_png.py --dsn postgresql://grafana@127.0.0.1:5432/llmfdw \\
+    .venv/bin/python dashboards/render_png.py --dsn postgresql://grafana:PASSWORD@127.0.0.1:5432/llmfdw \\
         --prometheus http://127.0.0.1:9090 --out docs      # against `make up` and your Prometheus
 
 Needs matplotlib (requirements-docs.txt), which `make test` does not install.
@@ -209,7 +209,7 @@ def render_all(dsn: str, prometheus: str | None, out: Path, rate_interval: str =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dsn", required=True, help="a role with llm_dashboard, e.g. postgresql://grafana@127.0.0.1/llmfdw")
+    parser.add_argument("--dsn", required=True, help="a role with llm_dashboard, e.g. postgresql://grafana:PASSWORD@127.0.0.1/llmfdw")
     parser.add_argument("--prometheus", help="Prometheus URL that scrapes the sidecar (omit: PostgreSQL only)")
     parser.add_argument("--out", default="docs", type=Path)
     parser.add_argument("--minutes", type=float, default=10, help="the time range drawn (default 10)")

@@ -18,9 +18,15 @@ directory, both owned by it, from the moment the socket exists (sidecar/llm_side
 user rather than adding one that shares a group keeps the socket owner-only and creates no account;
 the backends that call the sidecar already run the project's Python as that user.
 
-Everything lives in the state directory (default .state/): pgdata/, log/postgres.log,
-log/sidecar.log, sidecar.pid, sidecar-home/ (the sidecar's HOME and caches), embedded.json (port,
-sockets, URI). Sockets go to state/run/ (the sidecar's to state/run/sidecar/) when that path is
+Postgres trusts no other local user either. Its Unix socket sits in a 0700 directory owned by the
+server user, so only that user and root reach it (there, `trust`); TCP on 127.0.0.1 asks for a
+password (scram-sha-256), the superuser's, generated at the first start and kept in
+pgdata.password (mode 0600, the invoking user's; the server never reads it). The pg_hba rules are
+ours (llmfdw_hba.conf, rewritten on every start, as llmfdw.conf is).
+
+Everything lives in the state directory (default .state/): pgdata/, pgdata.password,
+log/postgres.log, log/sidecar.log, sidecar.pid, sidecar-home/ (the sidecar's HOME and caches),
+embedded.json (port, sockets, the URI without its password). Sockets go to state/run/ (the sidecar's to state/run/sidecar/) when that path is
 short enough for a Unix socket (107 bytes), else to /tmp/llmfdw-<hash>/.
 
 The tests (tests/conftest.py) use the same functions with a temporary directory and port.
@@ -34,6 +40,7 @@ import hashlib
 import json
 import os
 import pwd
+import secrets
 import signal
 import socket
 import subprocess
@@ -41,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from deploy import bootstrap
 
@@ -214,12 +222,15 @@ class PgServer:
     socket_dir: Path
 
     def dsn(self, database: str = "postgres") -> str:
-        """libpq URI over the Unix socket."""
+        """libpq URI over the Unix socket (for the server's OS user and root: see the module doc)."""
         return f"postgresql://{PG_SUPERUSER}@/{database}?host={self.socket_dir}&port={self.port}"
 
-    def tcp_uri(self, database: str = "postgres") -> str:
-        """libpq URI over TCP on 127.0.0.1 (what we hand to people and tools)."""
-        return f"postgresql://{PG_SUPERUSER}@127.0.0.1:{self.port}/{database}"
+    def tcp_uri(self, database: str = "postgres", *, with_password: bool = True) -> str:
+        """libpq URI over TCP on 127.0.0.1 (what we hand to people and tools), with the
+        superuser's password from password_file() when asked and known."""
+        secret = superuser_password(self.pgdata) if with_password else None
+        user = f"{PG_SUPERUSER}:{quote(secret, safe='')}" if secret else PG_SUPERUSER
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     def psql(self, database: str, *args: str, input: str | None = None) -> str:
         """Run the wheel's psql (no psqlrc, stop at the first error); return its output."""
@@ -268,13 +279,62 @@ def init_cluster(pgdata: Path) -> bool:
     return True
 
 
+# Who may log in how (pgdata/llmfdw_hba.conf): the socket's directory is 0700, so `local` reaches
+# only the server's OS user and root; every TCP login needs its role's password.
+HBA_RULES = """\
+# Written by deploy/embedded.py on every start; edits are lost (deploy/embedded.py, HBA_RULES).
+local   all   all                  trust
+host    all   all   127.0.0.1/32   scram-sha-256
+"""
+
+
+def password_file(pgdata: Path) -> Path:
+    """The superuser's password for TCP logins: beside pgdata, mode 0600, the invoking user's."""
+    return pgdata.with_name(pgdata.name + ".password")
+
+
+def superuser_password(pgdata: Path) -> str | None:
+    try:
+        return password_file(pgdata).read_text().strip() or None
+    except (FileNotFoundError, PermissionError):
+        return None
+
+
+def ensure_superuser_password(server: PgServer) -> None:
+    """Give the superuser a password for TCP logins unless it has the one in password_file().
+    Sent as a SCRAM verifier computed here (libpq's PQencryptPasswordConn), so the password
+    itself never reaches the server or its log."""
+    import psycopg
+    from psycopg import sql
+
+    path = password_file(server.pgdata)
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as conn:
+        has_one = conn.execute(
+            "SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = current_user").fetchone()[0]
+        if has_one and superuser_password(server.pgdata):
+            return
+        password = secrets.token_urlsafe(24)
+        verifier = conn.pgconn.encrypt_password(password.encode(), PG_SUPERUSER.encode(), b"scram-sha-256")
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+            sql.Identifier(PG_SUPERUSER), sql.Literal(verifier.decode())))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(password + "\n")
+
+
 def configure(pgdata: Path, *, port: int, socket_dir: Path, python_path: list[Path]) -> None:
-    """Write our settings to pgdata/llmfdw.conf, included from postgresql.conf."""
+    """Write our settings to pgdata/llmfdw.conf, included from postgresql.conf, and our login
+    rules to pgdata/llmfdw_hba.conf."""
     for directory in python_path:
         check_server_can_reach(directory)
+    hba = pgdata / "llmfdw_hba.conf"
+    hba.write_text(HBA_RULES)
+    give_to_server_user(hba)
     (pgdata / "llmfdw.conf").write_text(
         "# Written by deploy/embedded.py on every start; edits are lost.\n"
         "listen_addresses = '127.0.0.1'\n"
+        f"hba_file = '{hba}'\n"
         f"port = {port}\n"
         f"unix_socket_directories = '{socket_dir}'\n"
         "# Directories the llmfdw extension prepends to the backend's sys.path.\n"
@@ -311,9 +371,10 @@ def start_cluster(pgdata: Path, *, socket_dir: Path, log_file: Path, port: int |
     init_cluster(pgdata)
     server = running_server(pgdata)
     if server is not None:
+        ensure_superuser_password(server)
         return server
     port = port or pick_port(preferred_port)
-    make_server_dir(socket_dir)
+    make_server_dir(socket_dir, 0o700)
     make_server_dir(log_file.parent)
     configure(pgdata, port=port, socket_dir=socket_dir, python_path=python_path or [site_packages()])
     try:
@@ -325,6 +386,7 @@ def start_cluster(pgdata: Path, *, socket_dir: Path, log_file: Path, port: int |
     server = running_server(pgdata)
     if server is None:
         raise RuntimeError(f"pg_ctl started Postgres on {pgdata}, but it is not running: see {log_file}")
+    ensure_superuser_password(server)
     return server
 
 
@@ -560,7 +622,9 @@ def up(layout: Layout, *, port: int | None = None, config: Path | None = None, d
     uri = server.tcp_uri(DATABASE)
     layout.info_file.write_text(json.dumps({
         "port": server.port, "pgdata": str(layout.pgdata), "pg_socket_dir": str(server.socket_dir),
-        "sidecar_address": layout.sidecar_address, "database": DATABASE, "uri": uri,
+        "sidecar_address": layout.sidecar_address, "database": DATABASE,
+        "uri": server.tcp_uri(DATABASE, with_password=False),
+        "password_file": str(password_file(layout.pgdata)),
     }, indent=2) + "\n")
     if demo:
         create_demo_table(server, DATABASE)

@@ -35,6 +35,34 @@ def test_cluster_answers_on_its_socket_and_on_tcp(pg_server):
         assert listen == "127.0.0.1"
 
 
+def test_tcp_logins_need_the_password_kept_private(pg_server, monkeypatch):
+    """127.0.0.1 is open to every local user: a TCP login needs the role's password (the
+    superuser's is in a 0600 file of ours); the Unix socket sits in a 0700 directory."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    bare = pg_server.tcp_uri(with_password=False)
+    assert bare == f"postgresql://postgres@127.0.0.1:{pg_server.port}/postgres"
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        psycopg.connect(bare, passfile="/nonexistent", connect_timeout=10)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(bare.replace("postgres@", "postgres:guess@"), connect_timeout=10)
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as c:   # a role without a password
+        c.execute("DROP ROLE IF EXISTS tcp_nopass")
+        c.execute("CREATE ROLE tcp_nopass LOGIN")
+    try:
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(bare.replace("postgres@", "tcp_nopass@"), passfile="/nonexistent", connect_timeout=10)
+    finally:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as c:
+            c.execute("DROP ROLE tcp_nopass")
+    secret = embedded.password_file(pg_server.pgdata)
+    assert (stat.S_IMODE(secret.stat().st_mode), secret.stat().st_uid) == (0o600, os.geteuid())
+    assert len(embedded.superuser_password(pg_server.pgdata)) >= 24
+    assert stat.S_IMODE(pg_server.socket_dir.stat().st_mode) == 0o700
+    with psycopg.connect(pg_server.dsn()) as c:   # the password never reached the server as text
+        verifier = c.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'").fetchone()[0]
+    assert verifier.startswith("SCRAM-SHA-256$") and embedded.superuser_password(pg_server.pgdata) not in verifier
+
+
 @pytest.mark.skipif(not AS_ROOT, reason="as non-root the server runs as the invoking user")
 def test_root_runs_the_server_as_the_unprivileged_user(pg_server):
     owner = pwd.getpwuid(pg_server.pgdata.stat().st_uid).pw_name
@@ -137,9 +165,10 @@ def test_up_twice_is_idempotent_then_down_stops_everything(work_dir):
         first = run("up", "--port", str(port))
         assert first.returncode == 0, first.stdout + first.stderr
         uri = first.stdout.splitlines()[-1]
-        assert uri == f"postgresql://postgres@127.0.0.1:{port}/llmfdw"
-        assert "Paris" in first.stdout  # the demo completion
         layout = embedded.Layout(state)
+        password = embedded.superuser_password(layout.pgdata)
+        assert uri == f"postgresql://postgres:{password}@127.0.0.1:{port}/llmfdw"
+        assert "Paris" in first.stdout  # the demo completion
         pids = (embedded.running_server(layout.pgdata), embedded.sidecar_pid(layout))
         # The sidecar runs as Postgres's OS user, never root, behind an owner-only socket.
         server_uid = layout.pgdata.stat().st_uid

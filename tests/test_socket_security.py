@@ -139,6 +139,15 @@ def test_another_os_user_cannot_connect(sidecar_socket, work_dir):
 
 
 @needs_root
+def test_another_os_user_cannot_reach_the_postgres_socket(pg_server):
+    """Postgres trusts its Unix socket (`local ... trust`): only because no other user gets to it."""
+    pg_socket = str(pg_server.socket_dir / f".s.PGSQL.{pg_server.port}")
+    assert run_as(embedded.SERVER_OS_USER, CONNECT, pg_socket).stdout.strip() == "connected"
+    other = run_as("nobody", CONNECT, pg_socket)
+    assert other.returncode == 1 and "PermissionError" in other.stderr, other.stdout + other.stderr
+
+
+@needs_root
 def test_socket_group_lets_a_sidecar_of_another_user_serve_the_server_user(work_dir):
     """--socket-group: the sidecar runs as `nobody` in the server user's group; the socket is 0660
     with that group, never wider, and a third user (`daemon`) is refused."""
