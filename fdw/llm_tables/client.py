@@ -60,7 +60,7 @@ SESSION_ID = uuid.uuid4().hex
 # One sidecar (one unix:// socket or one IP address) gets round_robin but no retries: trying the
 # same dead sidecar again only delays the error, and keeps the channel (and its reconnect
 # backoff) that forget_channel would replace, so a restarted sidecar would be seen later.
-SERVICE = "llm_inference.v1.Inference"
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name   # "llm_inference.v1.Inference"
 RETRY_POLICY = {
     "maxAttempts": 5,             # gRPC caps it at 5: the first try and four more
     "initialBackoff": "0.05s",

@@ -40,10 +40,11 @@ from llm_sidecar import engines, metrics
 from llm_sidecar.config import DEFAULT_CONFIG, ConfigError, SidecarConfig, load_config
 from llm_sidecar.engines.base import FAILED, READY, Engine
 from llm_sidecar.servicer import InferenceServicer
+from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("llm_sidecar")
-SERVICE = "llm_inference.v1.Inference"
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name   # "llm_inference.v1.Inference"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Connecting to a Unix socket needs write permission on it: owner only, or owner and group.
 PRIVATE_SOCKET_MODE = 0o600
