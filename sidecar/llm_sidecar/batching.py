@@ -46,7 +46,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -356,3 +356,19 @@ class Batcher:
             self.drop(request)
             for task in list(request.inflight):
                 task.cancel()
+
+    async def embed(self, texts: list[str], usage: Metered,
+                    tokenize: Callable[[list[str]], Tokens]) -> AsyncIterator[Group]:
+        """One caller's texts through the queue (what every embedding engine's embed() is):
+        tokenized CHUNK texts at a time in a worker thread, so that the first batch runs while
+        the rest is tokenized, and yielded as the batches holding them finish."""
+        async def feed() -> AsyncIterator[Tokens]:
+            for start in range(0, len(texts), CHUNK):
+                yield await asyncio.to_thread(tokenize, texts[start:start + CHUNK])
+
+        stream = self.stream(Request(len(texts), usage), feed())
+        try:
+            async for group in stream:
+                yield group
+        finally:
+            await stream.aclose()

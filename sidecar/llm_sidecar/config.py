@@ -192,13 +192,12 @@ def _key(loc: tuple[int | str, ...]) -> str:
 
 def _problem(e: ErrorDetails) -> tuple[str, str]:
     """One pydantic error as (key path, what is wrong and what is allowed)."""
-    # Field(...) constraints on Optional fields add a type name to loc; nested models don't
-    loc = tuple(p for p in e["loc"] if p not in ("function-after[_fits_together()]",))
+    loc = tuple(e["loc"])
     value, kind, ctx = e.get("input"), e["type"], e.get("ctx") or {}
     shown = repr(value)
-    if kind == "value_error" and isinstance(ctx.get("error"), KeyProblem):
+    if kind == "value_error" and isinstance(ctx.get("error"), KeyProblem):   # loc: the model checked
         err = ctx["error"]
-        return _key(loc + tuple(err.key.replace("[", ".[").split("."))).replace(".[", "["), err.problem
+        return f"{_key(loc)}.{err.key}" if loc else err.key, err.problem
     if kind == "extra_forbidden":
         return _key(loc), "unknown key"
     if kind == "missing":

@@ -31,7 +31,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from llm_sidecar import metrics
-from llm_sidecar.batching import CHUNK, Batch, Batcher, Group, Request, TokenIds, Tokens
+from llm_sidecar.batching import Batch, Batcher, Group, Request, TokenIds
 from llm_sidecar.engines.base import READY, EmbeddingEngine, bound_torch_caches, check_dtype
 from llm_sidecar.metering import Metered
 
@@ -66,18 +66,8 @@ class SentenceTransformersEngine(EmbeddingEngine):
     async def close(self) -> None:
         self._worker.cancel()
 
-    async def _feed(self, texts: list[str]) -> AsyncIterator[Tokens]:
-        for start in range(0, len(texts), CHUNK):
-            yield await asyncio.to_thread(self._tokenize, texts[start:start + CHUNK])
-
-    async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
-        request = Request(len(texts), usage)
-        stream = self._batcher.stream(request, self._feed(texts))
-        try:
-            async for group in stream:
-                yield group
-        finally:
-            await stream.aclose()
+    def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
+        return self._batcher.embed(texts, usage, self._tokenize)
 
     async def _run(self) -> None:
         """Take a batch, run it, deliver; the next request's tokenizing overlaps the compute."""

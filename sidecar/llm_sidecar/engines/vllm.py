@@ -35,7 +35,7 @@ from typing import Any, AsyncGenerator, AsyncIterator
 import numpy as np
 
 from llm_sidecar import metrics
-from llm_sidecar.batching import CHUNK, Batch, Batcher, Request, TokenIds, Tokens
+from llm_sidecar.batching import Batch, Batcher, Request, TokenIds
 from llm_sidecar.config import ModelConfig
 from llm_sidecar.engines.base import (FAILED, READY, EmbeddingEngine, EmbeddingResult, Engine,
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine,
@@ -306,17 +306,5 @@ class VllmEmbeddingEngine(_Vllm, EmbeddingEngine):
             task.add_done_callback(self._batches.discard)
             task.add_done_callback(lambda _: slots.release())
 
-    def _feed(self, texts: list[str]) -> AsyncIterator[Tokens]:
-        async def feed() -> AsyncIterator[Tokens]:
-            for start in range(0, len(texts), CHUNK):
-                yield await asyncio.to_thread(self._tokenize, texts[start:start + CHUNK])
-        return feed()
-
-    async def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
-        request = Request(len(texts), usage)
-        stream = self._batcher.stream(request, self._feed(texts))
-        try:
-            async for group in stream:
-                yield group
-        finally:
-            await stream.aclose()
+    def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[list[tuple[int, EmbeddingResult]]]:
+        return self._batcher.embed(texts, usage, self._tokenize)
