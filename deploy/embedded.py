@@ -14,9 +14,9 @@ convention), so everything it reads must be reachable by that user: see deploy/b
 
 The sidecar runs as the same OS user as Postgres (never as root: it runs model code on input from
 any database role), and its socket is reachable by that user alone: mode 0600 in a 0700
-directory, both owned by it, from the moment the socket exists (sidecar/llm_sidecar/server.py). Sharing the
-user rather than adding one that shares a group keeps the socket owner-only and creates no account;
-the backends that call the sidecar already run the project's Python as that user.
+directory, both owned by it, from the moment the socket exists (sidecar/llm_sidecar/server.py).
+Sharing the user rather than adding one that shares a group keeps the socket owner-only and creates
+no account; the backends that call the sidecar already run the project's Python as that user.
 
 Postgres trusts no other local user either. Its Unix socket sits in a 0700 directory owned by the
 server user, so only that user and root reach it (there, `trust`); TCP on 127.0.0.1 asks for a
@@ -26,8 +26,9 @@ ours (llmfdw_hba.conf, rewritten on every start, as llmfdw.conf is).
 
 Everything lives in the state directory (default .state/): pgdata/, pgdata.password,
 log/postgres.log, log/sidecar.log, sidecar.pid, sidecar-home/ (the sidecar's HOME and caches),
-embedded.json (port, sockets, the URI without its password). Sockets go to state/run/ (the sidecar's to state/run/sidecar/) when that path is
-short enough for a Unix socket (107 bytes), else to /tmp/llmfdw-<hash>/.
+embedded.json (port, sockets, the URI without its password). Sockets go to state/run/ (the
+sidecar's to state/run/sidecar/) when that path is short enough for a Unix socket (107 bytes),
+else to /tmp/llmfdw-<hash>/.
 
 The tests (tests/conftest.py) use the same functions with a temporary directory and port.
 """
@@ -301,7 +302,8 @@ def superuser_password(pgdata: Path) -> str | None:
 
 
 def ensure_superuser_password(server: PgServer) -> None:
-    """Give the superuser a password for TCP logins unless it has the one in password_file().
+    """Give the superuser a new password for TCP logins unless it has one and password_file()
+    holds it.
     Sent as a SCRAM verifier computed here (libpq's PQencryptPasswordConn), so the password
     itself never reaches the server or its log."""
     import psycopg
