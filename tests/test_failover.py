@@ -292,6 +292,54 @@ def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
             server.stop(None)
 
 
+def test_a_call_a_stopping_sidecar_cancels_before_answering_goes_to_the_next(tmp_path):
+    """A sidecar's gRPC core cancels the calls it received but had not yet handed to the servicer
+    when it stops (no headers sent): with several sidecars the client retries them on the next
+    one, as it does UNAVAILABLE, so a query never sees that race (test_failover's one-in-eight
+    flake: an embedding query failed "CANCELLED" just as a SIGTERMed sidecar stopped)."""
+    from concurrent import futures
+
+    import grpc
+
+    from llm_inference.v1 import inference_pb2 as pb
+    from llm_inference.v1 import inference_pb2_grpc as pb_grpc
+    from llm_tables.client import channel_for, forget_channel
+
+    calls = [0, 0]
+
+    class Models(pb_grpc.InferenceServicer):
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def ListModels(self, request, context):
+            calls[self.i] += 1
+            if self.i == 0:
+                context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+            return pb.ListModelsResponse(models=[pb.ModelInfo(name="m")])
+
+    servers, targets = [], []
+    for i in range(2):
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        pb_grpc.add_InferenceServicer_to_server(Models(i), server)
+        target = f"unix://{tmp_path}/s{i}.sock"
+        server.add_insecure_port(target)
+        server.start()
+        servers.append(server)
+        targets.append(target)
+    address = ",".join(targets)
+    try:
+        stub = pb_grpc.InferenceStub(channel_for(address))
+        stub.ListModels(pb.ListModelsRequest(), wait_for_ready=True, timeout=10)
+        time.sleep(0.5)   # round_robin connects to both
+        for _ in range(20):
+            assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models[0].name == "m"
+        assert calls[0] >= 5, f"the cancelling server was not reached: {calls}"
+    finally:
+        forget_channel(address)
+        for server in servers:
+            server.stop(None)
+
+
 def test_an_address_list_gRPC_cannot_balance_is_refused():
     from llm_tables.client import channel_target, several_sidecars
     from llm_tables.errors import LlmError

@@ -57,6 +57,9 @@ SESSION_ID = uuid.uuid4().hex
 #     sends them with its first message (the first token, or an embedding batch), so a
 #     generation is retried until its first token and never after: rows already returned are
 #     never returned twice.  An embedding call retries until its first message.
+#   - and on CANCELLED: a sidecar's gRPC core cancels the calls it had received but not yet handed
+#     to the servicer when it stops (after a SIGTERM's drain), with no headers, so they retry
+#     elsewhere too.  A cancel from this side (Postgres gave up) is never retried by gRPC.
 # One sidecar (one unix:// socket or one IP address) gets round_robin but no retries: trying the
 # same dead sidecar again only delays the error, and keeps the channel (and its reconnect
 # backoff) that forget_channel would replace, so a restarted sidecar would be seen later.
@@ -66,7 +69,7 @@ RETRY_POLICY = {
     "initialBackoff": "0.05s",
     "maxBackoff": "0.5s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],

@@ -49,6 +49,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Connecting to a Unix socket needs write permission on it: owner only, or owner and group.
 PRIVATE_SOCKET_MODE = 0o600
 GROUP_SOCKET_MODE = 0o660
+STOP_GRACE_S = 2.0          # after the drain, for calls that were arriving: they end with a refusal
 
 
 class SocketError(Exception):
@@ -148,7 +149,10 @@ class Sidecar:
         loader.cancel()
         if not await self.servicer.drain(self.grace):
             log.warning("grace period over: cancelling the requests still running")
-        await self.server.stop(None)
+        # A call can still arrive after the drain (the client had not yet seen NOT_SERVING): a
+        # graceful stop sends GOAWAY and lets such calls end with the draining refusal, UNAVAILABLE,
+        # which the client retries elsewhere; stop(None) would cancel them (CANCELLED, not retried).
+        await self.server.stop(STOP_GRACE_S)
         for engine in self.models.values():
             if engine.state == READY:
                 await engine.close()
