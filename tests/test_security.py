@@ -3,7 +3,8 @@
 - No role but a superuser makes a backend import Python code by naming it (the `wrapper` option,
   or calling the validator directly).
 - Options are accepted only where they belong: address/timeout on the server, token on user
-  mappings, tenant on the server or (superuser only) on a user mapping, table on tables.
+  mappings, tenant on the server or (superuser only) on a user mapping, table on tables; the TLS
+  file options (tls_ca_file, tls_cert_file, tls_key_file) only from a superuser.
 - A role with no grants reaches nothing; `llm_user` gives the tables and functions, and still no
   USAGE on the server (so no user mapping of its own, no address or tenant of its choosing).
 """
@@ -73,6 +74,20 @@ def test_no_plain_role_causes_an_import(conn, roles):
     finally:
         conn.execute("DROP SERVER canary_srv")
         os.unlink(CANARY)
+
+
+@pytest.mark.parametrize("option", ["tls_ca_file", "tls_cert_file", "tls_key_file"])
+def test_only_a_superuser_names_a_file_every_backend_reads(conn, roles, option):
+    """The TLS file options name files every backend reads as the server's OS user (a key, say,
+    sent along as a client certificate): a role allowed to create servers may not set them, so
+    TLS to a sidecar is an administrator's setting."""
+    run_as(roles["sec_dora"], "CREATE SERVER dora_tls FOREIGN DATA WRAPPER llmfdw OPTIONS (address '10.0.0.5:50051')")
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                           match=f'only a superuser may set option "{option}" on a foreign server'):
+            run_as(roles["sec_dora"], f"ALTER SERVER dora_tls OPTIONS (ADD {option} '/etc/passwd')")
+    finally:
+        conn.execute("DROP SERVER dora_tls")
 
 
 @pytest.mark.parametrize("ddl, message", [

@@ -24,6 +24,7 @@ import grpc
 
 from llm_tables.errors import (INVALID_PARAMETER_VALUE, PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled,
                                 error_from_rpc, mark_of)
+from llm_tables.tls import TlsSettings
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -80,7 +81,7 @@ _IPV4 = re.compile(r"^(?:ipv4:)?(\d{1,3}(?:\.\d{1,3}){3}:\d+)$")
 _IPV6 = re.compile(r"^(?:ipv6:)?(\[[0-9A-Fa-f:.%]+\]:\d+)$")
 _UNIX = re.compile(r"^(?:unix:(?://)?)?(/[^,]+)$")   # a bare /path continues a unix:///a,/b list
 
-_channels: dict[str, grpc.Channel] = {}
+_channels: dict[tuple[str, TlsSettings | None], grpc.Channel] = {}
 _END = object()
 
 
@@ -118,31 +119,32 @@ def several_sidecars(target: str) -> bool:
     return not (_IPV4.match(target) or _IPV6.match(target))
 
 
-def channel_for(address: str) -> grpc.Channel:
-    """The cached channel to `address` (one sidecar, or several: see channel_target): a backend
-    pays the connection once."""
-    chan = _channels.get(address)
+def channel_for(address: str, tls: TlsSettings | None = None) -> grpc.Channel:
+    """The cached channel to `address` (one sidecar, or several: see channel_target), over TLS
+    when `tls` is given: a backend pays the connection once."""
+    chan = _channels.get((address, tls))
     if chan is None:
         target = channel_target(address)
-        chan = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                *((f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in RECONNECT_BACKOFF_MS.items()),
-                ("grpc.service_config", SERVICE_CONFIG if several_sidecars(target) else SINGLE_SERVICE_CONFIG),
-                ("grpc.service_config_disable_resolution", 1),   # never a config from DNS TXT records
-                ("grpc.enable_retries", 1),
-            ],
-        )
-        _channels[address] = chan
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *((f"grpc.{name}_reconnect_backoff_ms", ms) for name, ms in RECONNECT_BACKOFF_MS.items()),
+            ("grpc.service_config", SERVICE_CONFIG if several_sidecars(target) else SINGLE_SERVICE_CONFIG),
+            ("grpc.service_config_disable_resolution", 1),   # never a config from DNS TXT records
+            ("grpc.enable_retries", 1),
+        ]
+        if tls is None:
+            chan = grpc.insecure_channel(target, options=options)
+        else:
+            chan = grpc.secure_channel(target, tls.credentials(), options=options + tls.channel_options())
+        _channels[(address, tls)] = chan
     return chan
 
 
-def forget_channel(address: str) -> None:
+def forget_channel(address: str, tls: TlsSettings | None = None) -> None:
     """Close the cached channel after the sidecar was unreachable: the next call connects
     afresh instead of waiting out the old channel's backoff."""
-    chan = _channels.pop(address, None)
+    chan = _channels.pop((address, tls), None)
     if chan is not None:
         chan.close()
 
@@ -159,16 +161,17 @@ class CallControl:
 class SidecarClient:
     """Typed calls to the llm_inference.v1.Inference service."""
 
-    def __init__(self, address: str, control: CallControl) -> None:
+    def __init__(self, address: str, control: CallControl, tls: TlsSettings | None = None) -> None:
         self.address = address
         self.control = control
+        self.tls = tls
         self._channel: grpc.Channel | None = None
         self._stub: pb_grpc.InferenceStub | None = None
 
     @property
     def stub(self) -> pb_grpc.InferenceStub:
         """A stub on the current channel (a new one after forget_channel)."""
-        chan = channel_for(self.address)
+        chan = channel_for(self.address, self.tls)
         if chan is not self._channel:
             self._channel, self._stub = chan, pb_grpc.InferenceStub(chan)
         return self._stub
@@ -260,7 +263,7 @@ class SidecarClient:
                         window = open_calls  # wait for one of ours to end before trying again
                         continue
                     if item.code() == grpc.StatusCode.UNAVAILABLE and mark_of(item) is None:
-                        forget_channel(self.address)  # not reachable (the sidecar marks its own)
+                        forget_channel(self.address, self.tls)  # not reachable (the sidecar marks its own)
                     raise error_from_rpc(item, self.address)
                 else:
                     answered.add(index)

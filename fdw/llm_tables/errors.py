@@ -94,6 +94,13 @@ _BY_CODE: dict[tuple[grpc.StatusCode, str | None], tuple[str, str | None, str]] 
         "ALTER USER MAPPING FOR CURRENT_USER SERVER llm_sidecar OPTIONS (SET token '...').",
         INVALID_AUTHORIZATION),
 }
+# Over TCP "not reachable" is also what a TLS mismatch looks like ("Socket closed" when one side
+# speaks TLS and the other does not, or the sidecar refuses the client's certificate).
+_TCP_UNREACHABLE_HINT = (
+    "Check that a sidecar listens at that address and that this host may reach it. A sidecar that "
+    "serves TLS (--tls-cert) needs tls_ca_file on the server; one that asks for client certificates "
+    "(--tls-client-ca) also tls_cert_file and tls_key_file; an address its certificate does not name, "
+    "tls_server_name. A sidecar without TLS needs none of them.")
 _OTHER = ("the sidecar failed: {code}: {text}", None, FDW_ERROR)   # INTERNAL, and codes it never sends
 
 
@@ -115,4 +122,6 @@ def error_from_rpc(err: grpc.RpcError, address: str) -> LlmError:
     if entry is None and mark is not None:
         entry = _BY_CODE.get((code, ANY_MARK))
     template, hint, sqlstate = entry or _OTHER
+    if code == grpc.StatusCode.UNAVAILABLE and mark is None and not address.startswith("unix:"):
+        hint = _TCP_UNREACHABLE_HINT
     return LlmError(template.format(address=address, text=text, code=code.name), hint=hint, sqlstate=sqlstate)

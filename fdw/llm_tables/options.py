@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 from llm_tables.declarations import SPECS, TableSpec
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
+from llm_tables.tls import OPTIONS as TLS_OPTIONS, tls_settings
 
 DEFAULT_TIMEOUT = 600.0
 # name -> parser, for options that are not request defaults
 CONNECTION: dict[str, Callable[[str], Any]] = {
     "address": str, "timeout": float, "tenant": str, "token": str, "table": str,
+    **{name: str for name in TLS_OPTIONS},
 }
 
 
@@ -70,13 +72,14 @@ def check_server_options(raw: dict[str, str]) -> None:
             name = key[len("default_"):]
             _cast(key, value, next(s.option_parsers[name] for s in SPECS.values() if name in s.option_parsers))
         else:
-            known = sorted({"address", "timeout", "tenant",
+            known = sorted({"address", "timeout", "tenant", *TLS_OPTIONS,
                             *(f"default_{k}" for spec in SPECS.values() for k in spec.option_parsers)})
             raise LlmError(f"unknown option {key!r} for an llmfdw server",
                            hint=f"Known options: {', '.join(known)}.", sqlstate=INVALID_PARAMETER_VALUE)
     if "timeout" in raw and not float(raw["timeout"]) > 0:
         raise LlmError(f"option timeout must be a positive number of seconds, not {raw['timeout']!r}",
                        sqlstate=INVALID_PARAMETER_VALUE)
+    tls_settings(raw)
 
 
 def _known_default(name: str) -> bool:

@@ -24,6 +24,7 @@ from llm_tables.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, S
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 from llm_tables.keycolumns import KeyColumns, Range, Resolved, range_hint
 from llm_tables.options import DEFAULT_TIMEOUT, parse_options
+from llm_tables.tls import tls_settings
 from llm_inference.v1 import inference_pb2 as pb
 
 try:  # inside the llmfdw host
@@ -58,7 +59,8 @@ def _client(options: dict[str, Any], server: str) -> SidecarClient:
     if not address:
         raise LlmError(f"foreign server {server} has no address option",
                        hint=f"ALTER SERVER {server} OPTIONS (ADD address 'unix:///path/to/sidecar.sock');")
-    return SidecarClient(address, CallControl(_should_stop, _time_left, options.get("timeout", DEFAULT_TIMEOUT)))
+    return SidecarClient(address, CallControl(_should_stop, _time_left, options.get("timeout", DEFAULT_TIMEOUT)),
+                         tls_settings(options))
 
 
 def _context(options: dict[str, Any]) -> pb.RequestContext:

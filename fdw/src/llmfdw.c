@@ -1407,7 +1407,9 @@ llmfdw_handler(PG_FUNCTION_ARGS)
  * what a backend runs or reaches (wrapper, address, timeout) belong to the
  * server, whose owner is an administrator; wrapper names Python code every
  * backend imports, so only a superuser sets it, and the validator never
- * imports anything for anyone else.  A user mapping holds its role's token;
+ * imports anything for anyone else; the TLS files (tls_ca_file, ...) are
+ * read by every backend as the server's OS user, so they are a superuser's
+ * too.  A user mapping holds its role's token;
  * a tenant there would let a role claim any tenant, so only a superuser sets
  * it.  Other options (request defaults, options of other FDW classes) are
  * checked by the FDW class.
@@ -1416,18 +1418,26 @@ typedef struct LlmfdwOption
 {
 	const char *name;
 	Oid			catalog;		/* where it may be set */
-	bool		superuser_only;
+	const char *superuser_only; /* why only a superuser may, or NULL */
 } LlmfdwOption;
 
+#define NAMES_CODE "It names Python code that every backend using the server imports."
+#define PICKS_TENANT "A tenant chosen by a role would let it act as any tenant."
+#define NAMES_FILE "It names a file on the database host that every backend using the server reads."
+
 static const LlmfdwOption reserved_options[] = {
-	{"wrapper", ForeignServerRelationId, true},
-	{"address", ForeignServerRelationId, false},
-	{"timeout", ForeignServerRelationId, false},
-	{"tenant", ForeignServerRelationId, false},
-	{"tenant", UserMappingRelationId, true},
-	{"token", UserMappingRelationId, false},
-	{"table", ForeignTableRelationId, false},
-	{NULL, InvalidOid, false}
+	{"wrapper", ForeignServerRelationId, NAMES_CODE},
+	{"address", ForeignServerRelationId, NULL},
+	{"timeout", ForeignServerRelationId, NULL},
+	{"tenant", ForeignServerRelationId, NULL},
+	{"tenant", UserMappingRelationId, PICKS_TENANT},
+	{"token", UserMappingRelationId, NULL},
+	{"tls_ca_file", ForeignServerRelationId, NAMES_FILE},
+	{"tls_cert_file", ForeignServerRelationId, NAMES_FILE},
+	{"tls_key_file", ForeignServerRelationId, NAMES_FILE},
+	{"tls_server_name", ForeignServerRelationId, NULL},
+	{"table", ForeignTableRelationId, NULL},
+	{NULL, InvalidOid, NULL}
 };
 
 static const char *
@@ -1460,14 +1470,12 @@ check_reserved_option(DefElem *def, Oid catalog)
 			continue;
 		if (opt->catalog == catalog)
 		{
-			if (opt->superuser_only && !superuser())
+			if (opt->superuser_only != NULL && !superuser())
 				ereport(ERROR,
 						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 						 errmsg("only a superuser may set option \"%s\" on %s",
 								def->defname, catalog_noun(catalog)),
-						 strcmp(def->defname, "wrapper") == 0
-						 ? errdetail("It names Python code that every backend using the server imports.")
-						 : errdetail("A tenant chosen by a role would let it act as any tenant.")));
+						 errdetail("%s", opt->superuser_only)));
 			return;
 		}
 		home = opt;

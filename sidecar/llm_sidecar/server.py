@@ -2,6 +2,7 @@
 
     python -m llm_sidecar.server --listen unix:///run/llmfdw/sidecar.sock [--config models.yaml]
         [--socket-group postgres] [--allow-root]
+        [--listen 0.0.0.0:50051 --tls-cert cert.pem --tls-key key.pem [--tls-client-ca ca.pem]]
 
 Models load after the server is listening, so a supervisor can poll
 grpc.health.v1 (NOT_SERVING until every model is READY).  SIGTERM/SIGINT
@@ -21,6 +22,12 @@ group NAME) it is then given to that group with mode 0660; until then only
 its owner can connect.  It is never world-accessible.  The sidecar runs model
 code on prompts from any database role, so it refuses to run as root unless
 --allow-root says so.
+
+TCP security.  Over TCP the prompts, the outputs and (with `auth: required`)
+the tenants' tokens cross the network: --tls-cert/--tls-key serve TLS on every
+TCP listener (Unix sockets stay plain: their mode is the boundary), and
+--tls-client-ca also requires a client certificate signed by that CA.  A
+plain-text TCP listener on a non-loopback address is logged as a warning.
 """
 from __future__ import annotations
 
@@ -85,9 +92,27 @@ def restrict_socket(path: str, gid: int | None) -> None:
     os.chmod(path, PRIVATE_SOCKET_MODE if gid is None else GROUP_SOCKET_MODE)
 
 
+def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
+    """TLS for the TCP listeners, from PEM files; with `client_ca` a client must show a
+    certificate that CA signed (mutual TLS)."""
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return grpc.ssl_server_credentials([(read(key), read(cert))],
+                                       root_certificates=read(client_ca) if client_ca else None,
+                                       require_client_auth=client_ca is not None)
+
+
+def loopback(address: str) -> bool:
+    """Whether a host:port listen address is reachable from this machine only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 class Sidecar:
     def __init__(self, models: dict[str, Engine], config: SidecarConfig, listen: list[str], grace: float,
-                 fail_linger: float, socket_gid: int | None = None) -> None:
+                 fail_linger: float, socket_gid: int | None = None,
+                 tls: grpc.ServerCredentials | None = None) -> None:
         self.models = models
         self.listen = listen
         self.grace = grace
@@ -106,7 +131,14 @@ class Sidecar:
             path = unix_path(address)
             if path is not None:
                 remove_stale_socket(path)
-            # gRPC binds and listens here; the umask (main) made the socket owner-only.
+            # gRPC binds and listens here; the umask (main) made the socket owner-only.  A socket's
+            # boundary is its file mode; TCP gets TLS when it is configured.
+            if path is None and tls is not None:
+                self.server.add_secure_port(address, tls)
+                continue
+            if path is None and not loopback(address):
+                log.warning("listening on %s without TLS: prompts, outputs and tokens cross the network "
+                            "in clear text; pass --tls-cert and --tls-key", address)
             self.server.add_insecure_port(address)
             if path is not None:
                 restrict_socket(path, socket_gid)
@@ -173,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket-group", metavar="NAME",
                         help="give Unix sockets to this group, mode 0660 (default: owner only, 0600); "
                              "for a sidecar and Postgres that run as different users in one group")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS on the TCP listeners with this certificate "
+                                                          "(chain); needs --tls-key")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", metavar="PEM",
+                        help="require a client certificate signed by this CA (mutual TLS; needs --tls-cert)")
     parser.add_argument("--allow-root", action="store_true",
                         help="run even as root (refused by default: run it as the Postgres server's user)")
     parser.add_argument("--log-level", default="info")
@@ -191,6 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError:
             log.error("--socket-group: no group named %s", args.socket_group)
             return 2
+    tls = None
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            log.error("TLS needs both --tls-cert and --tls-key")
+            return 2
+        try:
+            tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except OSError as err:
+            log.error("TLS: cannot read %s: %s", err.filename, err.strerror)
+            return 2
     # Everything this process creates is private: its sockets from bind() on (see the module
     # doc), and its caches.
     os.umask(0o077)
@@ -207,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> int:  # gRPC's aio server must be made inside the running loop
         try:
-            sidecar = Sidecar(models, config, args.listen, args.grace, args.fail_linger, socket_gid)
+            sidecar = Sidecar(models, config, args.listen, args.grace, args.fail_linger, socket_gid, tls)
         except SocketError as err:
             log.error("%s", err)
             return 2

@@ -1,0 +1,74 @@
+"""TLS to a sidecar over TCP, from the server's tls_* options.
+
+A sidecar on another host is reached over TCP, and what crosses it is the rows' text, the
+model's output and, with `auth: required`, the tenant's token: without TLS anyone on the path
+reads them.  The server option `tls_ca_file` (the CA that signed the sidecar's certificate)
+turns TLS on; `tls_cert_file` and `tls_key_file` add this side's certificate for a sidecar that
+requires one (`--tls-client-ca`); `tls_server_name` is the name to check the certificate
+against when the address is not that name (an IP address, a list of them).  The file options
+are a superuser's (the C validator): every backend reads them as the server's OS user.
+A Unix socket needs none of it: its file mode is the boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
+
+FILE_OPTIONS = ("tls_ca_file", "tls_cert_file", "tls_key_file")
+OPTIONS = (*FILE_OPTIONS, "tls_server_name")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """The TLS a channel uses; hashable, so that channels are cached per address and settings."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Credentials read from the files now: a new channel (after forget_channel) reads
+        renewed files."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read("tls_ca_file", self.ca_file),
+            private_key=_read("tls_key_file", self.key_file) if self.key_file else None,
+            certificate_chain=_read("tls_cert_file", self.cert_file) if self.cert_file else None)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def tls_settings(options: dict[str, Any]) -> TlsSettings | None:
+    """TlsSettings from merged options, None without tls_ca_file; half a client certificate,
+    or a tls_* option without tls_ca_file, is an error naming what is missing."""
+    given = {name: options[name] for name in OPTIONS if options.get(name)}
+    if not given:
+        return None
+    if "tls_ca_file" not in given:
+        raise LlmError(f"option {sorted(given)[0]} needs tls_ca_file: TLS to the sidecar is on only with "
+                       "the CA that signed its certificate",
+                       hint="Add it in the same statement: ALTER SERVER name OPTIONS (ADD tls_ca_file '/path/to/ca.pem', ...);",
+                       sqlstate=INVALID_PARAMETER_VALUE)
+    if ("tls_cert_file" in given) != ("tls_key_file" in given):
+        missing = "tls_key_file" if "tls_cert_file" in given else "tls_cert_file"
+        raise LlmError(f"option {missing} is missing: a client certificate needs both tls_cert_file and "
+                       "tls_key_file",
+                       hint="Add both in one statement: ALTER SERVER name OPTIONS (ADD tls_cert_file '...', "
+                            "ADD tls_key_file '...');", sqlstate=INVALID_PARAMETER_VALUE)
+    return TlsSettings(given["tls_ca_file"], given.get("tls_cert_file"), given.get("tls_key_file"),
+                       given.get("tls_server_name"))
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise LlmError(f"cannot read the file of option {option} ({path}): {err.strerror}",
+                       hint="The file must be readable by the Postgres server's OS user.",
+                       sqlstate=INVALID_PARAMETER_VALUE) from None

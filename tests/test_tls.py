@@ -1,0 +1,162 @@
+"""TLS between Postgres and a sidecar over TCP (fdw/llm_tables/tls.py, the sidecar's --tls-*).
+
+One sidecar (the generation model only: it starts in about a second) serves mutual TLS on
+127.0.0.1 and plain gRPC on a Unix socket (used only to wait for SERVING).  Its certificate
+names `sidecar.test` only, so a server must say `tls_server_name` to reach it by IP address.
+The certificates come from two throw-away CAs made here: `ca` signs the sidecar's and the
+client's, `rogue` signs an impostor's.  Every piece that is missing or wrong fails the query
+with an error that names the problem; the complete set serves SQL.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from deploy import embedded
+from sidecar_process import sidecar_process
+from test_sidecar_lifecycle import GEN, write_config
+
+SCHEMA = "tls_t"
+SERVER_NAME = "sidecar.test"
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _certificate(subject: str, key, issuer: tuple | None, *, usage=None, dns: str | None = None):
+    """A certificate for `key`, signed by issuer (key, cert), or self-signed as a CA when None."""
+    now = datetime.now(timezone.utc)
+    signer_key, signer_name = (key, _name(subject)) if issuer is None else (issuer[0], issuer[1].subject)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(signer_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if dns is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+    return builder.sign(signer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(work_dir) -> dict[str, str]:
+    """PEM files, readable by the Postgres server's and the sidecar's OS user."""
+    folder = Path(tempfile.mkdtemp(prefix="tls-", dir=work_dir))
+    folder.chmod(0o755)
+    files: dict[str, str] = {}
+
+    def save(name: str, data: bytes) -> None:
+        path = folder / f"{name}.pem"
+        path.write_bytes(data)
+        path.chmod(0o644)   # test keys: the server user must read them, whoever runs the tests
+        files[name] = str(path)
+
+    def pair(name: str, key, cert) -> None:
+        save(f"{name}_key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        save(f"{name}_cert", cert.public_bytes(serialization.Encoding.PEM))
+
+    for ca in ("ca", "rogue"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate(f"llmfdw test {ca} CA", key, None)
+        pair(ca, key, cert)
+        for leaf, usage, dns in (("server", ExtendedKeyUsageOID.SERVER_AUTH, SERVER_NAME),
+                                 ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None)):
+            leaf_key = ec.generate_private_key(ec.SECP256R1())
+            pair(f"{ca}_{leaf}", leaf_key, _certificate(f"{ca} {leaf}", leaf_key, (key, cert), usage=usage, dns=dns))
+    return files
+
+
+@pytest.fixture(scope="module")
+def tls_port(pki, work_dir):
+    """The port of a sidecar serving mutual TLS: its certificate from `ca`, clients' from `ca`."""
+    folder = Path(tempfile.mkdtemp(prefix="tls-sidecar-", dir=work_dir))
+    folder.chmod(0o755)
+    port = embedded.free_port()
+    sock = folder / "s.sock"
+    extra = ("--listen", f"127.0.0.1:{port}", "--tls-cert", pki["ca_server_cert"],
+             "--tls-key", pki["ca_server_key"], "--tls-client-ca", pki["ca_cert"])
+    with open(folder / "log", "ab") as log, \
+            sidecar_process(str(sock), str(write_config(folder / "c.yaml")), stdout=log, extra=extra) as proc:
+        embedded.wait_serving(f"unix://{sock}", 60, alive=lambda: proc.poll() is None, log_file=folder / "log")
+        yield port
+
+
+@pytest.fixture
+def tls_server(conn, tls_port, pki):
+    """A server for the TLS sidecar with the complete, right settings; a test changes one."""
+    conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    conn.execute(f"DROP SERVER IF EXISTS {SCHEMA} CASCADE")
+    conn.execute(f"CREATE SERVER {SCHEMA} FOREIGN DATA WRAPPER llmfdw OPTIONS (address '127.0.0.1:{tls_port}', "
+                 f"tls_ca_file '{pki['ca_cert']}', tls_cert_file '{pki['ca_client_cert']}', "
+                 f"tls_key_file '{pki['ca_client_key']}', tls_server_name '{SERVER_NAME}', timeout '30')")
+    conn.execute(f"CREATE USER MAPPING FOR CURRENT_USER SERVER {SCHEMA}")
+    conn.execute(f"CREATE SCHEMA {SCHEMA}")
+    conn.execute(f"IMPORT FOREIGN SCHEMA llm FROM SERVER {SCHEMA} INTO {SCHEMA}")
+    yield SCHEMA
+    conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    conn.execute(f"DROP SERVER IF EXISTS {SCHEMA} CASCADE")
+
+
+def test_mutual_tls_serves_sql(conn, tls_server):
+    assert conn.execute(f"SELECT name FROM {tls_server}.models").fetchall() == [(GEN,)]
+    text, = conn.execute(f"SELECT completion FROM {tls_server}.completions "
+                         "WHERE prompt = 'Say hello.' AND max_tokens = 4").fetchone()
+    assert text
+
+
+# (what the server's options become, words the error must carry)
+BROKEN = {
+    "plain gRPC to a TLS port": ("DROP tls_ca_file, DROP tls_cert_file, DROP tls_key_file, DROP tls_server_name",
+                                 "not reachable"),
+    "no client certificate": ("DROP tls_cert_file, DROP tls_key_file", "not reachable"),
+    "the sidecar's CA is not trusted": ("SET tls_ca_file '{rogue_cert}'", "CERTIFICATE_VERIFY_FAILED"),
+    "the certificate names another host": ("DROP tls_server_name", "not reachable"),
+    "a client certificate from another CA": ("SET tls_cert_file '{rogue_client_cert}', "
+                                             "SET tls_key_file '{rogue_client_key}'", "not reachable"),
+    "a CA file that is not there": ("SET tls_ca_file '/nonexistent/ca.pem'",
+                                    "cannot read the file of option tls_ca_file"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_missing_or_wrong_piece_fails_the_query_and_says_what(conn, pg_dsn, tls_server, pki, case):
+    change, words = BROKEN[case]
+    conn.execute(f"ALTER SERVER {tls_server} OPTIONS ({change.format(**pki)})")
+    with psycopg.connect(pg_dsn, autocommit=True) as fresh:   # a backend with no channel yet
+        with pytest.raises(psycopg.Error) as exc:
+            fresh.execute(f"SELECT name FROM {tls_server}.models").fetchall()
+        assert words in str(exc.value), str(exc.value)
+        if words == "not reachable":   # over TCP that may be TLS: the hint says which options
+            assert "tls_ca_file" in exc.value.diag.message_hint
+        assert fresh.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_half_client_certificate_or_tls_without_a_ca_is_refused_at_ddl(conn, tls_server):
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="tls_key_file is missing"):
+        conn.execute(f"ALTER SERVER {tls_server} OPTIONS (DROP tls_key_file)")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="needs tls_ca_file"):
+        conn.execute(f"ALTER SERVER {tls_server} OPTIONS (DROP tls_ca_file)")
+    with pytest.raises(psycopg.errors.FdwInvalidOptionName, match="belongs on a foreign server"):
+        conn.execute(f"ALTER USER MAPPING FOR CURRENT_USER SERVER {tls_server} OPTIONS (ADD tls_ca_file '/x')")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--tls-cert", "/nonexistent/cert.pem"), "TLS needs both --tls-cert and --tls-key"),
+    (("--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"), "cannot read"),
+])
+def test_the_sidecar_refuses_incomplete_or_unreadable_tls_settings(args, says):
+    out = subprocess.run([sys.executable, "-m", "llm_sidecar.server", "--allow-root", "--listen",
+                          "127.0.0.1:1", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and says in out.stderr, out.stderr
