@@ -413,12 +413,14 @@ def create_database(server: PgServer, name: str) -> bool:
 
 
 def apply_schema(server: PgServer, database: str, sidecar_address: str,
-                 sql_file: Path = SCHEMA_SQL) -> str:
+                 sql_file: Path = SCHEMA_SQL, tls: dict[str, str] | None = None) -> str:
     """Run sql/llm_schema.sql as superuser: extensions vector and llmfdw, server llm_sidecar, schema
-    llm. The script is idempotent (it updates the server's address on a re-run)."""
+    llm. The script is idempotent (it updates the server's address on a re-run). `tls`: server
+    options tls_ca_file, ... for a sidecar that serves TLS."""
     if not sql_file.exists():
         raise FileNotFoundError(f"{sql_file} is missing")
-    return server.psql(database, "-q", "-v", f"sidecar_address={sidecar_address}", "-f", str(sql_file))
+    variables = [arg for name, value in (tls or {}).items() for arg in ("-v", f"{name}={value}")]
+    return server.psql(database, "-q", "-v", f"sidecar_address={sidecar_address}", *variables, "-f", str(sql_file))
 
 
 # --------------------------------------------------------------------------------------------

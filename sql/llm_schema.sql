@@ -2,12 +2,20 @@
 --
 --   psql -v ON_ERROR_STOP=1 -v sidecar_address='unix:///abs/path/sidecar.sock' -f sql/llm_schema.sql
 --
--- Safe to run again: it keeps the server (updating its address), the tables
--- and everything that depends on them, and adds what is missing.
+-- A sidecar that serves TLS over TCP: add -v tls_ca_file=/path (and tls_cert_file, tls_key_file,
+-- tls_server_name as needed: the server options of the same names, paths on this database's
+-- host).  They are set before the tables are imported, which asks the sidecar.
+--
+-- Safe to run again: it keeps the server (updating its address and the TLS options it is
+-- given), the tables and everything that depends on them, and adds what is missing.
 \if :{?sidecar_address}
 \else
   \set sidecar_address 'unix:///tmp/llmfdw/sidecar.sock'
 \endif
+\if :{?tls_ca_file} \else \set tls_ca_file '' \endif
+\if :{?tls_cert_file} \else \set tls_cert_file '' \endif
+\if :{?tls_key_file} \else \set tls_key_file '' \endif
+\if :{?tls_server_name} \else \set tls_server_name '' \endif
 
 CREATE EXTENSION IF NOT EXISTS vector;
 CREATE EXTENSION IF NOT EXISTS llmfdw;   -- in schema llm (its control file says so)
@@ -39,6 +47,17 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar'
     ALTER SERVER llm_sidecar OPTIONS (DROP wrapper);
   \endif
 \endif
+-- The TLS options given, in one statement (the validator checks them together: a client
+-- certificate needs its key), ADD or SET by whether the server has the option already.
+SELECT format('ALTER SERVER llm_sidecar OPTIONS (%s)',
+              string_agg(format('%s %s %L', CASE WHEN o.option_name IS NULL THEN 'ADD' ELSE 'SET' END,
+                                v.name, v.value), ', '))
+FROM (VALUES ('tls_ca_file', :'tls_ca_file'), ('tls_cert_file', :'tls_cert_file'),
+             ('tls_key_file', :'tls_key_file'), ('tls_server_name', :'tls_server_name')) AS v(name, value)
+LEFT JOIN (SELECT option_name FROM pg_foreign_server s, pg_options_to_table(s.srvoptions)
+           WHERE s.srvname = 'llm_sidecar') AS o ON o.option_name = v.name
+WHERE v.value <> ''
+HAVING count(*) > 0 \gexec
 REVOKE USAGE ON FOREIGN SERVER llm_sidecar FROM PUBLIC;
 
 CREATE SCHEMA IF NOT EXISTS llm;

@@ -123,6 +123,9 @@ BAD_VALUES = [
     ({"sidecar": {"gpu": {"count": -1}}}, "/sidecar/gpu/count"),
     ({"sidecar": {"grpcPort": "50051"}}, "/sidecar/grpcPort"),
     ({"sidecar": {"replicas": 0}}, "/sidecar/replicas"),
+    ({"ddl": {"tls": {"caFile": "ca.pem"}}}, "/ddl/tls/caFile"),                # not an absolute path
+    ({"ddl": {"tls": {"caFile": "/etc/it's.pem"}}}, "/ddl/tls/caFile"),        # a quote in the Job's shell
+    ({"sidecar": {"tls": {"secretName": "Not_A_Name"}}}, "/sidecar/tls/secretName"),
     ({"sidecar": {"config": {"models": []}}}, "/sidecar/config/models"),
     ({"sidecar": {"config": {"auth": "maybe"}}}, "/sidecar/config/auth"),
     ({"sidecar": {"config": {"models": [{"name": "m", "task": "chat", "engine": "vllm", "source": {}}]}}},
@@ -153,6 +156,11 @@ FAILING_RENDERS = [
     ({"sidecar": {"config": {"auth": "required", "models": [TP_MODEL]}, "gpu": {"count": 4}}}, "list the tenants"),
     ({"sidecar": {"config": {"auth": "required"}}, "tenants": {"list": [{"name": "a"}]}}, "tenant a has no token"),
     ({"mode": "colocated"}, "postgres.auth.existingSecret or postgres.auth.password"),
+    ({"sidecar": {"tls": {"clientAuth": True}}}, "sidecar.tls.clientAuth needs sidecar.tls.secretName"),
+    ({"ddl": {"tls": {"certFile": "/c.pem", "keyFile": "/k.pem"}}}, "need caFile"),
+    ({"ddl": {"tls": {"caFile": "/ca.pem", "certFile": "/c.pem"}}}, "needs both certFile and keyFile"),
+    ({"mode": "colocated", "postgres": {"auth": {"password": "x"}}, "ddl": {"tls": {"caFile": "/ca.pem"}}},
+     "ddl.tls is for a sidecar over TCP"),
 ]
 
 
@@ -231,8 +239,13 @@ def test_sidecar_container_everywhere(rendered):
         pod = owners[0]["spec"]["template"]
         sidecar = _containers(owners[0])["sidecar"]
         port = sidecar["ports"][0]["containerPort"]
+        tls = "--tls-cert" in sidecar["args"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert sidecar[probe]["grpc"]["port"] == port, (name, probe)
+            if tls:   # the kubelet's gRPC probe speaks no TLS: probe.py on a socket inside the pod
+                assert sidecar[probe]["exec"]["command"] == [
+                    "python", "/etc/llmfdw/scripts/probe.py", "unix:///run/llmfdw-probe/health.sock"], (name, probe)
+            else:
+                assert sidecar[probe]["grpc"]["port"] == port, (name, probe)
         assert f"0.0.0.0:{port}" in _arg(sidecar, "--listen")
         assert _arg(sidecar, "--config") == ["/run/llmfdw-config/sidecar.yaml"]
         metrics_port = int(_arg(sidecar, "--metrics-port")[0])
@@ -308,6 +321,20 @@ def test_shared_shape(rendered):
     assert script.count(f"-v sidecar_address='{address}'") == 2
     assert "host=pg.team-b.svc.cluster.local port=5433 dbname=app user=postgres sslmode=prefer" in script
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    # mutual TLS on the gRPC port: the Secret's three files, the options the DDL sets
+    sidecar = _containers(deployment)["sidecar"]
+    assert _arg(sidecar, "--tls-cert") == ["/etc/llmfdw/tls/tls.crt"]
+    assert _arg(sidecar, "--tls-key") == ["/etc/llmfdw/tls/tls.key"]
+    assert _arg(sidecar, "--tls-client-ca") == ["/etc/llmfdw/tls/ca.crt"]
+    assert "unix:///run/llmfdw-probe/health.sock" in _arg(sidecar, "--listen")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "llmfdw-sidecar-tls"
+    assert {i["path"] for i in volumes["tls"]["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    assert volumes["probe"]["emptyDir"]["medium"] == "Memory"
+    assert {"name": "tls", "mountPath": "/etc/llmfdw/tls", "readOnly": True} in sidecar["volumeMounts"]
+    assert script.count("-v tls_ca_file='/etc/llmfdw/tls/ca.crt' -v tls_cert_file='/etc/llmfdw/tls/client.crt' "
+                        "-v tls_key_file='/etc/llmfdw/tls/client.key' -f /usr/share/llmfdw/llm_schema.sql") == 2
+    assert "probe.py" in _sidecar_config(docs)[0]["data"]
     # the tokens come from the operator's Secret, the chart makes none
     assert not _kind(docs, "Secret")
     tokens = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tokens"][0]
@@ -423,6 +450,27 @@ def test_launcher_serves_metrics_on_every_interface(rendered):
             assert proc.wait(30) == 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_probe_script_says_serving_or_not(rendered, tmp_path):
+    """helm/files/probe.py, as the ConfigMap ships it, against a real sidecar's Unix socket: exit 0
+    while it serves, 1 once it is gone."""
+    from sidecar_process import running_sidecar
+    from test_sidecar_lifecycle import write_config
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(_sidecar_config(rendered["shared-values.yaml"])[0]["data"]["probe.py"])
+    sock = tmp_path / "s.sock"
+
+    def run_probe() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(probe), f"unix://{sock}"], capture_output=True, text=True,
+                              timeout=30)
+
+    with running_sidecar(str(sock), str(write_config(tmp_path / "c.yaml"))):
+        serving = run_probe()
+    assert serving.returncode == 0 and "SERVING" in serving.stdout, serving
+    gone = run_probe()
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr, gone
 
 
 # -- Dockerfiles --------------------------------------------------------------------------------

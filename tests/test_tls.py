@@ -160,3 +160,19 @@ def test_the_sidecar_refuses_incomplete_or_unreadable_tls_settings(args, says):
     out = subprocess.run([sys.executable, "-m", "llm_sidecar.server", "--allow-root", "--listen",
                           "127.0.0.1:1", *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
+def test_the_schema_script_sets_tls_before_it_imports_and_again_on_a_rerun(pg_server, tls_port, pki):
+    """sql/llm_schema.sql with -v tls_ca_file=... (as the helm chart's DDL Job runs it): the
+    options are set before IMPORT FOREIGN SCHEMA asks the sidecar, and a re-run SETs them."""
+    database = "llmfdw_tls_ddl"
+    embedded.create_database(pg_server, database)
+    tls = {"tls_ca_file": pki["ca_cert"], "tls_cert_file": pki["ca_client_cert"],
+           "tls_key_file": pki["ca_client_key"], "tls_server_name": SERVER_NAME}
+    embedded.apply_schema(pg_server, database, f"127.0.0.1:{tls_port}", tls=tls)
+    embedded.apply_schema(pg_server, database, f"127.0.0.1:{tls_port}", tls=tls)
+    with psycopg.connect(pg_server.dsn(database), autocommit=True) as c:
+        assert c.execute("SELECT name FROM llm.models").fetchall() == [(GEN,)]
+        options = dict(o.split("=", 1) for o in c.execute(
+            "SELECT srvoptions FROM pg_foreign_server WHERE srvname = 'llm_sidecar'").fetchone()[0])
+    assert options == {"address": f"127.0.0.1:{tls_port}", **tls}

@@ -107,8 +107,34 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and .Values.sidecar.tls.clientAuth (not .Values.sidecar.tls.secretName) -}}
+{{- fail "sidecar.tls.clientAuth needs sidecar.tls.secretName (a kubernetes.io/tls Secret with ca.crt)" -}}
+{{- end -}}
+{{- with .Values.ddl.tls -}}
+{{- if and (or .certFile .keyFile .serverName) (not .caFile) -}}
+{{- fail "ddl.tls: certFile, keyFile and serverName need caFile (the CA of the sidecar's certificate)" -}}
+{{- end -}}
+{{- if ne (empty .certFile) (empty .keyFile) -}}
+{{- fail "ddl.tls: a client certificate needs both certFile and keyFile" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.ddl.tls.caFile (hasPrefix "unix:" (include "llmfdw.sidecarAddress" .)) -}}
+{{- fail "ddl.tls is for a sidecar over TCP: this release's PostgreSQL reaches it over a Unix socket" -}}
+{{- end -}}
 {{- if and (eq .Values.mode "colocated") (not .Values.postgres.auth.existingSecret) (not .Values.postgres.auth.password) -}}
 {{- fail "colocated mode runs PostgreSQL: set postgres.auth.existingSecret or postgres.auth.password" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* How the kubelet asks the sidecar whether it serves: its gRPC probe on the port, or, when the
+port speaks TLS (which the kubelet's gRPC probe does not), helm/files/probe.py on a Unix socket
+inside the pod. */}}
+{{- define "llmfdw.probeAction" -}}
+{{- if .Values.sidecar.tls.secretName -}}
+exec:
+  command: [python, /etc/llmfdw/scripts/probe.py, unix:///run/llmfdw-probe/health.sock]
+{{- else -}}
+grpc: {port: {{ .Values.sidecar.grpcPort }}}
 {{- end -}}
 {{- end -}}
 
@@ -197,21 +223,36 @@ seccompProfile:
     - {{ .Values.sidecar.grace | quote }}
     - --log-level
     - {{ .Values.sidecar.logLevel | quote }}
+    {{- with .Values.sidecar.tls }}
+    {{- if .secretName }}
+    - --listen
+    - unix:///run/llmfdw-probe/health.sock
+    - --tls-cert
+    - /etc/llmfdw/tls/tls.crt
+    - --tls-key
+    - /etc/llmfdw/tls/tls.key
+    {{- if .clientAuth }}
+    - --tls-client-ca
+    - /etc/llmfdw/tls/ca.crt
+    {{- end }}
+    {{- end }}
+    {{- end }}
   env:
     {{- include "llmfdw.sidecarEnv" . | nindent 4 }}
   ports:
     - {name: grpc, containerPort: {{ .Values.sidecar.grpcPort }}, protocol: TCP}
     - {name: metrics, containerPort: {{ .Values.sidecar.metricsPort }}, protocol: TCP}
   startupProbe:
-    grpc: {port: {{ .Values.sidecar.grpcPort }}}
+    {{- include "llmfdw.probeAction" . | nindent 4 }}
     periodSeconds: {{ .Values.sidecar.probes.periodSeconds }}
     failureThreshold: {{ div .Values.sidecar.probes.startupSeconds .Values.sidecar.probes.periodSeconds | max 1 }}
   readinessProbe:
-    grpc: {port: {{ .Values.sidecar.grpcPort }}}
+    {{- include "llmfdw.probeAction" . | nindent 4 }}
     periodSeconds: {{ .Values.sidecar.probes.periodSeconds }}
     failureThreshold: 1
+    timeoutSeconds: 5
   livenessProbe:
-    grpc: {port: {{ .Values.sidecar.grpcPort }}}
+    {{- include "llmfdw.probeAction" . | nindent 4 }}
     periodSeconds: {{ .Values.sidecar.probes.periodSeconds }}
     failureThreshold: {{ .Values.sidecar.probes.failureThreshold }}
     timeoutSeconds: 5
@@ -233,6 +274,10 @@ seccompProfile:
     {{- if $colocated }}
     - {name: socket, mountPath: /var/run/llmfdw}
     {{- end }}
+    {{- if .Values.sidecar.tls.secretName }}
+    - {name: tls, mountPath: /etc/llmfdw/tls, readOnly: true}
+    - {name: probe, mountPath: /run/llmfdw-probe}
+    {{- end }}
     {{- if include "llmfdw.gpu" . }}
     - {name: dshm, mountPath: /dev/shm}
     {{- end }}
@@ -252,6 +297,7 @@ seccompProfile:
     items:
       - {key: render_config.py, path: render_config.py}
       - {key: launch.py, path: launch.py}
+      - {key: probe.py, path: probe.py}
 - name: tokens
   secret:
     secretName: {{ include "llmfdw.tokensSecret" . }}
@@ -259,6 +305,20 @@ seccompProfile:
     optional: {{ not (eq (toString .Values.sidecar.config.auth) "required") }}
 - name: rendered-config
   emptyDir: {medium: Memory, sizeLimit: 1Mi}
+{{- if .Values.sidecar.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.sidecar.tls.secretName }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      {{- if .Values.sidecar.tls.clientAuth }}
+      - {key: ca.crt, path: ca.crt}
+      {{- end }}
+- name: probe
+  emptyDir: {medium: Memory, sizeLimit: 1Mi}
+{{- end }}
 - name: home
   emptyDir: {sizeLimit: {{ .Values.sidecar.cacheSize }}}
 - name: tmp
