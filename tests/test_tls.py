@@ -9,11 +9,14 @@ with an error that names the problem; the complete set serves SQL.
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -28,6 +31,7 @@ from test_sidecar_lifecycle import GEN, write_config
 
 SCHEMA = "tls_t"
 SERVER_NAME = "sidecar.test"
+RENEWED_NAME = "renewed.test"   # the name in the sidecar's certificate after its renewal
 
 
 def _name(cn: str) -> x509.Name:
@@ -72,24 +76,36 @@ def pki(work_dir) -> dict[str, str]:
         cert = _certificate(f"llmfdw test {ca} CA", key, None)
         pair(ca, key, cert)
         for leaf, usage, dns in (("server", ExtendedKeyUsageOID.SERVER_AUTH, SERVER_NAME),
-                                 ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None)):
+                                 ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None),
+                                 ("renewed", ExtendedKeyUsageOID.SERVER_AUTH, RENEWED_NAME)):
             leaf_key = ec.generate_private_key(ec.SECP256R1())
             pair(f"{ca}_{leaf}", leaf_key, _certificate(f"{ca} {leaf}", leaf_key, (key, cert), usage=usage, dns=dns))
     return files
 
 
-@pytest.fixture(scope="module")
-def tls_port(pki, work_dir):
-    """The port of a sidecar serving mutual TLS: its certificate from `ca`, clients' from `ca`."""
-    folder = Path(tempfile.mkdtemp(prefix="tls-sidecar-", dir=work_dir))
-    folder.chmod(0o755)
+@contextlib.contextmanager
+def tls_sidecar(folder: Path, cert: str, key: str, client_ca: str) -> Iterator[int]:
+    """A sidecar serving mutual TLS on a free port (yielded), and plain gRPC on a Unix socket."""
     port = embedded.free_port()
     sock = folder / "s.sock"
-    extra = ("--listen", f"127.0.0.1:{port}", "--tls-cert", pki["ca_server_cert"],
-             "--tls-key", pki["ca_server_key"], "--tls-client-ca", pki["ca_cert"])
+    extra = ("--listen", f"127.0.0.1:{port}", "--tls-cert", cert, "--tls-key", key, "--tls-client-ca", client_ca)
     with open(folder / "log", "ab") as log, \
             sidecar_process(str(sock), str(write_config(folder / "c.yaml")), stdout=log, extra=extra) as proc:
         embedded.wait_serving(f"unix://{sock}", 60, alive=lambda: proc.poll() is None, log_file=folder / "log")
+        yield port
+
+
+def _folder(work_dir: Path, prefix: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=work_dir))
+    folder.chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tls_port(pki, work_dir):
+    """The port of a sidecar serving mutual TLS: its certificate from `ca`, clients' from `ca`."""
+    with tls_sidecar(_folder(work_dir, "tls-sidecar-"), pki["ca_server_cert"], pki["ca_server_key"],
+                     pki["ca_cert"]) as port:
         yield port
 
 
@@ -176,3 +192,40 @@ def test_the_schema_script_sets_tls_before_it_imports_and_again_on_a_rerun(pg_se
         options = dict(o.split("=", 1) for o in c.execute(
             "SELECT srvoptions FROM pg_foreign_server WHERE srvname = 'llm_sidecar'").fetchone()[0])
     assert options == {"address": f"127.0.0.1:{tls_port}", **tls}
+
+
+def test_renewed_certificates_are_used_without_a_restart(conn, pg_dsn, pki, work_dir):
+    """The sidecar re-reads its files before a new connection's handshake when they changed; a
+    backend replaces its channel when the server's files changed, at its next query."""
+    folder = _folder(work_dir, "tls-renew-")
+    files = {name: folder / f"{name}.pem" for name in ("cert", "key", "client_cert", "client_key")}
+
+    def install(**sources: str) -> None:
+        for name, source in sources.items():
+            shutil.copy(pki[source], files[name])
+            files[name].chmod(0o644)
+
+    install(cert="ca_server_cert", key="ca_server_key", client_cert="ca_client_cert", client_key="ca_client_key")
+    with tls_sidecar(folder, str(files["cert"]), str(files["key"]), pki["ca_cert"]) as port:
+        conn.execute("DROP SERVER IF EXISTS tls_renew CASCADE")
+        conn.execute(f"CREATE SERVER tls_renew FOREIGN DATA WRAPPER llmfdw OPTIONS (address '127.0.0.1:{port}', "
+                     f"tls_ca_file '{pki['ca_cert']}', tls_cert_file '{files['client_cert']}', "
+                     f"tls_key_file '{files['client_key']}', tls_server_name '{RENEWED_NAME}', timeout '30')")
+        conn.execute("CREATE USER MAPPING FOR CURRENT_USER SERVER tls_renew")
+        conn.execute("CREATE FOREIGN TABLE tls_renew_models (name text) SERVER tls_renew OPTIONS (table 'models')")
+        try:
+            with psycopg.connect(pg_dsn, autocommit=True) as backend:
+                # the sidecar still shows the certificate for sidecar.test
+                with pytest.raises(psycopg.Error, match="Hostname Verification Check failed"):
+                    backend.execute("SELECT name FROM tls_renew_models").fetchall()
+                install(cert="ca_renewed_cert", key="ca_renewed_key")
+                assert backend.execute("SELECT name FROM tls_renew_models").fetchall() == [(GEN,)]
+                # this backend's client certificate is replaced by one the sidecar does not accept:
+                # its next query uses it (a new channel), and is refused
+                install(client_cert="rogue_client_cert", client_key="rogue_client_key")
+                with pytest.raises(psycopg.Error, match="not reachable"):
+                    backend.execute("SELECT name FROM tls_renew_models").fetchall()
+                install(client_cert="ca_client_cert", client_key="ca_client_key")
+                assert backend.execute("SELECT name FROM tls_renew_models").fetchall() == [(GEN,)]
+        finally:
+            conn.execute("DROP SERVER tls_renew CASCADE")

@@ -81,7 +81,7 @@ _IPV4 = re.compile(r"^(?:ipv4:)?(\d{1,3}(?:\.\d{1,3}){3}:\d+)$")
 _IPV6 = re.compile(r"^(?:ipv6:)?(\[[0-9A-Fa-f:.%]+\]:\d+)$")
 _UNIX = re.compile(r"^(?:unix:(?://)?)?(/[^,]+)$")   # a bare /path continues a unix:///a,/b list
 
-_channels: dict[tuple[str, TlsSettings | None], grpc.Channel] = {}
+_channels: dict[tuple[str, TlsSettings | None], tuple[grpc.Channel, tuple]] = {}   # -> (channel, TLS files' stamp)
 _END = object()
 
 
@@ -121,9 +121,11 @@ def several_sidecars(target: str) -> bool:
 
 def channel_for(address: str, tls: TlsSettings | None = None) -> grpc.Channel:
     """The cached channel to `address` (one sidecar, or several: see channel_target), over TLS
-    when `tls` is given: a backend pays the connection once."""
-    chan = _channels.get((address, tls))
-    if chan is None:
+    when `tls` is given: a backend pays the connection once, and again when the TLS files
+    change (the replaced channel closes when the calls still using it let it go)."""
+    stamp = tls.stamp() if tls is not None else ()
+    chan, made_from = _channels.get((address, tls), (None, None))
+    if chan is None or made_from != stamp:
         target = channel_target(address)
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -137,14 +139,14 @@ def channel_for(address: str, tls: TlsSettings | None = None) -> grpc.Channel:
             chan = grpc.insecure_channel(target, options=options)
         else:
             chan = grpc.secure_channel(target, tls.credentials(), options=options + tls.channel_options())
-        _channels[(address, tls)] = chan
+        _channels[(address, tls)] = (chan, stamp)
     return chan
 
 
 def forget_channel(address: str, tls: TlsSettings | None = None) -> None:
     """Close the cached channel after the sidecar was unreachable: the next call connects
     afresh instead of waiting out the old channel's backoff."""
-    chan = _channels.pop((address, tls), None)
+    chan, _ = _channels.pop((address, tls), (None, None))
     if chan is not None:
         chan.close()
 

@@ -11,6 +11,7 @@ A Unix socket needs none of it: its file mode is the boundary.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,18 @@ class TlsSettings:
             root_certificates=_read("tls_ca_file", self.ca_file),
             private_key=_read("tls_key_file", self.key_file) if self.key_file else None,
             certificate_chain=_read("tls_cert_file", self.cert_file) if self.cert_file else None)
+
+    def stamp(self) -> tuple:
+        """What the files are now (mtime, size, inode; None when unreadable): a channel made
+        from other files is replaced, so a renewed client certificate or CA is used by the
+        backend's next query, not only by new sessions."""
+        def one(path: str | None):
+            try:
+                st = os.stat(path) if path else None
+            except OSError:
+                return None
+            return st and (st.st_mtime_ns, st.st_size, st.st_ino)
+        return one(self.ca_file), one(self.cert_file), one(self.key_file)
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []

@@ -94,13 +94,39 @@ def restrict_socket(path: str, gid: int | None) -> None:
 
 def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
     """TLS for the TCP listeners, from PEM files; with `client_ca` a client must show a
-    certificate that CA signed (mutual TLS)."""
+    certificate that CA signed (mutual TLS).  gRPC asks before every new connection's handshake
+    whether the files changed (a renewed certificate, a Kubernetes Secret update): a change is
+    read then, so renewal needs no restart.  A change that cannot be read yet keeps the old files."""
+    paths = [p for p in (cert, key, client_ca) if p]
+
+    def stamp() -> tuple:
+        return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, paths))
+
     def read(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
-    return grpc.ssl_server_credentials([(read(key), read(cert))],
-                                       root_certificates=read(client_ca) if client_ca else None,
-                                       require_client_auth=client_ca is not None)
+
+    def load() -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None)
+
+    seen = [stamp()]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            now = stamp()
+            if now == seen[0]:
+                return None
+            config = load()
+        except OSError as err:
+            log.warning("TLS: cannot read %s (%s): new connections keep the files read before",
+                        err.filename, err.strerror)
+            return None
+        seen[0] = now
+        log.info("TLS: certificate files changed; new connections use them")
+        return config
+
+    return grpc.dynamic_ssl_server_credentials(load(), fetch, require_client_authentication=client_ca is not None)
 
 
 def loopback(address: str) -> bool:
