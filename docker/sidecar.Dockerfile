@@ -33,4 +33,4 @@ EXPOSE 50051 9090
 # Kubernetes checks health with grpc probes (helm/); an image HEALTHCHECK would need a client binary.
 # checkov:skip=CKV_DOCKER_2: health is the gRPC health service, probed by Kubernetes (helm/templates)
 ENTRYPOINT ["python", "-m", "llm_sidecar.server"]
-CMD ["--listen", "0.0.0.0:50051", "--metrics-port", "9090"]
+CMD ["--listen", "0.0.0.0:50051", "--metrics-port", "9090", "--metrics-address", "0.0.0.0"]

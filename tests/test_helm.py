@@ -10,8 +10,8 @@
   reason, and the test checks that a reason is there.
 - The shapes: what the sidecar, Service, GPU and tensor-parallel values turn into.
 - The chart's init step (files/render_config.py) run for real on the rendered ConfigMap and
-  Secret, then the sidecar's own config loader; the chart's launcher (files/launch.py) run for
-  real, with its metrics port on every interface.
+  Secret, then the sidecar's own config loader; a real sidecar with the rendered metrics
+  arguments (its metrics port on every interface); files/probe.py against a real sidecar.
 - The Dockerfiles cannot be built here (no Docker daemon, no registry): the test checks what can
   be checked: each one the chart names exists, base images are pinned by tag, every file they
   COPY exists.
@@ -372,7 +372,7 @@ def test_default_models_are_the_sidecars(chart):
     assert chart.merge_values({})["sidecar"]["config"]["models"] == packaged["models"]
 
 
-# -- the init step and the launcher, for real ---------------------------------------------------
+# -- the init step, the sidecar's arguments and the probe, for real ---------------------------------------------------
 
 def _write_init_inputs(docs, directory: Path) -> tuple[Path, Path, Path]:
     configmap = _sidecar_config(docs)[0]["data"]
@@ -419,26 +419,26 @@ def test_init_step_refuses_a_missing_token(rendered, tmp_path):
     assert result.returncode == 1 and "no key 'globex'" in result.stderr
 
 
-def test_launcher_serves_metrics_on_every_interface(rendered):
+def test_sidecar_serves_metrics_on_every_interface(rendered):
+    """The container runs the sidecar module itself; with the rendered metrics arguments a real
+    sidecar listens for Prometheus on 0.0.0.0 (127.0.0.1 is its default)."""
     import psutil
 
     from deploy import embedded
     from sidecar_process import EMBED_ONLY
 
-    launch = _kind(rendered["cpu-values.yaml"], "ConfigMap")[0]["data"]["launch.py"]
-    work = Path(tempfile.mkdtemp(prefix="llmfdw-launch-", dir="/tmp"))
+    sidecar = _containers(_kind(rendered["cpu-values.yaml"], "Deployment")[0])["sidecar"]
+    assert sidecar["command"] == ["python", "-m", "llm_sidecar.server"]
+    assert _arg(sidecar, "--metrics-address") == ["0.0.0.0"]
+    work = Path(tempfile.mkdtemp(prefix="llmfdw-metrics-", dir="/tmp"))
     work.chmod(0o755)
     try:
-        (work / "launch.py").write_text(launch)
         (work / "config.yaml").write_text(EMBED_ONLY)
-        for f in work.iterdir():
-            f.chmod(0o644)
+        (work / "config.yaml").chmod(0o644)
         port, metrics_port = embedded.free_port(), embedded.free_port()
         argv, kwargs = embedded.sidecar_process_args(
             f"127.0.0.1:{port}", home=work / "home", config=work / "config.yaml",
-            extra=("--metrics-port", str(metrics_port)))
-        module = argv.index("-m")
-        argv[module:module + 2] = [str(work / "launch.py")]
+            extra=("--metrics-port", str(metrics_port), "--metrics-address", _arg(sidecar, "--metrics-address")[0]))
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=work, **kwargs)
         try:
             embedded.wait_serving(f"127.0.0.1:{port}", 120, alive=lambda: proc.poll() is None)

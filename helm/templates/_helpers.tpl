@@ -164,8 +164,6 @@ seccompProfile:
   value: "1"
 - name: TMPDIR
   value: /tmp
-- name: LLMFDW_METRICS_ADDRESS
-  value: 0.0.0.0
 # glibc malloc: two arenas, big blocks through mmap, an earlier trim (deploy/embedded.py's
 # SIDECAR_MALLOC_ENV: freed torch batch memory otherwise stays in up to 16 arenas)
 - name: MALLOC_ARENA_MAX
@@ -205,7 +203,7 @@ seccompProfile:
 - name: sidecar
   image: {{ include "llmfdw.sidecarImage" . }}
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  command: [python, /etc/llmfdw/scripts/launch.py]
+  command: [python, -m, llm_sidecar.server]
   args:
     {{- if $colocated }}
     - --listen
@@ -219,6 +217,8 @@ seccompProfile:
     - /run/llmfdw-config/sidecar.yaml
     - --metrics-port
     - {{ .Values.sidecar.metricsPort | quote }}
+    - --metrics-address
+    - 0.0.0.0
     - --grace
     - {{ .Values.sidecar.grace | quote }}
     - --log-level
@@ -296,7 +296,6 @@ seccompProfile:
     name: {{ include "llmfdw.fullname" . }}-config
     items:
       - {key: render_config.py, path: render_config.py}
-      - {key: launch.py, path: launch.py}
       - {key: probe.py, path: probe.py}
 - name: tokens
   secret:

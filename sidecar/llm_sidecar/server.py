@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-linger", type=float, default=2.0,
                         help="seconds health and ListModels report a failed model load before exiting")
     parser.add_argument("--metrics-port", type=int, default=0,
-                        help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
+                        help="serve Prometheus /metrics on PORT (0: off)")
+    parser.add_argument("--metrics-address", default="127.0.0.1",
+                        help="the address /metrics listens on (default 127.0.0.1: this machine only; "
+                             "0.0.0.0 in a pod, for Prometheus to scrape)")
     parser.add_argument("--socket-group", metavar="NAME",
                         help="give Unix sockets to this group, mode 0660 (default: owner only, 0600); "
                              "for a sidecar and Postgres that run as different users in one group")
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.metrics_port:
-        metrics.serve(args.metrics_port)
+        metrics.serve(args.metrics_port, args.metrics_address)
     try:
         config = load_config(args.config)
         models = {m.name: engines.build(m) for m in config.models}
