@@ -323,6 +323,7 @@ def test_shared_shape(rendered):
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     # mutual TLS on the gRPC port: the Secret's three files, the options the DDL sets
     sidecar = _containers(deployment)["sidecar"]
+    assert _arg(sidecar, "--max-connection-age") == ["300"]   # backends find pods added by a scale-up
     assert _arg(sidecar, "--tls-cert") == ["/etc/llmfdw/tls/tls.crt"]
     assert _arg(sidecar, "--tls-key") == ["/etc/llmfdw/tls/tls.key"]
     assert _arg(sidecar, "--tls-client-ca") == ["/etc/llmfdw/tls/ca.crt"]

@@ -83,3 +83,53 @@ def test_a_model_that_fails_to_load_is_shown_then_the_process_exits_2(tmp_path):
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in exc.value.details()
         assert proc.wait(30) == 2
         assert b"no-such-model.gguf" in proc.stdout.read()
+
+
+def test_max_connection_age_makes_clients_reconnect_without_failing_a_call(tmp_path):
+    """--max-connection-age: the sidecar asks a client to reconnect (GOAWAY) after about that long,
+    which is what makes a client of a dns:/// name resolve it again and find sidecar pods added
+    since.  Seen from the FDW's own channel: the connection is replaced (new local ports), no
+    call fails, and a generation that outlives its connection's age finishes on it."""
+    import psutil
+
+    from deploy import embedded
+    from llm_tables.client import channel_for, forget_channel
+
+    port = embedded.free_port()
+    address = f"127.0.0.1:{port}"
+    sock = tmp_path / "s.sock"
+    extra = ("--listen", address, "--max-connection-age", "1")
+    with open(tmp_path / "log", "ab") as log, \
+            sidecar_process(str(sock), str(write_config(tmp_path / "c.yaml")), stdout=log, extra=extra) as proc:
+        embedded.wait_serving(f"unix://{sock}", 60, alive=lambda: proc.poll() is None)
+        stub = pb_grpc.InferenceStub(channel_for(address))
+        try:
+            stub.ListModels(pb.ListModelsRequest(), timeout=5)   # connects: its age counts from here
+            time.sleep(0.7)
+            long = stub.Generate(pb.GenerateRequest(model=GEN, prompt="Write a long story about a dragon.",
+                                                    params=pb.GenerationParams(max_tokens=150)), timeout=60)
+            messages: list = []
+            started = time.monotonic()
+            reader = threading.Thread(target=lambda: (messages.extend(long), messages.append(time.monotonic())))
+            reader.start()
+            ports, failures, calls = set(), [], 0
+            deadline = time.monotonic() + 3.5
+            while time.monotonic() < deadline:
+                try:
+                    assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models[0].name == GEN
+                except grpc.RpcError as err:
+                    failures.append(f"{err.code().name}: {err.details()}")
+                calls += 1
+                ports |= {c.laddr.port for c in psutil.Process().net_connections("tcp")
+                          if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
+                time.sleep(0.05)
+            reader.join(60)
+        finally:
+            forget_channel(address)
+    assert not failures, failures[:3]
+    assert calls > 20 and len(ports) >= 3, (calls, ports)   # about one new connection a second
+    finished = messages.pop()
+    print(f"{calls} calls over {len(ports)} connections; the generation took {finished - started:.2f} s")
+    assert messages[-1].final.usage.output_tokens == 150, f"the long generation did not finish: {messages[-1].final}"
+    # it began 0.7 s into its connection's life, which ends at 0.9-1.1 s
+    assert finished - started > 0.5, "the generation should outlive its connection's age"

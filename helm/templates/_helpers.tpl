@@ -221,6 +221,8 @@ seccompProfile:
     - 0.0.0.0
     - --grace
     - {{ .Values.sidecar.grace | quote }}
+    - --max-connection-age
+    - {{ .Values.sidecar.maxConnectionAge | quote }}
     - --log-level
     - {{ .Values.sidecar.logLevel | quote }}
     {{- with .Values.sidecar.tls }}

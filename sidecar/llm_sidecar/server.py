@@ -138,7 +138,7 @@ def loopback(address: str) -> bool:
 class Sidecar:
     def __init__(self, models: dict[str, Engine], config: SidecarConfig, listen: list[str], grace: float,
                  fail_linger: float, socket_gid: int | None = None,
-                 tls: grpc.ServerCredentials | None = None) -> None:
+                 tls: grpc.ServerCredentials | None = None, max_connection_age: float = 0) -> None:
         self.models = models
         self.listen = listen
         self.grace = grace
@@ -149,6 +149,10 @@ class Sidecar:
         self.server = grpc.aio.server(options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A client that connected long ago is asked (GOAWAY) to connect again, and so to resolve
+            # its dns:/// name again: that is how backends find sidecar pods added since.  Calls
+            # under way on the old connection finish there (no grace limit).
+            *([("grpc.max_connection_age_ms", int(max_connection_age * 1000))] if max_connection_age else []),
         ])
         self.servicer = InferenceServicer(models, config, self.engine_failed)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
@@ -224,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", action="append", required=True,
                         help="unix:///abs/path.sock or host:port; repeatable")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--max-connection-age", type=float, default=0, metavar="SECONDS",
+                        help="ask each client to reconnect after about this long (gRPC adds 10%% jitter), "
+                             "so that clients of a DNS name see sidecars added since (0: never)")
     parser.add_argument("--fail-linger", type=float, default=2.0,
                         help="seconds health and ListModels report a failed model load before exiting")
     parser.add_argument("--metrics-port", type=int, default=0,
@@ -283,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
     async def serve() -> int:  # gRPC's aio server must be made inside the running loop
         try:
-            sidecar = Sidecar(models, config, args.listen, args.grace, args.fail_linger, socket_gid, tls)
+            sidecar = Sidecar(models, config, args.listen, args.grace, args.fail_linger, socket_gid, tls,
+                              args.max_connection_age)
         except SocketError as err:
             log.error("%s", err)
             return 2
