@@ -21,6 +21,7 @@ elsewhere: no query fails because of it.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import psycopg
 import pytest
@@ -242,16 +244,44 @@ def test_three_sidecars_one_killed_one_terminated(pg_dsn, work_dir):
             conn.execute(f"DROP SERVER IF EXISTS {SCHEMA} CASCADE")
 
 
+@contextlib.contextmanager
+def in_process_servers(servicers: list, add: Callable, kind: str, folder: Path) -> Iterator[str]:
+    """One gRPC server in this process per servicer (registered with `add`), on Unix sockets or
+    127.0.0.1 ports; yields the FDW address that lists them all, and stops them afterwards."""
+    from concurrent import futures
+
+    import grpc
+
+    from llm_tables.client import forget_channel
+
+    servers, targets = [], []
+    for i, servicer in enumerate(servicers):
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        add(servicer, server)
+        if kind == "unix":
+            target = f"unix://{folder}/s{i}.sock"
+            server.add_insecure_port(target)
+        else:
+            target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        server.start()
+        servers.append(server)
+        targets.append(target)
+    address = ",".join(targets)
+    try:
+        yield address
+    finally:
+        forget_channel(address)
+        for server in servers:
+            server.stop(None)
+
+
 @pytest.mark.parametrize("kind", ["unix", "ipv4"])
 def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
     """gRPC's unix and ipv4 resolvers both take a comma list: the FDW's channel (client.py) reaches
     every server of the list, one call each in turn."""
-    from concurrent import futures
-
-    import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from llm_tables.client import channel_for, forget_channel
+    from llm_tables.client import channel_for
 
     calls = [0, 0, 0]
 
@@ -265,20 +295,8 @@ def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
             calls[self.i] += 1
             return super().Check(request, context)
 
-    servers, targets = [], []
-    for i in range(3):
-        server = grpc.server(futures.ThreadPoolExecutor(2))
-        health_pb2_grpc.add_HealthServicer_to_server(Counting(i), server)
-        if kind == "unix":
-            target = f"unix://{tmp_path}/s{i}.sock"
-            server.add_insecure_port(target)
-        else:
-            target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
-        server.start()
-        servers.append(server)
-        targets.append(target)
-    address = ",".join(targets)
-    try:
+    with in_process_servers([Counting(i) for i in range(3)], health_pb2_grpc.add_HealthServicer_to_server,
+                            kind, tmp_path) as address:
         stub = health_pb2_grpc.HealthStub(channel_for(address))
         stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=10)
         time.sleep(0.5)   # round_robin connects to every address; wait for all three
@@ -286,10 +304,6 @@ def test_a_list_of_addresses_round_robins_over_all(kind, tmp_path):
         for _ in range(30):
             stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert calls == [10, 10, 10], calls
-    finally:
-        forget_channel(address)
-        for server in servers:
-            server.stop(None)
 
 
 def test_a_call_a_stopping_sidecar_cancels_before_answering_goes_to_the_next(tmp_path):
@@ -297,13 +311,11 @@ def test_a_call_a_stopping_sidecar_cancels_before_answering_goes_to_the_next(tmp
     when it stops (no headers sent): with several sidecars the client retries them on the next
     one, as it does UNAVAILABLE, so a query never sees that race (test_failover's one-in-eight
     flake: an embedding query failed "CANCELLED" just as a SIGTERMed sidecar stopped)."""
-    from concurrent import futures
-
     import grpc
 
     from llm_inference.v1 import inference_pb2 as pb
     from llm_inference.v1 import inference_pb2_grpc as pb_grpc
-    from llm_tables.client import channel_for, forget_channel
+    from llm_tables.client import channel_for
 
     calls = [0, 0]
 
@@ -317,27 +329,14 @@ def test_a_call_a_stopping_sidecar_cancels_before_answering_goes_to_the_next(tmp
                 context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
             return pb.ListModelsResponse(models=[pb.ModelInfo(name="m")])
 
-    servers, targets = [], []
-    for i in range(2):
-        server = grpc.server(futures.ThreadPoolExecutor(2))
-        pb_grpc.add_InferenceServicer_to_server(Models(i), server)
-        target = f"unix://{tmp_path}/s{i}.sock"
-        server.add_insecure_port(target)
-        server.start()
-        servers.append(server)
-        targets.append(target)
-    address = ",".join(targets)
-    try:
+    with in_process_servers([Models(0), Models(1)], pb_grpc.add_InferenceServicer_to_server,
+                            "unix", tmp_path) as address:
         stub = pb_grpc.InferenceStub(channel_for(address))
         stub.ListModels(pb.ListModelsRequest(), wait_for_ready=True, timeout=10)
         time.sleep(0.5)   # round_robin connects to both
         for _ in range(20):
             assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models[0].name == "m"
         assert calls[0] >= 5, f"the cancelling server was not reached: {calls}"
-    finally:
-        forget_channel(address)
-        for server in servers:
-            server.stop(None)
 
 
 def test_an_address_list_gRPC_cannot_balance_is_refused():
