@@ -3,8 +3,8 @@
 One sidecar (the generation model only: it starts in about a second) serves mutual TLS on
 127.0.0.1 and plain gRPC on a Unix socket (used only to wait for SERVING).  Its certificate
 names `sidecar.test` only, so a server must say `tls_server_name` to reach it by IP address.
-The certificates come from two throw-away CAs made here: `ca` signs the sidecar's and the
-client's, `rogue` signs an impostor's.  Every piece that is missing or wrong fails the query
+The certificates come from two throw-away CAs (deploy/dev_certs.py): `ca` signs the sidecar's
+and the client's, `rogue` signs an impostor's.  Every piece that is missing or wrong fails the query
 with an error that names the problem; the complete set serves SQL.
 """
 from __future__ import annotations
@@ -14,18 +14,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
 import psycopg
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deploy import embedded
+from deploy.dev_certs import DevCA
 from sidecar_process import sidecar_process
 from test_sidecar_lifecycle import GEN, write_config
 
@@ -34,52 +30,21 @@ SERVER_NAME = "sidecar.test"
 RENEWED_NAME = "renewed.test"   # the name in the sidecar's certificate after its renewal
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _certificate(subject: str, key, issuer: tuple | None, *, usage=None, dns: str | None = None):
-    """A certificate for `key`, signed by issuer (key, cert), or self-signed as a CA when None."""
-    now = datetime.now(timezone.utc)
-    signer_key, signer_name = (key, _name(subject)) if issuer is None else (issuer[0], issuer[1].subject)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(signer_name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if dns is not None:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-    return builder.sign(signer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def pki(work_dir) -> dict[str, str]:
-    """PEM files, readable by the Postgres server's and the sidecar's OS user."""
+    """PEM files from two throw-away CAs (deploy/dev_certs.py), readable by the Postgres server's
+    and the sidecar's OS user."""
     folder = Path(tempfile.mkdtemp(prefix="tls-", dir=work_dir))
     folder.chmod(0o755)
     files: dict[str, str] = {}
-
-    def save(name: str, data: bytes) -> None:
-        path = folder / f"{name}.pem"
-        path.write_bytes(data)
-        path.chmod(0o644)   # test keys: the server user must read them, whoever runs the tests
-        files[name] = str(path)
-
-    def pair(name: str, key, cert) -> None:
-        save(f"{name}_key", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
-        save(f"{name}_cert", cert.public_bytes(serialization.Encoding.PEM))
-
-    for ca in ("ca", "rogue"):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(f"llmfdw test {ca} CA", key, None)
-        pair(ca, key, cert)
-        for leaf, usage, dns in (("server", ExtendedKeyUsageOID.SERVER_AUTH, SERVER_NAME),
-                                 ("client", ExtendedKeyUsageOID.CLIENT_AUTH, None),
-                                 ("renewed", ExtendedKeyUsageOID.SERVER_AUTH, RENEWED_NAME)):
-            leaf_key = ec.generate_private_key(ec.SECP256R1())
-            pair(f"{ca}_{leaf}", leaf_key, _certificate(f"{ca} {leaf}", leaf_key, (key, cert), usage=usage, dns=dns))
+    for ca_name in ("ca", "rogue"):
+        ca = DevCA(f"llmfdw test {ca_name} CA")
+        files[f"{ca_name}_cert"] = str(ca.write_ca(folder / f"{ca_name}.pem"))
+        for leaf, names in (("server", (SERVER_NAME,)), ("client", ()), ("renewed", (RENEWED_NAME,))):
+            # test keys: the server user must read them, whoever runs the tests
+            cert, key = ca.issue(folder, f"{ca_name}_{leaf}", server_names=names, client=leaf == "client",
+                                 mode=0o644)
+            files[f"{ca_name}_{leaf}_cert"], files[f"{ca_name}_{leaf}_key"] = str(cert), str(key)
     return files
 
 
@@ -229,3 +194,20 @@ def test_renewed_certificates_are_used_without_a_restart(conn, pg_dsn, pki, work
                 assert backend.execute("SELECT name FROM tls_renew_models").fetchall() == [(GEN,)]
         finally:
             conn.execute("DROP SERVER tls_renew CASCADE")
+
+
+def test_dev_certs_writes_a_ca_a_sidecar_pair_and_a_client_pair(tmp_path):
+    from cryptography import x509
+
+    out = subprocess.run([sys.executable, "-m", "deploy.dev_certs", str(tmp_path), "--name", "sidecar.internal",
+                          "--ip", "10.0.0.5"], capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    written = {Path(line).name for line in out.stdout.split()}
+    assert written == {"ca.pem", "sidecar.pem", "sidecar.key", "client.pem", "client.key"}
+    assert (tmp_path / "sidecar.key").stat().st_mode & 0o777 == 0o600
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    sidecar = x509.load_pem_x509_certificate((tmp_path / "sidecar.pem").read_bytes())
+    sidecar.verify_directly_issued_by(ca)
+    names = sidecar.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(n.value) for n in names] == ["sidecar.internal", "10.0.0.5"]
