@@ -42,7 +42,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls clean distclean
 
 help:
 	@sed -n '3,11s/^# //p' Makefile
@@ -146,7 +146,7 @@ test-vllm: install
 	py=$$($(UMASK) $(PYTHON) -m deploy.vllm_env --python $(PYTHON)); \
 	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py
 
-bench: bench-sidecar bench-fdw bench-embed
+bench: bench-sidecar bench-fdw bench-embed bench-tls
 
 bench-sidecar: install
 	$(PY) bench/bench_sidecar.py
@@ -156,6 +156,9 @@ bench-fdw: install
 
 bench-embed: install
 	$(PY) bench/bench_embed.py
+
+bench-tls: install
+	$(PY) bench/bench_tls.py
 
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak
