@@ -129,6 +129,8 @@ def test_a_half_client_certificate_or_tls_without_a_ca_is_refused_at_ddl(conn, t
         conn.execute(f"ALTER SERVER {tls_server} OPTIONS (DROP tls_key_file)")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="needs tls_ca_file"):
         conn.execute(f"ALTER SERVER {tls_server} OPTIONS (DROP tls_ca_file)")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="address is a Unix socket"):
+        conn.execute(f"ALTER SERVER {tls_server} OPTIONS (SET address 'unix:///tmp/s.sock')")
     with pytest.raises(psycopg.errors.FdwInvalidOptionName, match="belongs on a foreign server"):
         conn.execute(f"ALTER USER MAPPING FOR CURRENT_USER SERVER {tls_server} OPTIONS (ADD tls_ca_file '/x')")
 

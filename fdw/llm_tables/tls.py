@@ -62,6 +62,11 @@ def tls_settings(options: dict[str, Any]) -> TlsSettings | None:
     given = {name: options[name] for name in OPTIONS if options.get(name)}
     if not given:
         return None
+    if str(options.get("address", "")).startswith("unix:"):
+        raise LlmError(f"option {sorted(given)[0]} is for a sidecar reached over TCP, and this server's "
+                       "address is a Unix socket, whose file mode is its boundary (the sidecar serves no "
+                       "TLS there)", hint="Drop the tls_* options, or give the sidecar's TCP address.",
+                       sqlstate=INVALID_PARAMETER_VALUE)
     if "tls_ca_file" not in given:
         raise LlmError(f"option {sorted(given)[0]} needs tls_ca_file: TLS to the sidecar is on only with "
                        "the CA that signed its certificate",

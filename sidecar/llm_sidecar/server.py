@@ -157,6 +157,8 @@ class Sidecar:
         self.servicer = InferenceServicer(models, config, self.engine_failed)
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if tls is not None and all(unix_path(a) is not None for a in listen):
+            log.warning("--tls-cert is given but every listener is a Unix socket, which serves no TLS")
         for address in listen:
             path = unix_path(address)
             if path is not None:
