@@ -149,3 +149,17 @@ def test_handler_and_validator_are_not_callable(roles):
         for sql in ("SELECT llm.llmfdw_handler()", "SELECT llm.llmfdw_validator('{}'::text[], 0)"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 run_as(roles[role], sql)
+
+
+def test_a_server_with_tls_files_is_a_superusers_to_change(conn, roles):
+    """The validator sees the whole option list: once a superuser gave a server TLS files, its
+    owner can change nothing on it (not even timeout) without a superuser, so the files stay."""
+    run_as(roles["sec_dora"], "CREATE SERVER dora_tls FOREIGN DATA WRAPPER llmfdw OPTIONS (address '10.0.0.5:50051')")
+    try:
+        conn.execute("ALTER SERVER dora_tls OPTIONS (ADD tls_ca_file '/etc/llmfdw/ca.pem')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='"tls_ca_file"'):
+            run_as(roles["sec_dora"], "ALTER SERVER dora_tls OPTIONS (ADD timeout '30')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='"tls_ca_file"'):
+            run_as(roles["sec_dora"], "ALTER SERVER dora_tls OPTIONS (SET tls_ca_file '/etc/passwd')")
+    finally:
+        conn.execute("DROP SERVER dora_tls")
