@@ -108,9 +108,10 @@ def main() -> int:
     certs.chmod(0o755)
     ca = DevCA("bench CA")
     ca_file = ca.write_ca(certs / "ca.pem")
-    # the keys must be readable by the sidecar's and the Postgres server's OS user (bench only)
-    server_cert, server_key = ca.issue(certs, "sidecar", server_names=("127.0.0.1",), mode=0o644)
-    client_cert, client_key = ca.issue(certs, "client", client=True, mode=0o644)
+    server_cert, server_key = ca.issue(certs, "sidecar", server_names=("127.0.0.1",))
+    client_cert, client_key = ca.issue(certs, "client", client=True)
+    for key in (server_key, client_key):   # 0600, for the user the sidecar and the backends run as
+        embedded.give_to_server_user(key)
     config = embed_only_config(state / "embed.yaml")
     procs: list[subprocess.Popen] = []
     figures: dict[str, dict[str, list[float]]] = {t: {"one_row_ms": [], "bulk_rows_s": [], "first_ms": [],

@@ -41,9 +41,8 @@ def pki(work_dir) -> dict[str, str]:
         ca = DevCA(f"llmfdw test {ca_name} CA")
         files[f"{ca_name}_cert"] = str(ca.write_ca(folder / f"{ca_name}.pem"))
         for leaf, names in (("server", (SERVER_NAME,)), ("client", ()), ("renewed", (RENEWED_NAME,))):
-            # test keys: the server user must read them, whoever runs the tests
-            cert, key = ca.issue(folder, f"{ca_name}_{leaf}", server_names=names, client=leaf == "client",
-                                 mode=0o644)
+            cert, key = ca.issue(folder, f"{ca_name}_{leaf}", server_names=names, client=leaf == "client")
+            embedded.give_to_server_user(key)   # 0600: the sidecar and the backends run as that user
             files[f"{ca_name}_{leaf}_cert"], files[f"{ca_name}_{leaf}_key"] = str(cert), str(key)
     return files
 
@@ -138,11 +137,27 @@ def test_a_half_client_certificate_or_tls_without_a_ca_is_refused_at_ddl(conn, t
 @pytest.mark.parametrize("args, says", [
     (("--tls-cert", "/nonexistent/cert.pem"), "TLS needs both --tls-cert and --tls-key"),
     (("--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"), "cannot read"),
+    (("--tls-cert", "{cert}", "--tls-key", "{open_key}"), "a private key that every user may access (mode 0644)"),
 ])
-def test_the_sidecar_refuses_incomplete_or_unreadable_tls_settings(args, says):
+def test_the_sidecar_refuses_incomplete_unreadable_or_open_tls_settings(args, says, pki, tmp_path):
+    open_key = tmp_path / "open.key"
+    shutil.copy(pki["ca_server_key"], open_key)
+    open_key.chmod(0o644)
+    args = [a.format(cert=pki["ca_server_cert"], open_key=open_key) for a in args]
     out = subprocess.run([sys.executable, "-m", "llm_sidecar.server", "--allow-root", "--listen",
                           "127.0.0.1:1", *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and says in out.stderr, out.stderr
+
+
+def test_a_client_key_every_user_may_read_is_refused(conn, pg_dsn, tls_server, pki, work_dir):
+    folder = _folder(work_dir, "tls-open-")
+    open_key = folder / "client.key"
+    shutil.copy(pki["ca_client_key"], open_key)
+    open_key.chmod(0o644)
+    conn.execute(f"ALTER SERVER {tls_server} OPTIONS (SET tls_key_file '{open_key}')")
+    with psycopg.connect(pg_dsn, autocommit=True) as fresh:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"every user of this host may access \(mode 0644\)"):
+            fresh.execute(f"SELECT name FROM {tls_server}.models").fetchall()
 
 
 def test_the_schema_script_sets_tls_before_it_imports_and_again_on_a_rerun(pg_server, tls_port, pki):
@@ -170,7 +185,7 @@ def test_renewed_certificates_are_used_without_a_restart(conn, pg_dsn, pki, work
     def install(**sources: str) -> None:
         for name, source in sources.items():
             shutil.copy(pki[source], files[name])
-            files[name].chmod(0o644)
+            embedded.give_to_server_user(files[name])   # shutil.copy keeps the mode: keys stay 0600
 
     install(cert="ca_server_cert", key="ca_server_key", client_cert="ca_client_cert", client_key="ca_client_key")
     with tls_sidecar(folder, str(files["cert"]), str(files["key"]), pki["ca_cert"]) as port:

@@ -35,6 +35,8 @@ class TlsSettings:
     def credentials(self) -> grpc.ChannelCredentials:
         """Credentials read from the files now: a new channel (after forget_channel) reads
         renewed files."""
+        if self.key_file:
+            _check_private("tls_key_file", self.key_file)
         return grpc.ssl_channel_credentials(
             root_certificates=_read("tls_ca_file", self.ca_file),
             private_key=_read("tls_key_file", self.key_file) if self.key_file else None,
@@ -80,6 +82,20 @@ def tls_settings(options: dict[str, Any]) -> TlsSettings | None:
                             "ADD tls_key_file '...');", sqlstate=INVALID_PARAMETER_VALUE)
     return TlsSettings(given["tls_ca_file"], given.get("tls_cert_file"), given.get("tls_key_file"),
                        given.get("tls_server_name"))
+
+
+def _check_private(option: str, path: str) -> None:
+    """A private key that every user of the host may read is refused, as libpq refuses such an
+    sslkey: the owner's and the group's read are enough (a Kubernetes Secret mounts 0440)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return   # _read says why
+    if mode & 0o007:
+        raise LlmError(f"the file of option {option} ({path}) is a private key that every user of this "
+                       f"host may access (mode {mode & 0o777:04o})",
+                       hint="chmod 600 it (640 for a group), owned by the Postgres server's OS user.",
+                       sqlstate=INVALID_PARAMETER_VALUE)
 
 
 def _read(option: str, path: str) -> bytes:

@@ -98,6 +98,7 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     whether the files changed (a renewed certificate, a Kubernetes Secret update): a change is
     read then, so renewal needs no restart.  A change that cannot be read yet keeps the old files."""
     paths = [p for p in (cert, key, client_ca) if p]
+    check_private_key(key)
 
     def stamp() -> tuple:
         return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, paths))
@@ -117,7 +118,11 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
             now = stamp()
             if now == seen[0]:
                 return None
+            check_private_key(key)
             config = load()
+        except PermissionError as err:
+            log.warning("TLS: %s: new connections keep the files read before", err)
+            return None
         except OSError as err:
             log.warning("TLS: cannot read %s (%s): new connections keep the files read before",
                         err.filename, err.strerror)
@@ -127,6 +132,15 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
         return config
 
     return grpc.dynamic_ssl_server_credentials(load(), fetch, require_client_authentication=client_ca is not None)
+
+
+def check_private_key(path: str) -> None:
+    """Refuse a private key file that every user of the host may access (as PostgreSQL refuses
+    such an ssl_key_file); the owner's and the group's read are enough (Kubernetes mounts 0440)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o007:
+        raise PermissionError(f"{path} is a private key that every user may access (mode "
+                              f"{mode & 0o777:04o}): chmod 600 it (640 for a group)")
 
 
 def loopback(address: str) -> bool:
@@ -273,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             tls = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except PermissionError as err:
+            log.error("TLS: %s", err)
+            return 2
         except OSError as err:
             log.error("TLS: cannot read %s: %s", err.filename, err.strerror)
             return 2
