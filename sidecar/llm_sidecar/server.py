@@ -23,10 +23,9 @@ its owner can connect.  It is never world-accessible.  The sidecar runs model
 code on prompts from any database role, so it refuses to run as root unless
 --allow-root says so.
 
-TCP security.  Over TCP the prompts, the outputs and (with `auth: required`)
-the tenants' tokens cross the network: --tls-cert/--tls-key serve TLS on every
-TCP listener (Unix sockets stay plain: their mode is the boundary), and
---tls-client-ca also requires a client certificate signed by that CA.  A
+TCP security.  --tls-cert/--tls-key serve TLS on every TCP listener (Unix
+sockets stay plain: their mode is the boundary), and --tls-client-ca also
+requires a client certificate signed by that CA (llm_sidecar/tls.py).  A
 plain-text TCP listener on a non-loopback address is logged as a warning.
 """
 from __future__ import annotations
@@ -47,6 +46,7 @@ from llm_sidecar import engines, metrics
 from llm_sidecar.config import DEFAULT_CONFIG, ConfigError, SidecarConfig, load_config
 from llm_sidecar.engines.base import FAILED, READY, Engine
 from llm_sidecar.servicer import InferenceServicer
+from llm_sidecar.tls import server_credentials
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
@@ -56,7 +56,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Connecting to a Unix socket needs write permission on it: owner only, or owner and group.
 PRIVATE_SOCKET_MODE = 0o600
 GROUP_SOCKET_MODE = 0o660
-STOP_GRACE_S = 2.0          # after the drain, for calls that were arriving: they end with a refusal
+STOP_GRACE_S = 2.0          # after the drain, for the calls that were arriving: they end with a refusal
 
 
 class SocketError(Exception):
@@ -90,57 +90,6 @@ def restrict_socket(path: str, gid: int | None) -> None:
             raise SocketError(f"cannot give {path} to group {grp.getgrgid(gid).gr_name}: the "
                               f"sidecar's user must be a member of that group") from None
     os.chmod(path, PRIVATE_SOCKET_MODE if gid is None else GROUP_SOCKET_MODE)
-
-
-def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
-    """TLS for the TCP listeners, from PEM files; with `client_ca` a client must show a
-    certificate that CA signed (mutual TLS).  gRPC asks before every new connection's handshake
-    whether the files changed (a renewed certificate, a Kubernetes Secret update): a change is
-    read then, so renewal needs no restart.  A change that cannot be read yet keeps the old files."""
-    paths = [p for p in (cert, key, client_ca) if p]
-    check_private_key(key)
-
-    def stamp() -> tuple:
-        return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in map(os.stat, paths))
-
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-
-    def load() -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration(
-            [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None)
-
-    seen = [stamp()]
-
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        try:
-            now = stamp()
-            if now == seen[0]:
-                return None
-            check_private_key(key)
-            config = load()
-        except PermissionError as err:
-            log.warning("TLS: %s: new connections keep the files read before", err)
-            return None
-        except OSError as err:
-            log.warning("TLS: cannot read %s (%s): new connections keep the files read before",
-                        err.filename, err.strerror)
-            return None
-        seen[0] = now
-        log.info("TLS: certificate files changed; new connections use them")
-        return config
-
-    return grpc.dynamic_ssl_server_credentials(load(), fetch, require_client_authentication=client_ca is not None)
-
-
-def check_private_key(path: str) -> None:
-    """Refuse a private key file that every user of the host may access (as PostgreSQL refuses
-    such an ssl_key_file); the owner's and the group's read are enough (Kubernetes mounts 0440)."""
-    mode = os.stat(path).st_mode
-    if mode & 0o007:
-        raise PermissionError(f"{path} is a private key that every user may access (mode "
-                              f"{mode & 0o777:04o}): chmod 600 it (640 for a group)")
 
 
 def loopback(address: str) -> bool:
@@ -227,9 +176,10 @@ class Sidecar:
         loader.cancel()
         if not await self.servicer.drain(self.grace):
             log.warning("grace period over: cancelling the requests still running")
-        # A call can still arrive after the drain (the client had not yet seen NOT_SERVING): a
-        # graceful stop sends GOAWAY and lets such calls end with the draining refusal, UNAVAILABLE,
-        # which the client retries elsewhere; stop(None) would cancel them (CANCELLED, not retried).
+        # Calls still arrive after the drain (the client has not seen NOT_SERVING yet).  A graceful
+        # stop sends GOAWAY and lets those our handlers began end with the draining refusal
+        # (UNAVAILABLE); those gRPC core received but had not handed on are cancelled whatever we
+        # do (CANCELLED, no headers).  The client retries both elsewhere (client.py RETRY_POLICY).
         await self.server.stop(STOP_GRACE_S)
         for engine in self.models.values():
             if engine.state == READY:
