@@ -105,6 +105,7 @@ BROKEN = {
     "the certificate names another host": ("DROP tls_server_name", "not reachable"),
     "a client certificate from another CA": ("SET tls_cert_file '{rogue_client_cert}', "
                                              "SET tls_key_file '{rogue_client_key}'", "not reachable"),
+    "a CA file that holds no certificate": ("SET tls_ca_file '{not_pem}'", "not reachable"),
     "a CA file that is not there": ("SET tls_ca_file '/nonexistent/ca.pem'",
                                     "cannot read the file of option tls_ca_file"),
 }
@@ -113,7 +114,10 @@ BROKEN = {
 @pytest.mark.parametrize("case", BROKEN)
 def test_a_missing_or_wrong_piece_fails_the_query_and_says_what(conn, pg_dsn, tls_server, pki, case):
     change, words = BROKEN[case]
-    conn.execute(f"ALTER SERVER {tls_server} OPTIONS ({change.format(**pki)})")
+    not_pem = Path(pki["ca_cert"]).with_name("not-a-certificate.pem")
+    not_pem.write_text("this is not PEM\n")
+    not_pem.chmod(0o644)
+    conn.execute(f"ALTER SERVER {tls_server} OPTIONS ({change.format(**pki, not_pem=not_pem)})")
     with psycopg.connect(pg_dsn, autocommit=True) as fresh:   # a backend with no channel yet
         with pytest.raises(psycopg.Error) as exc:
             fresh.execute(f"SELECT name FROM {tls_server}.models").fetchall()
