@@ -42,7 +42,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update clean distclean
 
 help:
 	@sed -n '3,11s/^# //p' Makefile
@@ -146,7 +146,7 @@ test-vllm: install
 	py=$$($(UMASK) $(PYTHON) -m deploy.vllm_env --python $(PYTHON)); \
 	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py
 
-bench: bench-sidecar bench-fdw bench-embed bench-tls
+bench: bench-sidecar bench-fdw bench-embed bench-tls bench-update
 
 bench-sidecar: install
 	$(PY) bench/bench_sidecar.py
@@ -159,6 +159,9 @@ bench-embed: install
 
 bench-tls: install
 	$(PY) bench/bench_tls.py
+
+bench-update: install
+	$(PY) bench/bench_bulk_update.py
 
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak
