@@ -101,6 +101,25 @@ def test_queue_full_is_recognised_only_with_the_sidecars_mark():
                                                [(errors.REJECTED_KEY, client.QUEUE_FULL)]))
 
 
+@pytest.mark.parametrize("sizes, max_bytes, max_inputs, parts", [
+    ([1, 1, 1], 10, 10, [(0, 3)]),                       # one request
+    ([1] * 5, 100, 2, [(0, 2), (2, 4), (4, 5)]),         # by count
+    ([4, 4, 4, 4], 8, 10, [(0, 2), (2, 4)]),             # by bytes, a part filled exactly
+    ([3, 20, 3], 8, 10, [(0, 1), (1, 2), (2, 3)]),       # an input over the bytes alone
+    ([20], 8, 10, [(0, 1)]),
+])
+def test_embed_parts_cover_the_inputs_in_order_within_both_bounds(sizes, max_bytes, max_inputs, parts):
+    from llm_tables.tables import embed_parts
+
+    assert embed_parts(["x" * n for n in sizes], max_bytes, max_inputs) == parts
+
+
+def test_embed_parts_counts_utf8_bytes():
+    from llm_tables.tables import embed_parts
+
+    assert embed_parts(["é" * 3, "é" * 3], 8, 10) == [(0, 1), (1, 2)]   # 6 bytes each, not 3
+
+
 def test_oversized_request_fails_before_sending():
     request = pb.EmbedRequest(model="m", inputs=["x" * (client.MAX_MESSAGE_BYTES + 1)])
     with pytest.raises(errors.LlmError, match="limited to 64 MiB") as err:

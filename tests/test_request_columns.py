@@ -99,7 +99,19 @@ def test_any_of_null_array_is_no_rows_as_in_sql(conn):
 
 def test_request_over_the_message_limit_is_a_clear_error(conn):
     with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="limited to 64 MiB") as err:
-        conn.execute("SELECT count(*) FROM llm.embeddings WHERE input = "
-                     "ANY(ARRAY(SELECT repeat('x', 1000000) || g FROM generate_series(1, 70) g))").fetchall()
+        conn.execute("SELECT completion FROM llm.completions WHERE prompt = repeat('x', 70000000)").fetchall()
     assert "tenant" not in str(err.value)
     assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_embedding_inputs_over_the_message_limit_go_in_parts(conn):
+    """70 inputs of 1 MB (70 MB, over gRPC's 64 MiB message) go as 9 requests of at most 8 MiB
+    (tables.embed_parts); every row still pairs its input with that input's own vector."""
+    rows = conn.execute("SELECT input, embedding FROM llm.embeddings WHERE input = "
+                        "ANY(ARRAY(SELECT g || repeat(' x', 500000) FROM generate_series(1, 70) g))").fetchall()
+    assert sorted(int(text.split(" ", 1)[0]) for text, _ in rows) == list(range(1, 71))
+    by_input = dict(rows)
+    for g in (1, 35, 70):   # parts 1, 5 and 9
+        text = f"{g}" + " x" * 500000
+        alone, = conn.execute("SELECT embedding FROM llm.embeddings WHERE input = %s", (text,)).fetchone()
+        assert max(abs(a - b) for a, b in zip(alone.to_list(), by_input[text].to_list())) < 1e-4

@@ -33,6 +33,7 @@ POLL_SECONDS = 0.02
 # Calls one scan keeps open at once (prompt = ANY(array) runs its prompts
 # concurrently so the sidecar batches them, but not thousands at a time).
 MAX_IN_FLIGHT = 16
+EMBED_WINDOW = 2   # parts of one embedding query in flight (embed_many)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default reconnect backoff grows to 120 s: a backend that queried while the sidecar
 # was down kept failing for seconds after it came back.  Retry the connection at least every
@@ -188,6 +189,11 @@ class SidecarClient:
     def embed(self, request: pb.EmbedRequest) -> Iterator[pb.EmbedResponse]:
         return self._stream(self.stub.Embed, request)
 
+    def embed_many(self, requests: list[pb.EmbedRequest]) -> Iterator[tuple[int, pb.EmbedResponse]]:
+        """The parts of one large embedding query, EMBED_WINDOW calls open at a time (the next
+        part is on its way while the sidecar works on one), yielding (part index, message)."""
+        return self._streams(self.stub.Embed, requests, window=EMBED_WINDOW)
+
     def list_models(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         return self._unary(self.stub.ListModels, request)
 
@@ -211,8 +217,8 @@ class SidecarClient:
         for _, message in self._streams(method, [request], unary=unary):
             yield message
 
-    def _streams(self, method, requests, unary: bool = False):
-        """Run the calls with at most MAX_IN_FLIGHT open at once, all under one
+    def _streams(self, method, requests, unary: bool = False, window: int = MAX_IN_FLIGHT):
+        """Run the calls with at most `window` open at once, all under one
         deadline; yield (request index, message) in arrival order.  A call the
         sidecar turns away because the tenant's queue is full is sent again
         once one of this scan's own calls ends, so a scan never needs more
@@ -223,7 +229,6 @@ class SidecarClient:
         calls = []
         deadline = time.monotonic() + self._deadline()
         pending = list(enumerate(requests))  # a heap: lowest index first
-        window = MAX_IN_FLIGHT
         open_calls = 0
         answered: set[int] = set()
         next_poll = time.monotonic() + POLL_SECONDS

@@ -50,6 +50,10 @@ def _time_left() -> float | None:
     return _host.statement_time_left() if _host is not None else None
 
 
+# One embedding query's inputs go to the sidecar in requests of at most this much (embed_parts).
+EMBED_PART_BYTES = 8 * 2**20
+EMBED_PART_INPUTS = 4096
+
 # text output -> value, per SQL type, for hosts that pass some values as text (Multicorn2)
 _FROM_TEXT = {"double precision": float, "bigint": int, "integer": int, "boolean": lambda v: v in ("t", "true")}
 
@@ -277,9 +281,12 @@ class EmbeddingsTable(SidecarTable):
         inputs = _window(resolved.values["input"], kwargs)
         if not inputs:
             return
-        request = pb.EmbedRequest(model=model, inputs=inputs, normalize=True, context=self.context())
+        parts = embed_parts(inputs)
+        requests = [pb.EmbedRequest(model=model, inputs=inputs[start:end], normalize=True, context=self.context())
+                    for start, end in parts]
         want_vector = "embedding" in columns
-        for message in self.client.embed(request):
+        for part, message in self.client.embed_many(requests):
+            start = parts[part][0]
             for emb in message.embeddings:
                 if self.dimensions is not None and emb.dimensions != self.dimensions:
                     raise LlmError(
@@ -290,13 +297,30 @@ class EmbeddingsTable(SidecarTable):
                         sqlstate=INVALID_PARAMETER_VALUE,
                     )
                 yield {
-                    **self.echo(resolved, input=inputs[emb.index]),
+                    **self.echo(resolved, input=inputs[start + emb.index]),
                     "model": model,
                     "embedding": _vector(emb.vector, emb.dimensions) if want_vector else None,
                     "dimensions": emb.dimensions,
                     "input_tokens": emb.input_tokens,
                     "truncated": emb.truncated,
                 }
+
+
+def embed_parts(inputs: list[str], max_bytes: int = EMBED_PART_BYTES,
+                max_inputs: int = EMBED_PART_INPUTS) -> list[tuple[int, int]]:
+    """[start, end) slices of `inputs`, each one request: at most max_inputs inputs and, unless
+    one input alone is larger, max_bytes of UTF-8.  So `input = ANY(ARRAY(SELECT body FROM t))`
+    is not bounded by a gRPC message (64 MiB) but by the backend's memory; an input over the
+    message limit still fails before it is sent, naming the limit."""
+    parts, start, size = [], 0, 0
+    for i, text in enumerate(inputs):
+        n = len(text.encode())
+        if i > start and (size + n > max_bytes or i - start >= max_inputs):
+            parts.append((start, i))
+            start, size = i, 0
+        size += n
+    parts.append((start, len(inputs)))
+    return parts
 
 
 def _vector(raw: bytes, dims: int) -> bytes | str:
