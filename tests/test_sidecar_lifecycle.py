@@ -133,3 +133,19 @@ def test_max_connection_age_makes_clients_reconnect_without_failing_a_call(tmp_p
     assert messages[-1].final.usage.output_tokens == 150, f"the long generation did not finish: {messages[-1].final}"
     # it began 0.7 s into its connection's life, which ends at 0.9-1.1 s
     assert finished - started > 0.5, "the generation should outlive its connection's age"
+
+
+@pytest.mark.parametrize("mode, warned", [(0o644, True), (0o600, False)])
+def test_a_config_with_tokens_that_every_user_may_read_is_warned_about(tmp_path, mode, warned):
+    from deploy import embedded
+
+    config = write_config(tmp_path / "c.yaml")
+    data = yaml.safe_load(config.read_text())
+    data.update(auth="required", tenants=[{"name": "acme", "token": "s3cret"}])
+    config.write_text(yaml.safe_dump(data))
+    config.chmod(mode)
+    embedded.give_to_server_user(config)   # the sidecar runs as that user and must read it
+    log = tmp_path / "log"
+    with running_sidecar(str(tmp_path / "s.sock"), str(config), log_path=str(log)):
+        pass
+    assert ("holds tenants' tokens and every user of this host may read it" in log.read_text()) == warned

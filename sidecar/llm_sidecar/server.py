@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         models = {m.name: engines.build(m) for m in config.models}
         log.info("auth %s; %d tenant(s) configured", config.auth, len(config.tenants))
+        if any(t.token for t in config.tenants) and os.stat(args.config).st_mode & 0o004:
+            log.warning("%s holds tenants' tokens and every user of this host may read it: chmod 640 "
+                        "or 600 it (tokens in a Kubernetes Secret: the chart joins them in memory)",
+                        args.config)
     except (ConfigError, ValueError) as err:
         log.error("bad configuration: %s", err)
         return 2
