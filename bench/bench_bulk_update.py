@@ -16,9 +16,7 @@ rows cost nothing.  Prints the figures and writes bench/results/bulk_update.json
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import corpus, save  # noqa: E402
+from bench.common import corpus, remove, save, scratch_layout  # noqa: E402
 from deploy import embedded  # noqa: E402
 
 UPDATE = ("UPDATE big t SET embedding = e.embedding FROM llm.embeddings e "
@@ -48,9 +46,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "bulk_update.json"))
     args = parser.parse_args()
 
-    state = Path(tempfile.mkdtemp(prefix="llmfdw-bench-update-", dir="/tmp"))
-    state.chmod(0o755)
-    layout = embedded.Layout(state)
+    layout = scratch_layout("bench-update")
     samples: list[dict] = []
     try:
         uri = embedded.up(layout, port=embedded.free_port(), demo=False)
@@ -86,8 +82,7 @@ def main() -> int:
             again = conn.execute(UPDATE).rowcount
             again_seconds = time.monotonic() - t1
     finally:
-        embedded.down(layout)
-        shutil.rmtree(state, ignore_errors=True)
+        remove(layout)
 
     backend_mb = [s["backend_mb"] for s in samples]
     sidecar_mb = [s["sidecar_mb"] for s in samples]

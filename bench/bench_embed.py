@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deploy import embedded  # noqa: E402
-from bench.common import save  # noqa: E402
+from bench.common import remove, save, scratch_layout  # noqa: E402
 from llm_sidecar.config import DEFAULT_CONFIG  # noqa: E402
 from llm_sidecar.engines.base import cpu_bf16  # noqa: E402
 
@@ -133,9 +131,8 @@ def main() -> int:
                      "torch_threads": torch.get_num_threads(),
                      "command": " ".join([".venv/bin/python", "bench/bench_embed.py"] + sys.argv[1:])}
 
-    state = Path(tempfile.mkdtemp(prefix="llmfdw-bench-embed-", dir="/tmp"))
-    state.chmod(0o755)
-    layout = embedded.Layout(state)
+    layout = scratch_layout("bench-embed")
+    state = layout.state
     config = state / "sidecar.yaml"
     sidecar_config(config, bf16)
     config.chmod(0o644)
@@ -174,8 +171,7 @@ def main() -> int:
                 results["corpora"][name] = r
             results["single_row_latency"] = {m: singles(conn, m, args.singles, m) for m in [FP32] + ([BF16] if bf16 else [])}
     finally:
-        embedded.down(layout)
-        shutil.rmtree(state, ignore_errors=True)
+        remove(layout)
 
     print(f"\nall-MiniLM-L6-v2, {os.cpu_count()} CPUs (bf16: {results['cpu_bf16']}); median of {args.rounds} "
           f"alternating rounds; baseline: SentenceTransformer.encode(texts, batch_size=64), float32, in-process")

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deploy import embedded  # noqa: E402
-from bench.common import WORDS, corpus, save  # noqa: E402
+from bench.common import WORDS, corpus, remove, save, scratch_layout  # noqa: E402
 
 def engine_alone(texts: list[str], batch: int) -> float:
     from sentence_transformers import SentenceTransformer
@@ -177,9 +175,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    state = Path(tempfile.mkdtemp(prefix="llmfdw-bench-", dir="/tmp"))
-    state.chmod(0o755)
-    layout = embedded.Layout(state)
+    layout = scratch_layout("bench")
     texts = corpus(args.rows)
     results: dict = {"rows": args.rows}
     try:
@@ -207,8 +203,7 @@ def main() -> int:
                 first.append(timed(c, "SELECT count(*) FROM llm.embeddings WHERE input = 'a'"))
                 second.append(timed(c, "SELECT count(*) FROM llm.embeddings WHERE input = 'b'"))
     finally:
-        embedded.down(layout)
-        shutil.rmtree(state, ignore_errors=True)
+        remove(layout)
 
     if not args.only_joins:
         engine_s = engine_alone(texts, 64)

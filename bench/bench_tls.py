@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +31,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import corpus, save  # noqa: E402
+from bench.common import corpus, remove, save, scratch_layout  # noqa: E402
 from deploy import embedded  # noqa: E402
 from deploy.dev_certs import DevCA  # noqa: E402
 
@@ -100,9 +98,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "tls.json"))
     args = parser.parse_args()
 
-    state = Path(tempfile.mkdtemp(prefix="llmfdw-bench-tls-", dir="/tmp"))
-    state.chmod(0o755)
-    layout = embedded.Layout(state)
+    layout = scratch_layout("bench-tls")
+    state = layout.state
     certs = state / "certs"
     certs.mkdir()
     certs.chmod(0o755)
@@ -150,8 +147,7 @@ def main() -> int:
         for proc in procs:
             proc.terminate()
             proc.wait(30)
-        embedded.down(layout)
-        shutil.rmtree(state, ignore_errors=True)
+        remove(layout)
 
     results = {t: {k: {"median": statistics.median(v), "runs": v} for k, v in f.items()}
                for t, f in figures.items()}

@@ -1,10 +1,14 @@
-"""What both benchmarks share: the inputs they embed and how results are saved."""
+"""What the benchmarks share: the inputs they embed, a throw-away deployment, how results are saved."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shutil
+import tempfile
 from pathlib import Path
+
+from deploy import embedded
 
 WORDS = ("database vector search model query index table row column token embedding "
          "postgres sidecar batch latency cache cluster replica tenant metric").split()
@@ -22,3 +26,17 @@ def save(results: dict, out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def scratch_layout(name: str) -> embedded.Layout:
+    """The layout of a throw-away embedded deployment (Postgres, sidecar) in a new /tmp folder
+    that the Postgres server user can traverse; `embedded.up` starts it, remove() ends it."""
+    state = Path(tempfile.mkdtemp(prefix=f"llmfdw-{name}-", dir="/tmp"))
+    state.chmod(0o755)
+    return embedded.Layout(state)
+
+
+def remove(layout: embedded.Layout) -> None:
+    """Stop what a scratch layout started and delete its files."""
+    embedded.down(layout)
+    shutil.rmtree(layout.state, ignore_errors=True)

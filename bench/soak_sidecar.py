@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -37,7 +35,7 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import WORDS, save  # noqa: E402
+from bench.common import WORDS, remove, save, scratch_layout  # noqa: E402
 from deploy import embedded  # noqa: E402
 
 KINDS = {"complete": 30, "embed_one": 25, "embed_many": 15, "models": 8, "usage": 8, "cancel": 7, "error": 7}
@@ -180,9 +178,7 @@ def main() -> int:
             if k not in chosen:
                 del KINDS[k]
 
-    state = Path(tempfile.mkdtemp(prefix="llmfdw-soak-", dir="/tmp"))
-    state.chmod(0o755)
-    layout = embedded.Layout(state)
+    layout = scratch_layout("soak")
     stats, curve = Stats(), []
     results: dict = {"minutes": args.minutes, "sessions": args.sessions, "mix": KINDS,
                      "reconnect_every": args.reconnect_every,
@@ -232,8 +228,7 @@ def main() -> int:
             results["queries_by_kind"] = dict(stats.done)
             results["outcomes"] = dict(stats.outcomes)
     finally:
-        embedded.down(layout)
-        shutil.rmtree(state, ignore_errors=True)
+        remove(layout)
 
     total = curve[-1]["t_s"]
     results["curve"] = curve

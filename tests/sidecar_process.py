@@ -96,11 +96,12 @@ def sidecar_process(socket_path: str, config_path: str | None = None, *, stdout:
 @contextlib.contextmanager
 def running_sidecar(socket_path: str, config_path: str | None = None, timeout: float = 120,
                     log_path: str | None = None, metrics_port: int = 0,
-                    python: str | None = None) -> Iterator[subprocess.Popen]:
-    """A sidecar (see sidecar_process) that reports SERVING on `socket_path`."""
+                    python: str | None = None, extra: tuple[str, ...] = ()) -> Iterator[subprocess.Popen]:
+    """A sidecar (see sidecar_process) that reports SERVING on `socket_path`; `extra`: more
+    arguments (another --listen, --tls-*, ...)."""
     with open(log_path or os.devnull, "ab") as log, \
             sidecar_process(socket_path, config_path, stdout=log, python=python,
-                            extra=("--metrics-port", str(metrics_port))) as proc:
+                            extra=("--metrics-port", str(metrics_port), *extra)) as proc:
         embedded.wait_serving(f"unix://{socket_path}", timeout, alive=lambda: proc.poll() is None,
                               log_file=Path(log_path) if log_path else None)
         yield proc

@@ -97,11 +97,8 @@ def test_max_connection_age_makes_clients_reconnect_without_failing_a_call(tmp_p
 
     port = embedded.free_port()
     address = f"127.0.0.1:{port}"
-    sock = tmp_path / "s.sock"
-    extra = ("--listen", address, "--max-connection-age", "1")
-    with open(tmp_path / "log", "ab") as log, \
-            sidecar_process(str(sock), str(write_config(tmp_path / "c.yaml")), stdout=log, extra=extra) as proc:
-        embedded.wait_serving(f"unix://{sock}", 60, alive=lambda: proc.poll() is None)
+    with running_sidecar(str(tmp_path / "s.sock"), str(write_config(tmp_path / "c.yaml")),
+                         extra=("--listen", address, "--max-connection-age", "1")):
         stub = pb_grpc.InferenceStub(channel_for(address))
         try:
             stub.ListModels(pb.ListModelsRequest(), timeout=5)   # connects: its age counts from here

@@ -22,7 +22,7 @@ import pytest
 
 from deploy import embedded
 from deploy.dev_certs import DevCA
-from sidecar_process import sidecar_process
+from sidecar_process import running_sidecar
 from test_sidecar_lifecycle import GEN, write_config
 
 SCHEMA = "tls_t"
@@ -51,11 +51,9 @@ def pki(work_dir) -> dict[str, str]:
 def tls_sidecar(folder: Path, cert: str, key: str, client_ca: str) -> Iterator[int]:
     """A sidecar serving mutual TLS on a free port (yielded), and plain gRPC on a Unix socket."""
     port = embedded.free_port()
-    sock = folder / "s.sock"
     extra = ("--listen", f"127.0.0.1:{port}", "--tls-cert", cert, "--tls-key", key, "--tls-client-ca", client_ca)
-    with open(folder / "log", "ab") as log, \
-            sidecar_process(str(sock), str(write_config(folder / "c.yaml")), stdout=log, extra=extra) as proc:
-        embedded.wait_serving(f"unix://{sock}", 60, alive=lambda: proc.poll() is None, log_file=folder / "log")
+    with running_sidecar(str(folder / "s.sock"), str(write_config(folder / "c.yaml")), log_path=str(folder / "log"),
+                         extra=extra):
         yield port
 
 
