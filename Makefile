@@ -4,7 +4,8 @@
 #   make down     stop them
 #   make status   what is running
 #   make uri      print the psql connection string (with the generated password)
-#   make test     install what is missing and run the test suite (starts its own Postgres/sidecar)
+#   make test     install what is missing and run the test suite (starts its own Postgres/sidecar;
+#                 EMBED_DTYPE=float32 forces the embedding dtype that `auto` would not pick here)
 #   make bench    run the benchmarks (figures printed and written to bench/results/*.json)
 #   make install  only the install steps (system packages, venv, requirements, package, C extension)
 #   make test-vllm  build the vLLM venv (CPU build) if needed and test the sidecar's vLLM engine
@@ -45,7 +46,7 @@ export HF_HUB_OFFLINE := 1
 .PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update clean distclean
 
 help:
-	@sed -n '3,11s/^# //p' Makefile
+	@sed -n '3,12s/^# //p' Makefile
 
 install: sysdeps $(STAMP)-package ext
 
@@ -129,8 +130,10 @@ prometheus:
 	  apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
 	fi
 
+# EMBED_DTYPE=float32 (or bfloat16) runs the session sidecar's embedding model in that dtype
+# instead of `auto` (tests/conftest.py session_models_file).
 test: install multicorn2 pg15 $(STAMP)-deploy-tools prometheus
-	$(PY) -m pytest tests
+	LLMFDW_TEST_EMBED_DTYPE=$(EMBED_DTYPE) $(PY) -m pytest tests
 
 # docs/*.png: the dashboards drawn from the test cluster's real results (tests/test_prometheus.py,
 # with dashboards/render_png.py). matplotlib (requirements-docs.txt) only here, not for `make test`.

@@ -25,7 +25,8 @@ pgdata.password (mode 0600, the invoking user's; the server never reads it). The
 ours (llmfdw_hba.conf, rewritten on every start, as llmfdw.conf is).
 
 Everything lives in the state directory (default .state/): pgdata/, pgdata.password,
-log/postgres.log, log/sidecar.log, sidecar.pid, sidecar-home/ (the sidecar's HOME and caches),
+log/postgres.log, log/sidecar.log (mode 0600 in a 0700 log/; the sidecar rotates it to sidecar.log.1
+to .4 at 10 MiB), sidecar.pid, sidecar-home/ (the sidecar's HOME and caches),
 embedded.json (port, sockets, the URI without its password). Sockets go to state/run/ (the
 sidecar's to state/run/sidecar/) when that path is short enough for a Unix socket (107 bytes),
 else to /tmp/llmfdw-<hash>/.
@@ -339,6 +340,9 @@ def configure(pgdata: Path, *, port: int, socket_dir: Path, python_path: list[Pa
         f"hba_file = '{hba}'\n"
         f"port = {port}\n"
         f"unix_socket_directories = '{socket_dir}'\n"
+        "# A backend whose client went away stops its running query (an llm query may run for\n"
+        "# minutes, holding engine slots) at the next check, instead of when it next sends a row.\n"
+        "client_connection_check_interval = '1s'\n"
         "# Directories the llmfdw extension prepends to the backend's sys.path.\n"
         f"llmfdw.python_path = '{':'.join(map(str, python_path))}'\n"
     )
@@ -461,19 +465,27 @@ def sidecar_interpreter(python: str = sys.executable) -> tuple[str, dict[str, st
     """The interpreter that runs the sidecar with the packages of `python` (a venv's), and the
     environment it needs for them.
 
-    Normally `python` itself. When we are root and the server user cannot execute it (the venv's
-    base interpreter lies under /root), Debian's python3.11 with the venv's site-packages on
-    PYTHONPATH: the same pairing the backends use (Debian's libpython3.11 and llmfdw.python_path).
+    Normally `python` itself, named through its venv's real directory: a clone under /root reaches
+    its venv through the link .venv -> /var/tmp/llmfdw-*/venv (deploy/bootstrap.py), and the server
+    user cannot pass /root.  When we are root and the server user cannot execute the interpreter
+    itself (the venv's base interpreter lies under /root), Debian's python3.11 with the venv's
+    site-packages on PYTHONPATH: the same pairing the backends use (Debian's libpython3.11 and
+    llmfdw.python_path).
     """
-    if server_os_user() is None or bootstrap.traversable_by_others(Path(python).resolve()):
+    python = str(Path(python).parent.resolve() / Path(python).name)
+    if server_os_user() is None or (bootstrap.traversable_by_others(Path(python).parent)
+                                    and bootstrap.traversable_by_others(Path(python).resolve())):
         return python, {}
     if not SYSTEM_PYTHON.exists():
         raise RuntimeError(f"{SYSTEM_PYTHON} is missing; the sidecar runs with it as {SERVER_OS_USER} "
                            f"(apt-get install python3.11-dev)")
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    check_server_can_reach(Path(purelib))
-    return str(SYSTEM_PYTHON), {"PYTHONPATH": purelib}
+    # Resolved: a venv reports its prefix as invoked, so a clone under /root gives
+    # /root/clone/.venv/... even though .venv links to a directory the server user can reach.
+    purelib = Path(purelib).resolve()
+    check_server_can_reach(purelib)
+    return str(SYSTEM_PYTHON), {"PYTHONPATH": str(purelib)}
 
 
 # glibc malloc settings for the sidecar, read when the process starts.  A 20-minute soak
@@ -527,14 +539,24 @@ def sidecar_pid(layout: Layout) -> int | None:
 def start_sidecar(layout: Layout, *, config: Path | None = None, timeout: float = 300) -> int:
     """Make sure this layout's sidecar runs detached and is SERVING; returns its pid."""
     pid = sidecar_pid(layout)
+    # The sidecar's log names roles, databases and sessions: log/ is closed to other users (it is
+    # the server user's, who runs the sidecar, renames its log there to rotate it, and runs Postgres).
+    make_server_dir(layout.log_dir, 0o700)
     if pid is None:
         make_server_dir(layout.sidecar_run_dir, 0o700)
-        layout.log_dir.mkdir(parents=True, exist_ok=True)
-        argv, kwargs = sidecar_process_args(layout.sidecar_address, home=layout.sidecar_home, config=config)
-        with layout.sidecar_log.open("ab") as out:  # opened here: the sidecar's user need not write log/
+        argv, kwargs = sidecar_process_args(layout.sidecar_address, home=layout.sidecar_home, config=config,
+                                            extra=("--log-file", str(layout.sidecar_log)))
+        # Opened here as well, for what the sidecar prints before it opens its log itself (a bad
+        # argument, a failed import): private, and the server user's so that it can go on appending.
+        out = os.open(layout.sidecar_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(out, 0o600)   # a log from before this change was 0644
+            give_to_server_user(layout.sidecar_log)
             # Own session (setsid): no terminal or make job control reaches it; stop() kills the group.
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, cwd=layout.state, **kwargs)
+        finally:
+            os.close(out)
         pid = proc.pid
         layout.sidecar_pid.write_text(f"{pid}\n")
         log(f"sidecar started (pid {pid}), waiting for SERVING; log: {layout.sidecar_log}")

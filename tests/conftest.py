@@ -93,11 +93,33 @@ def sidecar_socket_path(run_dir):
 
 
 @pytest.fixture(scope="session")
-def session_sidecar(sidecar_socket_path, sidecar_log, sidecar_metrics_port):
+def session_models_file(work_dir):
+    """The session sidecar's models file: None (the packaged default, whose embedding model runs
+    `dtype: auto`: bfloat16 on a CPU with AVX512-BF16/AMX, float32 elsewhere), or, when
+    LLMFDW_TEST_EMBED_DTYPE is set (`make test EMBED_DTYPE=float32`), a copy of it with every
+    embedding model's dtype set to that value: the same suite on the other numeric path."""
+    dtype = os.environ.get("LLMFDW_TEST_EMBED_DTYPE")
+    if not dtype:
+        return None
+    import yaml
+    from llm_sidecar.config import DEFAULT_CONFIG
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    for model in config["models"]:
+        if model.get("task") == "embed":
+            model["dtype"] = dtype
+    path = work_dir / "session-models.yaml"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o644)   # read by the sidecar, which runs as the server user
+    return path
+
+
+@pytest.fixture(scope="session")
+def session_sidecar(sidecar_socket_path, sidecar_log, sidecar_metrics_port, session_models_file):
     from sidecar_process import running_sidecar  # tests/sidecar_process.py
 
-    with running_sidecar(str(sidecar_socket_path), log_path=str(sidecar_log),
-                         metrics_port=sidecar_metrics_port) as proc:
+    with running_sidecar(str(sidecar_socket_path), str(session_models_file) if session_models_file else None,
+                         log_path=str(sidecar_log), metrics_port=sidecar_metrics_port) as proc:
         yield proc
 
 

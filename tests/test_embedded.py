@@ -152,6 +152,22 @@ def test_unreadable_checkout_gets_its_venv_and_state_in_var_tmp(tmp_path, work_d
     assert not (readable / ".venv").is_symlink()
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="only root starts the sidecar as another user")
+def test_a_checkout_the_server_user_cannot_enter_still_starts_its_sidecar(tmp_path):
+    """A clone under /root reaches its venv through .venv -> /var/tmp/llmfdw-*/venv; the sidecar,
+    run as the server user, must import our package through the link's target, not the clone."""
+    closed = tmp_path / "clone"   # pytest's tmp_path is 0700, like /root
+    closed.mkdir()
+    (closed / ".venv").symlink_to(Path(sys.prefix).resolve())
+    assert not bootstrap.traversable_by_others(closed)
+    interpreter, env = embedded.sidecar_interpreter(str(closed / ".venv" / "bin" / "python"))
+    assert str(closed) not in interpreter + env.get("PYTHONPATH", "")
+    run = subprocess.run([interpreter, "-c", "import llm_sidecar.server, llm_inference.v1.inference_pb2"],
+                         env={**os.environ, **env}, cwd="/", capture_output=True, text=True, timeout=120,
+                         **embedded._as_server_user())
+    assert run.returncode == 0, run.stderr
+
+
 def test_up_twice_is_idempotent_then_down_stops_everything(work_dir):
     """The real `python -m deploy.embedded up` (as `make up` runs it), on its own state and port."""
     state = work_dir / "up-state"

@@ -109,7 +109,7 @@ def test_texts_over_the_size_limit_are_refused_at_once_naming_the_input(stub):
     # under the byte limit but beyond what 2048 tokens of context can hold: refused before llama.cpp
     began = time.monotonic()
     err = rejected(lambda: stub.Generate(pb.GenerateRequest(model=GEN, prompt="word " * 200_000)))
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < 2   # llama.cpp would take many seconds over 200,000 words
     assert err.details().startswith("the prompt and system message are 1,000,000 characters: more than the "
                                     "context of model 'smollm2-135m-instruct' (2048 tokens) can hold")
 
