@@ -43,7 +43,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-cancel clean distclean
 
 help:
 	@sed -n '3,12s/^# //p' Makefile
@@ -149,7 +149,7 @@ test-vllm: install
 	py=$$($(UMASK) $(PYTHON) -m deploy.vllm_env --python $(PYTHON)); \
 	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py
 
-bench: bench-sidecar bench-fdw bench-embed bench-tls bench-update
+bench: bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-cancel
 
 bench-sidecar: install
 	$(PY) bench/bench_sidecar.py
@@ -165,6 +165,10 @@ bench-tls: install
 
 bench-update: install
 	$(PY) bench/bench_bulk_update.py
+
+# Cancel latency under 0-14 loading sessions (median, p90, p99, max): bench/results/cancel.json
+bench-cancel: install
+	$(PY) bench/bench_cancel.py
 
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak

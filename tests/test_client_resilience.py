@@ -5,7 +5,12 @@ touches no other test.
 """
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -84,3 +89,79 @@ def test_tenant_with_two_slots_and_two_queued_runs_five_prompts(conn, pg_dsn, ru
             assert all(r[1] is not None for r in rows)
     finally:
         _drop(pg_dsn, "tight")
+
+
+@contextlib.contextmanager
+def _slow_to_answer(path: Path, target: str, delay: float) -> Iterator[None]:
+    """A Unix socket at `path` forwarding to the sidecar at `target`, which holds each new
+    connection `delay` seconds before the sidecar's first bytes (its HTTP/2 SETTINGS) pass: a
+    sidecar too busy to answer a new connection at once."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    path.chmod(0o777)   # the backend runs as the server OS user
+    server.listen(16)
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def handle(client: socket.socket) -> None:
+        time.sleep(delay)
+        upstream = socket.socket(socket.AF_UNIX)
+        with contextlib.suppress(OSError):   # the test is over and the sidecar gone
+            upstream.connect(target)
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            pipe(upstream, client)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=handle, args=(server.accept()[0],), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.close()
+        path.unlink(missing_ok=True)
+
+
+def test_sidecar_slow_to_answer_a_new_connection_is_not_unreachable(pg_dsn, run_dir, sidecar_socket):
+    """gRPC core takes min_reconnect_backoff_ms as the least time a connection attempt may take
+    until the server's SETTINGS frame; at 100 ms a busy sidecar failed new sessions' first query
+    (HV00N "timed out before receiving SETTINGS frame").  A second's wait now only delays it."""
+    sock = run_dir / "slow.sock"
+    try:
+        with _slow_to_answer(sock, sidecar_socket, delay=1.0), psycopg.connect(pg_dsn, autocommit=True) as conn:
+            _server(conn, "slow", sock, "CREATE FOREIGN TABLE {schema}.embeddings (input text, embedding vector) "
+                                        "SERVER {server} OPTIONS (table 'embeddings', model 'all-minilm-l6-v2')")
+            for _ in range(2):   # each a new session: a new channel, a new connection
+                with psycopg.connect(pg_dsn, autocommit=True) as fresh:
+                    assert fresh.execute("SELECT vector_dims(embedding) FROM slow.embeddings "
+                                         "WHERE input = 'hello'").fetchone() == (384,)
+    finally:
+        _drop(pg_dsn, "slow")
+
+
+@pytest.mark.parametrize("left_behind", [True, False], ids=["socket-file-no-process", "no-socket-file"])
+def test_dead_sidecar_is_reported_at_once(conn, pg_dsn, run_dir, left_behind):
+    """The longer connect timeout does not delay the error for a sidecar that is gone: connect()
+    is refused at once (a socket file with nobody listening, or none at all)."""
+    sock = run_dir / "dead.sock"
+    if left_behind:
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(str(sock))
+        dead.close()   # the file stays, no process listens
+    try:
+        _server(conn, "dead", sock, "CREATE FOREIGN TABLE {schema}.embeddings (input text, embedding vector) "
+                                    "SERVER {server} OPTIONS (table 'embeddings', model 'all-minilm-l6-v2')")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.FdwUnableToEstablishConnection, match="not reachable"):
+            conn.execute("SELECT embedding FROM dead.embeddings WHERE input = 'hello'")
+        assert time.monotonic() - started < 3, "a dead sidecar took seconds to be reported"
+    finally:
+        sock.unlink(missing_ok=True)
+        _drop(pg_dsn, "dead")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 ENCODINGS = ["UTF8", "LATIN1", "SQL_ASCII"]
 
@@ -140,3 +141,42 @@ def test_nul_in_a_result_is_a_clear_error(db):
     with pytest.raises(psycopg.errors.CharacterNotInRepertoire) as exc:
         db.execute(f"SELECT value FROM {table}")
     assert "0x00" in exc.value.diag.message_primary
+
+
+@pytest.fixture(scope="module")
+def sql_ascii_llm(pg_server, sidecar_socket) -> Iterator[str]:
+    """DSN of a plain role (member of llm_user) in a SQL_ASCII database with the llm schema."""
+    from deploy import embedded
+
+    name = "llmfdw_enc_llm_ascii"
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    embedded.apply_schema(pg_server, name, f"unix://{sidecar_socket}")
+    with psycopg.connect(pg_server.dsn(name), autocommit=True) as c:
+        c.execute("CREATE ROLE enc_alice LOGIN IN ROLE llm_user")
+    yield make_conninfo(pg_server.dsn(name), user="enc_alice", client_encoding="UTF8")
+    with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as c:
+        c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        c.execute("DROP ROLE enc_alice")
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT embedding FROM llm.embeddings WHERE input = {bad}",
+    "SELECT embedding FROM llm.embeddings WHERE input = ANY(ARRAY['fine', {bad}])",
+    "SELECT llm.embed({bad})",
+    "SELECT e.embedding FROM (VALUES ('fine'), ({bad})) d(body) JOIN llm.embeddings e ON e.input = d.body",
+    "SELECT completion FROM llm.completions WHERE prompt = {bad} AND max_tokens = 1",
+])
+def test_bytes_that_are_not_utf8_are_a_clear_error_naming_the_column(sql_ascii_llm, query):
+    """A SQL_ASCII database keeps any bytes; the models take UTF-8: 0xff is refused with 22021,
+    naming the column and the fix, not a Python UnicodeEncodeError."""
+    bad = "convert_from('\\x6361ff'::bytea, 'SQL_ASCII')"   # 'ca' and the byte 0xff
+    with psycopg.connect(sql_ascii_llm, autocommit=True) as c:
+        with pytest.raises(psycopg.errors.CharacterNotInRepertoire) as exc:
+            c.execute(query.format(bad=bad))
+        column = "prompt" if "completions" in query else "input"
+        assert exc.value.diag.message_primary == \
+            f'column "{column}" is not valid UTF-8 (byte 0xff at character 3): the models take UTF-8 text'
+        assert "SQL_ASCII" in exc.value.diag.message_hint and "ENCODING 'UTF8'" in exc.value.diag.message_hint
+        # UTF-8 text is fine in the same database and session
+        assert c.execute("SELECT vector_dims(llm.embed('café'))").fetchone() == (384,)

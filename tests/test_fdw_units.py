@@ -7,9 +7,9 @@ import pytest
 
 from llm_tables import client, errors
 from llm_tables.declarations import COMPLETIONS, EMBEDDINGS
-from llm_tables.options import check_table_options, parse_options
-from llm_inference.v1 import inference_pb2 as pb
-from multicorn import Qual
+from llm_tables.options import check_server_options, check_table_options, parse_options
+from llm_inference.v1 import inference_pb2 as pb, params
+from multicorn import ColumnDefinition, Qual
 
 KEYS = COMPLETIONS.keys("llm.completions")
 
@@ -38,11 +38,90 @@ def test_bad_values_name_the_column(qual, words):
         assert word in str(err.value)
 
 
-def test_ranges_are_left_to_the_sidecar():
-    # max_tokens = 0 or temperature = NaN is the sidecar's to refuse (one place for ranges)
-    resolved = KEYS.resolve([Qual("prompt", "=", "hi"), Qual("max_tokens", "=", 0),
-                             Qual("temperature", "=", float("nan"))])
-    assert resolved.one("max_tokens") == 0
+@pytest.mark.parametrize("param, good, bad", [
+    (params.MAX_TOKENS, [1, 2048, 2**31 - 1], [0, -5, 2**31, 1.5, "3", True]),
+    (params.TEMPERATURE, [0, 0.0, 0.7, 2, 2.0], [-0.5, 2.01, float("nan"), float("inf"), -float("inf"), "0.5"]),
+    (params.TOP_P, [1e-9, 0.5, 1], [0, 0.0, 1.5, float("nan"), float("inf")]),
+    (params.SEED, [0, 42, 2**31 - 1], [-1, 2**31, 2**40, 0.5]),
+])
+def test_the_parameter_table_gives_each_range_once(param, good, bad):
+    """The one definition the FDW (options, quals) and the sidecar (servicer, YAML) all read."""
+    for value in good:
+        assert param.problem(value) is None, value
+    for value in bad:
+        problem = param.problem(value)
+        assert problem and problem.startswith(f"{param.name} must be"), value
+    assert params.TEMPERATURE.problem(float("nan")) == "temperature must be in [0, 2] (0 = greedy), got nan"
+    assert params.MAX_TOKENS.problem(-5, "option default_max_tokens") == \
+        "option default_max_tokens must be at least 1, got -5"
+    assert set(params.PARAMS) == set(COMPLETIONS.params) == \
+        set(pb.GenerationParams.DESCRIPTOR.fields_by_name) - {"stop"}
+
+
+@pytest.mark.parametrize("qual, words", [
+    (Qual("temperature", "=", float("nan")), "temperature must be in [0, 2] (0 = greedy), got nan"),
+    (Qual("temperature", "=", float("inf")), "temperature must be in [0, 2] (0 = greedy), got inf"),
+    (Qual("top_p", "=", 0.0), "top_p must be in (0, 1], got 0"),
+    (Qual("max_tokens", "=", 0), "max_tokens must be at least 1, got 0"),
+    (Qual("seed", "=", -1), "seed must be in [0, 2147483647], got -1"),
+])
+def test_a_parameter_out_of_range_is_refused_before_any_request(qual, words):
+    with pytest.raises(errors.LlmError) as err:
+        KEYS.resolve([Qual("prompt", "=", "hi"), qual])
+    assert str(err.value) == words
+    assert err.value.sqlstate == errors.INVALID_PARAMETER_VALUE
+    assert err.value.hint.startswith(f"{qual.field_name}: ")
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"temperature": "NaN"}, "option temperature must be in [0, 2] (0 = greedy), got nan"),
+    ({"default_temperature": "Infinity"}, "option default_temperature must be in [0, 2] (0 = greedy), got inf"),
+    ({"default_max_tokens": "-5"}, "option default_max_tokens must be at least 1, got -5"),
+    ({"top_p": "0"}, "option top_p must be in (0, 1], got 0"),
+    ({"seed": "-1"}, "option seed must be in [0, 2147483647], got -1"),
+])
+def test_option_defaults_out_of_range_fail_when_the_ddl_runs(options, words):
+    server = {k: v for k, v in options.items() if k.startswith("default_")}
+    with pytest.raises(errors.LlmError) as err:
+        if server:
+            check_server_options(server)
+        else:
+            check_table_options({"table": "completions", **options})
+    assert str(err.value) == words and err.value.sqlstate == errors.INVALID_PARAMETER_VALUE
+    assert err.value.hint
+    check_server_options({"default_temperature": "0.7", "default_max_tokens": "16", "default_top_p": "1"})
+
+
+def test_text_that_is_not_utf8_names_the_column():
+    # a SQL_ASCII database's byte 0xff reaches Python as U+DCFF (surrogateescape)
+    with pytest.raises(errors.LlmError) as err:
+        KEYS.resolve([Qual("prompt", ("=", True), ["fine", "bad \udcff"])])
+    assert str(err.value).startswith('column "prompt" is not valid UTF-8 (byte 0xff at character 5)')
+    assert err.value.sqlstate == "22021" and "SQL_ASCII" in err.value.hint
+    with pytest.raises(errors.LlmError, match='column "stop" is not valid UTF-8'):
+        KEYS.resolve([Qual("prompt", "=", "hi"), Qual("stop", "=", ["\udce9"])])
+
+
+def column(name: str, base_type_name: str) -> ColumnDefinition:
+    return ColumnDefinition(name, base_type_name=base_type_name)
+
+
+def test_column_types_are_checked_against_the_declaration():
+    ok = {"input": column("input", "character varying"), "embedding": column("embedding", "extensions.vector"),
+          "dimensions": column("dimensions", "bigint"), "mine": column("mine", "uuid")}
+    EMBEDDINGS.check_column_types(ok)
+    EMBEDDINGS.check_column_types({"embedding": ColumnDefinition("embedding")})   # a host without types
+    with pytest.raises(errors.LlmError) as err:
+        EMBEDDINGS.check_column_types({"input": column("input", "text"), "embedding": column("embedding", "uuid"),
+                                        "truncated": column("truncated", "text")})
+    assert str(err.value) == 'column "embedding" is uuid, but an llmfdw embeddings table declares it vector'
+    assert err.value.sqlstate == "42804"
+    assert "ALTER COLUMN embedding TYPE vector" in err.value.hint
+    assert 'column "truncated" is text' in err.value.detail
+    with pytest.raises(errors.LlmError, match='column "max_tokens" is text, but .* declares it integer'):
+        COMPLETIONS.check_column_types({"max_tokens": column("max_tokens", "text")})
+    with pytest.raises(errors.LlmError, match='column "temperature" is real'):
+        COMPLETIONS.check_column_types({"temperature": column("temperature", "real")})
 
 
 def test_missing_required_column_names_it():

@@ -117,3 +117,40 @@ def test_embedding_inputs_over_the_message_limit_go_in_parts(conn):
         text = f"{g}" + " x" * 500000
         alone, = conn.execute("SELECT embedding FROM llm.embeddings WHERE input = %s", (text,)).fetchone()
         assert_same_embeddings([alone], [by_input[text]])
+
+
+@pytest.mark.parametrize("stop", ["ARRAY[ARRAY['a', 'b'], ARRAY['c', 'd']]", "'[0:1]={a,b}'::text[]"],
+                         ids=["two-dimensions", "lower-bound-0"])
+def test_array_a_list_cannot_stand_for_is_an_error_not_empty(conn, stop):
+    """The FDW sees an array as a Python list, which has neither dimensions nor a lower bound: the
+    row would echo a one-dimensional array from 1, which Postgres's recheck drops (0 rows).  The
+    host refuses such a value before anything is sent."""
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(f"SELECT completion FROM llm.completions WHERE prompt = 'hi' AND stop = {stop}").fetchall()
+    assert err.value.sqlstate == "22023", str(err.value)
+    assert 'column "stop"' in str(err.value)
+    assert "one dimension, lower bound 1" in err.value.diag.message_hint
+
+
+def test_model_name_too_long_is_refused_before_sending(conn):
+    """A 20,000-character name overflowed gRPC's metadata limit on its way back in the sidecar's
+    error ("metadata size exceeds hard limit", with a hint about the sidecar)."""
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND model = repeat('m', 20000)"
+                     ).fetchall()
+    assert err.value.sqlstate == "22023", str(err.value)
+    assert "model name is 20,000 bytes long" in str(err.value)
+    assert "llm.models" in err.value.diag.message_hint
+
+
+def test_explain_of_a_generic_plan_shows_parameters_as_question_marks(conn):
+    conn.execute("PREPARE ask(text, int) AS SELECT completion FROM llm.completions "
+                 "WHERE prompt = $1 AND max_tokens = $2")
+    try:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN EXECUTE ask('hi', 3)").fetchall())
+        assert "prompt = ?" in plan and "max_tokens = ?" in plan, plan
+        assert "None" not in plan
+    finally:
+        conn.execute("DEALLOCATE ask")
+        conn.execute("RESET plan_cache_mode")

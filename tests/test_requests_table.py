@@ -1,11 +1,13 @@
 """llm.requests: the sidecar's window of recent requests, through SQL.
 
 One row per finished request (generate, embed, list_models, usage) of the caller's tenant, from a
-window bounded by count and age (`history` in the sidecar's YAML).  Quals on `at` travel in the
-request, so the sidecar ships only the rows in range: checked with EXPLAIN ANALYZE (the scan's
-filter removes nothing) and by counting the rows the Requests RPC returns.  A second sidecar with
-`auth: required` checks that a tenant never sees another's rows, as tests/test_sql_tenants.py does
-for llm.usage.
+window per tenant bounded by count and age (`history` in the sidecar's YAML).  Quals on `at` travel
+in the request, so the sidecar ships only the rows in range: checked with EXPLAIN ANALYZE (the
+scan's filter removes nothing) and by counting the rows the Requests RPC returns.  A second sidecar
+with `auth: required` checks that a tenant never sees another's rows, as tests/test_sql_tenants.py
+does for llm.usage.  A third, with small windows and auth off, checks that no tenant can push out
+another's rows: neither a dashboard role scanning llm.models in its own database nor a caller that
+makes up tenant names.
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from psycopg.conninfo import make_conninfo
 
 from llm_tables.keycolumns import Range, range_hint
 from llm_sidecar.config import ConfigError, load_config
-from llm_sidecar.history import Bounds, History, Record
+from llm_sidecar.history import METADATA_ROWS, Bounds, History, Record
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from multicorn import Qual
-from sidecar_process import running_sidecar
+from deploy import embedded
+from sidecar_process import EMBED_ONLY, running_sidecar
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
@@ -164,8 +167,8 @@ def test_timestamptz_text_is_read_to_the_microsecond():
 
 # ---- the window's bounds ----------------------------------------------------------------------
 
-def record(at: int, tenant: str = "t") -> Record:
-    return Record(at, tenant, GEN, "generate", "OK", 0, None, 1, 1, 1, 0, 1, f"r{at}")
+def record(at: int, tenant: str = "t", kind: str = "generate") -> Record:
+    return Record(at, tenant, GEN, kind, "OK", 0, None, 1, 1, 1, 0, 1, f"r{at}")
 
 
 def test_the_window_is_bounded_by_count_and_age():
@@ -182,6 +185,70 @@ def test_the_window_is_bounded_by_count_and_age():
     assert [r.at_unix_ns for r in window.rows("t", Bounds(before=3, before_inclusive=True))] == [3]
 
 
+def test_no_tenant_pushes_out_anothers_rows():
+    window = History(max_rows=3, clock=lambda: 0)
+    for i in range(3):
+        window.record(record(i, "victim"))
+    for i in range(1000):
+        window.record(record(100 + i, "flood"))
+        window.record(record(100 + i, "flood", "list_models"))
+    assert [r.at_unix_ns for r in window.rows("victim")] == [0, 1, 2]
+    flood = window.rows("flood")
+    assert [r.at_unix_ns for r in flood if r.kind == "generate"] == [1097, 1098, 1099]
+    assert sum(r.kind == "list_models" for r in flood) == METADATA_ROWS
+
+
+def test_metadata_reads_cannot_crowd_out_model_requests():
+    window = History(max_rows=3, clock=lambda: 0)
+    window.record(record(0, kind="generate"))
+    window.record(record(1, kind="embed"))
+    for i in range(500):
+        window.record(record(10 + i, kind=("list_models", "usage")[i % 2]))
+    rows = window.rows("t")
+    assert [r.kind for r in rows[:2]] == ["generate", "embed"]
+    assert len(rows) == 2 + METADATA_ROWS and rows[-1].at_unix_ns == 509   # the last reads, by arrival
+
+
+def test_the_least_recently_written_tenant_loses_its_window_first():
+    window = History(max_rows=2, max_tenants=3, clock=lambda: 0)
+    for tenant in "abc":
+        window.record(record(0, tenant))
+    window.record(record(1, "a"))       # a is now the most recently written
+    window.record(record(2, "d"))       # takes b's window
+    assert window.tenants() == ["c", "a", "d"] and window.rows("b") == []
+    window.rows("c")                    # a read is not a write
+    window.record(record(3, "e"))
+    assert window.tenants() == ["a", "d", "e"]
+    for i in range(10_000):             # made-up names: memory stays bounded
+        window.record(record(i, f"name{i}"))
+        window.record(record(i, f"name{i}", "usage"))
+    assert len(window.tenants()) == 3 and len(window) <= 3 * (2 + METADATA_ROWS)
+
+
+def test_made_up_names_never_take_a_configured_tenants_window():
+    window = History(max_rows=2, max_tenants=2, configured={"acme", "globex", "initech"}, clock=lambda: 0)
+    window.record(record(0, "acme"))
+    for i in range(1000):
+        window.record(record(i, f"db{i}"))
+    assert [r.at_unix_ns for r in window.rows("acme")] == [0] and window.tenants() == ["acme", "db999"]
+    window.record(record(1, "globex"))      # a configured tenant takes an unconfigured one's window
+    assert window.tenants() == ["acme", "globex"]
+    window.record(record(2, "db1000"))      # every window is a configured tenant's: not recorded
+    assert window.tenants() == ["acme", "globex"] and window.rows("db1000") == []
+    window.record(record(3, "initech"))     # configured: the least recently written configured one goes
+    assert window.tenants() == ["globex", "initech"]
+
+
+def test_a_window_whose_records_all_expired_goes():
+    now = [0]
+    window = History(max_rows=5, max_age_seconds=10, clock=lambda: now[0])
+    window.record(record(0, "old"))
+    window.record(record(0, "old", "list_models"))
+    now[0] = 11 * 10**9
+    window.record(record(1, "new"))
+    assert window.tenants() == ["new"] and len(window) == 1
+
+
 @pytest.mark.parametrize("history, words", [
     ("{max_rows: 0}", "history.max_rows: must be >= 1, not 0"),
     ("{max_rows: '10'}", "history.max_rows"),
@@ -189,6 +256,9 @@ def test_the_window_is_bounded_by_count_and_age():
     ("{max_age_seconds: 0}", "history.max_age_seconds: must be > 0, not 0"),
     ("{max_age_seconds: .nan}", "history.max_age_seconds"),
     ("{max_age: 60}", "history: unknown keys ['max_age']"),
+    ("{max_tenants: 0}", "history.max_tenants: must be >= 1, not 0"),
+    ("{max_rows: 100000, max_tenants: 101}",
+     "history.max_tenants: max_rows x max_tenants must be <= 10,000,000 records"),
 ])
 def test_bad_history_config_is_refused(tmp_path, history, words):
     path = tmp_path / "c.yaml"
@@ -201,10 +271,13 @@ def test_bad_history_config_is_refused(tmp_path, history, words):
 
 def test_history_config_is_read(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("history: {max_rows: 50, max_age_seconds: 90.5}\nmodels:\n"
-                    "  - {name: m, task: generate, engine: llama_cpp, source: {path: x}}\n")
+    models = "models:\n  - {name: m, task: generate, engine: llama_cpp, source: {path: x}}\n"
+    path.write_text("history: {max_rows: 50, max_age_seconds: 90.5}\n" + models)   # the keys of old
     config = load_config(path)
-    assert (config.history.max_rows, config.history.max_age_seconds) == (50, 90.5)
+    assert (config.history.max_rows, config.history.max_age_seconds, config.history.max_tenants) == (50, 90.5, 32)
+    path.write_text("history: {max_tenants: 7}\n" + models)
+    config = load_config(path)
+    assert (config.history.max_rows, config.history.max_tenants) == (10_000, 7)
 
 
 # ---- the dashboard role -----------------------------------------------------------------------
@@ -306,3 +379,80 @@ def test_a_wrong_token_reads_no_rows(tenancy, pg_dsn):
         with psycopg.connect(pg_dsn, autocommit=True) as c:
             c.execute("DROP OWNED BY hist_mallory")
             c.execute("DROP ROLE hist_mallory")
+
+
+# ---- one tenant cannot erase another's history ------------------------------------------------
+
+VICTIM, FLOOD = "llmfdw_hist_victim", "llmfdw_hist_flood"   # databases, and so tenants (auth off)
+# Small windows, so a few thousand scans are many times the window; the victim is a configured
+# tenant (limits left to the defaults), which a made-up tenant name never pushes out.
+WINDOW_CONFIG = EMBED_ONLY + f"""
+history: {{max_rows: 50, max_tenants: 4}}
+tenants:
+  - {{name: {VICTIM}}}
+"""
+SCANS = 2_000
+
+
+def victim_rows(pg_server) -> set[tuple]:
+    with psycopg.connect(pg_server.dsn(VICTIM), autocommit=True) as c:
+        return set(c.execute("SELECT request_id, kind, status FROM llm.requests").fetchall())
+
+
+@pytest.fixture(scope="module")
+def windows(pg_server, run_dir, work_dir):
+    """A sidecar with auth off and small windows, two databases pointing at it, and a victim's
+    requests recorded: (the socket, the victim's rows)."""
+    config = work_dir / "history-window.yaml"
+    config.write_text(WINDOW_CONFIG)
+    sock = run_dir / "history-window.sock"
+    with running_sidecar(str(sock), config_path=str(config),
+                         log_path=str(work_dir / "log" / "history-window-sidecar.log")):
+        for database in (VICTIM, FLOOD):
+            embedded.create_database(pg_server, database)
+            embedded.apply_schema(pg_server, database, f"unix://{sock}")
+        with psycopg.connect(pg_server.dsn(VICTIM), autocommit=True) as c:
+            c.execute(f"REVOKE CONNECT ON DATABASE {VICTIM} FROM PUBLIC")
+            for i in range(10):
+                c.execute("SELECT llm.embed(%s)", (f"text number {i}",)).fetchone()
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as c:
+            c.execute("CREATE ROLE hist_dashboard LOGIN IN ROLE llm_dashboard")
+        try:
+            rows = victim_rows(pg_server)
+            assert sum(kind == "embed" for _, kind, _ in rows) == 10
+            yield str(sock), rows
+        finally:
+            with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as c:
+                for database in (VICTIM, FLOOD):
+                    c.execute(f"DROP DATABASE {database} WITH (FORCE)")
+                c.execute("DROP ROLE hist_dashboard")
+
+
+def test_a_dashboard_role_scanning_models_leaves_another_tenants_rows(windows, pg_server):
+    """A role with only llm_dashboard, in its own database, scans llm.models many times the
+    window's size: each scan is a ListModels call recorded for its tenant (its database), which
+    once emptied the window that all tenants shared."""
+    _, before = windows
+    with psycopg.connect(make_conninfo(pg_server.dsn(FLOOD), user="hist_dashboard"), autocommit=True) as c:
+        for _ in range(SCANS):
+            assert c.execute("SELECT count(*) FROM llm.models").fetchone() == (1,)
+        own = dict(c.execute("SELECT kind, count(*) FROM llm.requests GROUP BY kind").fetchall())
+    assert victim_rows(pg_server) == before
+    assert own == {"list_models": METADATA_ROWS}   # its own window is bounded too
+
+
+def test_made_up_tenant_names_leave_a_configured_tenants_rows(windows, pg_server):
+    """With auth off a caller that reaches the socket names any tenant: many names take the
+    windows of unconfigured tenants (FLOOD's here), never a configured tenant's."""
+    sock, before = windows
+    with grpc.insecure_channel(f"unix://{sock}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        flood = pb.RequestContext(tenant=FLOOD)
+        stub.ListModels(pb.ListModelsRequest(context=flood))
+        assert stub.Requests(pb.RequestsRequest(context=flood)).rows
+        for i in range(20):
+            stub.ListModels(pb.ListModelsRequest(context=pb.RequestContext(tenant=f"made-up-{i}")))
+        assert not stub.Requests(pb.RequestsRequest(context=flood)).rows
+        response = stub.Requests(pb.RequestsRequest(context=pb.RequestContext(tenant=VICTIM)))
+        assert response.max_rows == 50
+    assert victim_rows(pg_server) == before

@@ -3,8 +3,8 @@
 - No role but a superuser makes a backend import Python code by naming it (the `wrapper` option,
   or calling the validator directly).
 - Options are accepted only where they belong: address/timeout on the server, token on user
-  mappings, tenant on the server or (superuser only) on a user mapping, table on tables; the TLS
-  file options (tls_ca_file, tls_cert_file, tls_key_file) only from a superuser.
+  mappings, tenant on the server or a user mapping (superuser only at both), table on tables; the
+  TLS file options (tls_ca_file, tls_cert_file, tls_key_file) only from a superuser.
 - A role with no grants reaches nothing; `llm_user` gives the tables and functions, and still no
   USAGE on the server (so no user mapping of its own, no address or tenant of its choosing).
 """
@@ -163,3 +163,37 @@ def test_a_server_with_tls_files_is_a_superusers_to_change(conn, roles):
             run_as(roles["sec_dora"], "ALTER SERVER dora_tls OPTIONS (SET tls_ca_file '/etc/passwd')")
     finally:
         conn.execute("DROP SERVER dora_tls")
+
+
+def test_a_delegated_admin_picks_no_tenant(conn, roles, sidecar_socket):
+    """With auth off the sidecar believes the tenant a request names: a role allowed to create
+    servers may not name one on its own server (it would read that tenant's llm.requests and bill
+    it), neither at CREATE SERVER nor later; its server's requests are metered to the database."""
+    dora = roles["sec_dora"]
+    address = f"unix://{sidecar_socket}"
+    with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                       match='only a superuser may set option "tenant" on a foreign server') as exc:
+        run_as(dora, f"CREATE SERVER dora_tenant FOREIGN DATA WRAPPER llmfdw OPTIONS (address '{address}', "
+                     "tenant 'tenantb')")
+    assert "act as any tenant" in exc.value.diag.message_detail
+    run_as(dora, f"CREATE SERVER dora_tenant FOREIGN DATA WRAPPER llmfdw OPTIONS (address '{address}')")
+    try:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='only a superuser may set option "tenant"'):
+            run_as(dora, "ALTER SERVER dora_tenant OPTIONS (ADD tenant 'tenantb')")
+        run_as(dora, "CREATE SCHEMA dora_t")
+        run_as(dora, "CREATE FOREIGN TABLE dora_t.embeddings (input text, embedding vector) SERVER dora_tenant "
+                     "OPTIONS (table 'embeddings', model 'all-minilm-l6-v2')")
+        run_as(dora, "CREATE FOREIGN TABLE dora_t.requests (at timestamptz, tenant text, kind text, "
+                     "request_id text) SERVER dora_tenant OPTIONS (table 'requests')")
+        run_as(dora, "SELECT embedding FROM dora_t.embeddings WHERE input = 'metered to whom?'")
+        tenants = run_as(dora, "SELECT DISTINCT tenant FROM dora_t.requests WHERE kind = 'embed'")
+        assert tenants == [("llmfdw_test",)]
+        # a superuser may; the server is then a superuser's to change
+        conn.execute("ALTER SERVER dora_tenant OPTIONS (ADD tenant 'tenantb')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='"tenant"'):
+            run_as(dora, "ALTER SERVER dora_tenant OPTIONS (ADD timeout '30')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match='"tenant"'):
+            run_as(dora, "ALTER SERVER dora_tenant OPTIONS (SET tenant 'tenantc')")
+    finally:
+        conn.execute("DROP SCHEMA IF EXISTS dora_t CASCADE")
+        conn.execute("DROP SERVER IF EXISTS dora_tenant CASCADE")

@@ -146,3 +146,64 @@ def test_a_config_with_tokens_that_every_user_may_read_is_warned_about(tmp_path,
     with running_sidecar(str(tmp_path / "s.sock"), str(config), log_path=str(log)):
         pass
     assert ("holds tenants' tokens and every user of this host may read it" in log.read_text()) == warned
+
+
+def sidecar_user_ids() -> tuple[int, int]:
+    """uid and gid the test sidecar runs as: the server OS user as root, else ourselves."""
+    import os
+    import pwd
+
+    from deploy import embedded
+
+    user = embedded.server_os_user()
+    entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.geteuid())
+    return entry.pw_uid, entry.pw_gid
+
+
+def test_the_log_file_is_private_and_rotated_with_llama_cpp_output_in_it(tmp_path):
+    """--log-file (as `make up` runs it): 0600 even over an older 0644 file, renamed at
+    --log-max-bytes with --log-backups files kept, and native output (llama.cpp writes to stderr)
+    follows each rotation instead of growing a renamed file."""
+    import os
+    import stat
+
+    from deploy import embedded
+
+    log_dir = embedded.make_server_dir(tmp_path / "log", 0o700)
+    log = log_dir / "sidecar.log"
+    log.write_text("a line from a run before logs were private\n")
+    log.chmod(0o644)
+    embedded.give_to_server_user(log)
+    stdout = tmp_path / "stdout"
+    with running_sidecar(str(tmp_path / "s.sock"), str(write_config(tmp_path / "c.yaml")), log_path=str(stdout),
+                         extra=("--log-file", str(log), "--log-max-bytes", "4096", "--log-backups", "2")), \
+            grpc.insecure_channel(f"unix://{tmp_path / 's.sock'}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for i in range(20):
+            list(stub.Generate(pb.GenerateRequest(model=GEN, prompt=f"Say {i}.",
+                                                  params=pb.GenerationParams(max_tokens=2))))
+    files = sorted(p.name for p in log_dir.iterdir())
+    assert files == ["sidecar.log", "sidecar.log.1", "sidecar.log.2"]
+    for name in files:
+        st = (log_dir / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, *sidecar_user_ids()), name
+        # a record rolls the file over when it would pass the limit; llama.cpp's lines for one
+        # request (written before its record) may go past it
+        assert st.st_size < 2 * 4096, (name, st.st_size, (log_dir / name).read_text()[:4000])
+    text = "".join((log_dir / name).read_text() for name in files)
+    assert "print_timing" in text and '"event": "request"' in text and "stopped (exit code 0)" in text
+    assert "print_timing" not in stdout.read_text()
+
+
+def test_a_start_up_failure_is_in_the_log_file_that_make_up_shows(tmp_path):
+    from deploy import embedded
+
+    log_dir = embedded.make_server_dir(tmp_path / "log", 0o700)
+    config = write_config(tmp_path / "c.yaml", parallel=0)
+    sock = tmp_path / "s.sock"
+    with sidecar_process(str(sock), str(config), extra=("--log-file", str(log_dir / "sidecar.log"))) as proc:
+        with pytest.raises(RuntimeError) as exc:
+            embedded.wait_serving(f"unix://{sock}", 60, alive=lambda: proc.poll() is None,
+                                  log_file=log_dir / "sidecar.log")
+    assert proc.returncode == 2
+    assert "exited" in str(exc.value) and "bad configuration" in str(exc.value) and "parallel" in str(exc.value)

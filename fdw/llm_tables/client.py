@@ -7,6 +7,15 @@ pg_cancel_backend, statement_timeout).  On a cancel the gRPC call is
 cancelled, which cancels the handler in the sidecar and stops the engine.
 The deadline of each call is the smaller of the server's `timeout` option
 and the time left under statement_timeout.
+
+Work in flight is bounded by what the consumer takes.  A query with many
+requests (prompt = ANY of a million prompts) builds each request only when
+the window has room for it and keeps state only for the calls in flight.
+And a consumer that stops reading (an idle cursor between FETCHes: the
+generator is suspended and nothing here runs) does not keep the engine busy:
+a watchdog thread cancels, after IDLE_SECONDS, the open calls none of whose
+results the consumer has had yet, and they are sent again once it reads on.
+A restarted call is recomputed from scratch, so no result is given twice.
 """
 from __future__ import annotations
 
@@ -17,8 +26,8 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
@@ -34,11 +43,20 @@ POLL_SECONDS = 0.02
 # concurrently so the sidecar batches them, but not thousands at a time).
 MAX_IN_FLIGHT = 16
 EMBED_WINDOW = 2   # parts of one embedding query in flight (embed_many)
+# A consumer that has not asked for the next result for this long (an idle cursor) has its
+# unstarted-for-it calls cancelled; they run again when it reads on (see the module docstring).
+IDLE_SECONDS = 0.5
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC's default reconnect backoff grows to 120 s: a backend that queried while the sidecar
 # was down kept failing for seconds after it came back.  Retry the connection at least every
-# second instead (a local socket is cheap to try).
-RECONNECT_BACKOFF_MS = {"initial": 100, "min": 100, "max": 1000}
+# second instead (a local socket is cheap to try): initial and max are the waits between
+# attempts.  "min" is not a wait: gRPC core takes min_reconnect_backoff_ms as the minimum
+# connect timeout, the time one attempt may take until the server's SETTINGS frame arrives
+# (doc/connection-backoff.md: TryConnect(max(deadline, now + MIN_CONNECT_TIMEOUT)), then
+# SleepUntil(deadline)).  At 100 ms a busy sidecar failed new sessions' first query with
+# "connection attempt timed out before receiving SETTINGS frame".  A dead sidecar is still
+# seen at once: connect() to a socket with no process (or no socket file) fails immediately.
+RECONNECT_BACKOFF_MS = {"initial": 100, "min": 10000, "max": 1000}
 # The sidecar's mark on a RESOURCE_EXHAUSTED that only means "the tenant's queue is full now"
 # (see the proto's status contract): a scan with calls of its own still open waits for one of
 # them instead.
@@ -189,7 +207,7 @@ class SidecarClient:
     def embed(self, request: pb.EmbedRequest) -> Iterator[pb.EmbedResponse]:
         return self._stream(self.stub.Embed, request)
 
-    def embed_many(self, requests: list[pb.EmbedRequest]) -> Iterator[tuple[int, pb.EmbedResponse]]:
+    def embed_many(self, requests: Iterable[pb.EmbedRequest]) -> Iterator[tuple[int, pb.EmbedResponse]]:
         """The parts of one large embedding query, EMBED_WINDOW calls open at a time (the next
         part is on its way while the sidecar works on one), yielding (part index, message)."""
         return self._streams(self.stub.Embed, requests, window=EMBED_WINDOW)
@@ -203,54 +221,68 @@ class SidecarClient:
     def requests(self, request: pb.RequestsRequest) -> pb.RequestsResponse:
         return self._unary(self.stub.Requests, request)
 
+    def chunk(self, request: pb.ChunkRequest) -> pb.ChunkResponse:
+        return self._unary(self.stub.Chunk, request)
+
     def _unary(self, method, request):
         for response in self._stream(method, request, unary=True):
             return response
         raise LlmError("the sidecar returned no answer")
 
-    def generate_many(self, requests: list[pb.GenerateRequest]) -> Iterator[tuple[int, pb.GenerateResponse]]:
-        """Several Generate calls in flight at once (the sidecar batches them),
-        yielding (request index, message) as messages arrive."""
-        return self._streams(self.stub.Generate, requests)
+    def generate_many(self, requests: Iterable[pb.GenerateRequest]) -> Iterator[tuple[int, Generated]]:
+        """Several Generate calls in flight at once (the sidecar batches them), yielding
+        (request index, Generated) as each call finishes.  `requests` is read lazily: a
+        request is built only when the window has room for it."""
+        return self._streams(self.stub.Generate, requests, fold=_fold_generation)
 
     def _stream(self, method, request, unary: bool = False):
         for _, message in self._streams(method, [request], unary=unary):
             yield message
 
-    def _streams(self, method, requests, unary: bool = False, window: int = MAX_IN_FLIGHT):
-        """Run the calls with at most `window` open at once, all under one
-        deadline; yield (request index, message) in arrival order.  A call the
-        sidecar turns away because the tenant's queue is full is sent again
-        once one of this scan's own calls ends, so a scan never needs more
-        room than its tenant has."""
-        for request in requests:
-            _check_size(request)
+    def _streams(self, method, requests: Iterable, unary: bool = False, window: int = MAX_IN_FLIGHT,
+                 fold: Callable[[_Open, Any], Any] | None = None) -> Iterator[tuple[int, Any]]:
+        """Run the calls with at most `window` open at once, all under one deadline; yield
+        (request index, result) in arrival order, where a result is each message, or what
+        `fold` makes of a call's messages (it returns None until it has a result).
+
+        Requests are taken from `requests` only when there is room, and a call's state is
+        dropped when it ends: memory is bounded by the window, not by the number of requests.
+        A call the sidecar turns away because the tenant's queue is full is sent again once
+        one of this scan's own calls ends, so a scan never needs more room than its tenant
+        has.  While the consumer does not resume this generator (an idle cursor), a watchdog
+        cancels the calls it has had nothing of yet; they are sent again when it resumes."""
         inbox: queue.Queue = queue.Queue()
-        calls = []
         deadline = time.monotonic() + self._deadline()
-        pending = list(enumerate(requests))  # a heap: lowest index first
-        open_calls = 0
-        answered: set[int] = set()
+        fresh = enumerate(requests)
+        again: list[tuple[int, Any]] = []   # a heap, lowest index first: calls to send again
+        opened: dict[int, _Open] = {}
+        watchdog = _Watchdog()
         next_poll = time.monotonic() + POLL_SECONDS
 
-        def start_next() -> None:
-            index, request = heapq.heappop(pending)
+        def start(index: int, request) -> None:
+            _check_size(request)
+            entry = opened[index] = _Open(index, request)
             timeout = max(0.001, deadline - time.monotonic())
             if unary:
-                future = method.future(request, timeout=timeout)
-                future.add_done_callback(lambda f, i=index: _deliver_unary(inbox, i, f))
-                calls.append(future)
+                entry.call = method.future(request, timeout=timeout)
+                entry.call.add_done_callback(lambda f: _deliver_unary(inbox, entry, f))
             else:
-                call = method(request, timeout=timeout)
-                calls.append(call)
-                threading.Thread(target=_pump, args=(call, index, inbox), daemon=True,
+                entry.call = method(request, timeout=timeout)
+                threading.Thread(target=_pump, args=(entry.call, entry, inbox), daemon=True,
                                  name="llmfdw-grpc").start()
 
+        def fill() -> None:
+            while len(opened) < window:
+                if again:
+                    start(*heapq.heappop(again))
+                elif (item := next(fresh, None)) is not None:
+                    start(*item)
+                else:
+                    return
+
         try:
-            while open_calls or pending:
-                while pending and open_calls < window:
-                    start_next()
-                    open_calls += 1
+            fill()
+            while opened:
                 # ask Postgres at least every POLL_SECONDS, also while messages keep coming
                 # (tokens of several streams arrive faster than that)
                 if time.monotonic() >= next_poll:
@@ -258,26 +290,103 @@ class SidecarClient:
                         raise QueryCanceled("query canceled")
                     next_poll = time.monotonic() + POLL_SECONDS
                 try:
-                    index, item = inbox.get(timeout=POLL_SECONDS)
+                    entry, item = inbox.get(timeout=POLL_SECONDS)
                 except queue.Empty:
                     continue
+                if opened.get(entry.index) is not entry:
+                    continue   # from a call that was cancelled to be sent again
                 if item is _END:
-                    open_calls -= 1
+                    del opened[entry.index]
                 elif isinstance(item, grpc.RpcError):
-                    open_calls -= 1
-                    if open_calls and index not in answered and _queue_full(item):
-                        heapq.heappush(pending, (index, requests[index]))
-                        window = open_calls  # wait for one of ours to end before trying again
+                    del opened[entry.index]
+                    if opened and not entry.answered and _queue_full(item):
+                        heapq.heappush(again, (entry.index, entry.request))
+                        window = len(opened)  # wait for one of ours to end before trying again
                         continue
                     if item.code() == grpc.StatusCode.UNAVAILABLE and mark_of(item) is None:
                         forget_channel(self.address, self.tls)  # not reachable (the sidecar marks its own)
                     raise error_from_rpc(item, self.address)
                 else:
-                    answered.add(index)
-                    yield index, item
+                    entry.answered = True
+                    result = item if fold is None else fold(entry, item)
+                    if result is None:
+                        continue
+                    entry.given = True
+                    watchdog.arm([e for e in opened.values() if not e.given])
+                    yield entry.index, result
+                    for stalled in watchdog.disarm():
+                        if opened.get(stalled.index) is stalled:
+                            del opened[stalled.index]
+                            heapq.heappush(again, (stalled.index, stalled.request))
+                fill()
         finally:
-            for call in calls:
-                call.cancel()
+            watchdog.disarm()
+            for entry in opened.values():
+                entry.call.cancel()
+
+
+@dataclass
+class Generated:
+    """A finished generation: its whole text and the final message (finish reason, usage)."""
+
+    text: str
+    final: pb.GenerateFinal
+
+
+@dataclass(eq=False)
+class _Open:
+    """One call in flight (a new one each time a call is sent again): what a restart needs,
+    and how far it got."""
+
+    index: int
+    request: Any
+    call: Any = None
+    answered: bool = False   # a message arrived: the sidecar admitted it
+    given: bool = False      # the consumer has had a result of it: it can no longer be restarted
+    parts: list[str] = field(default_factory=list)   # a generation's deltas so far
+
+
+def _fold_generation(entry: _Open, message: pb.GenerateResponse) -> Generated | None:
+    """Collect a Generate call's deltas; its result once the final message arrives."""
+    if message.HasField("delta"):
+        entry.parts.append(message.delta)
+        return None
+    text, entry.parts = "".join(entry.parts), []
+    return Generated(text, message.final)
+
+
+class _Watchdog:
+    """Cancels the calls of a suspended consumer.  arm() before a yield starts a timer;
+    disarm() after it stops the timer and returns the calls it cancelled (to send again).
+    The lock makes the two outcomes exclusive: a consumer that resumes just as the timer
+    fires either finds its calls untouched or finds them all on the returned list."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._cancelled: list[_Open] = []
+
+    def arm(self, restartable: list[_Open]) -> None:
+        if restartable:
+            self._timer = threading.Timer(IDLE_SECONDS, self._fire, args=(restartable,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self, restartable: list[_Open]) -> None:
+        with self._lock:
+            if self._timer is None:
+                return   # the consumer resumed first
+            for entry in restartable:
+                entry.call.cancel()
+            self._cancelled = restartable
+
+    def disarm(self) -> list[_Open]:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            cancelled, self._cancelled = self._cancelled, []
+        return cancelled
 
 
 def _check_size(request) -> None:
@@ -295,28 +404,28 @@ def _queue_full(err: grpc.RpcError) -> bool:
     return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and mark_of(err) == QUEUE_FULL
 
 
-def _pump(call, index: int, inbox: queue.Queue) -> None:
+def _pump(call, entry: _Open, inbox: queue.Queue) -> None:
     """Move a streaming call's messages into the inbox (runs in a helper thread)."""
     try:
         for message in call:
-            inbox.put((index, message))
+            inbox.put((entry, message))
     except grpc.RpcError as err:
         if err.code() != grpc.StatusCode.CANCELLED or not call.cancelled():
-            inbox.put((index, err))
+            inbox.put((entry, err))
             return
-    inbox.put((index, _END))
+    inbox.put((entry, _END))
 
 
-def _deliver_unary(inbox: queue.Queue, index: int, future) -> None:
+def _deliver_unary(inbox: queue.Queue, entry: _Open, future) -> None:
     if future.cancelled():
-        inbox.put((index, _END))
+        inbox.put((entry, _END))
         return
     err = future.exception()
     if err is not None:
-        inbox.put((index, err))
+        inbox.put((entry, err))
     else:
-        inbox.put((index, future.result()))
-        inbox.put((index, _END))
+        inbox.put((entry, future.result()))
+        inbox.put((entry, _END))
 
 
 def new_request_id() -> str:

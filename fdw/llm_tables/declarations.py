@@ -13,16 +13,25 @@ accepts (options.py), and the DDL that IMPORT FOREIGN SCHEMA creates
 (SidecarTables.import_schema in tables.py).
 
 Ranges of request values (max_tokens >= 1, temperature in [0, 2], ...) are
-checked once, in the sidecar, which answers with an error naming the field;
-here only what the wire format needs is checked: an integer column's value
-fits its SQL type, a stop list holds no NULL.
+defined once, in llm_inference.v1.params, which the sidecar checks every
+request against too; a column declared with `param=` is checked against it
+here, so a bad value fails when the DDL runs (an option) or before any
+request is sent (a qual), with a hint.  Beside that, what the wire format
+needs: an integer column's value fits its SQL type, a stop list holds no
+NULL, text is UTF-8.  The foreign table's own column types are checked
+against the declaration when the table is first planned (check_column_types).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+from llm_inference.v1.params import MAX_TOKENS, SEED, TEMPERATURE, TOP_P, Param
+from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 from llm_tables.keycolumns import Check, KeyColumn, KeyColumns, fits, text_list
+
+CHARACTER_NOT_IN_REPERTOIRE = "22021"
+DATATYPE_MISMATCH = "42804"
 
 # SQL type of a request column -> how its option text is parsed
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -30,6 +39,21 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 # SQL integer types -> the range a value must fit (the proto field has the same width)
 _INT_RANGES = {"integer": (-2**31, 2**31 - 1), "bigint": (-2**63, 2**63 - 1)}
+# A declared SQL type -> the column types (format_type_be's spelling, typmod aside) a foreign
+# table may use for it: each reaches Python and comes back through the host (fdw/src/convert.c)
+# with its meaning kept.  varchar is text; vector(N) is vector (the dimensions are checked
+# against the model's when rows come); a wider integer holds every value; real is refused, as
+# `temperature = 0.7` on a real column compares 0.7::real with 0.7 and drops the row.
+_ACCEPTED_TYPES: dict[str, tuple[str, ...]] = {
+    "text": ("text", "character varying"),
+    "text[]": ("text[]", "character varying[]"),
+    "integer": ("integer", "bigint"),
+    "bigint": ("bigint",),
+    "double precision": ("double precision",),
+    "boolean": ("boolean",),
+    "vector": ("vector",),
+    "timestamptz": ("timestamp with time zone",),
+}
 
 
 @dataclass(frozen=True)
@@ -45,16 +69,74 @@ class Column:
     check: Check | None = None
     range: bool = False     # an output column whose > >= < <= = quals are sent as bounds (a hint:
                             # Postgres rechecks them; see keycolumns.range_hint)
+    param: Param | None = None   # a generation parameter: its range (llm_inference.v1.params)
 
     def key_column(self) -> KeyColumn:
-        check = self.check
-        if check is None and self.sql_type in _INT_RANGES:
-            check = fits(self.name, self.sql_type, *_INT_RANGES[self.sql_type])
-        return KeyColumn(self.name, required=self.required, many=self.many, check=check)
+        checks = [self.check]
+        if self.sql_type in _INT_RANGES:
+            checks.append(fits(self.name, self.sql_type, *_INT_RANGES[self.sql_type]))
+        if self.param is not None:
+            checks.append(in_range(self.param))
+        if self.sql_type in ("text", "text[]"):
+            checks.append(utf8_text(self.name))
+        return KeyColumn(self.name, required=self.required, many=self.many, check=_all(checks))
 
 
 def request(name: str, sql_type: str, **kwargs: Any) -> Column:
     return Column(name, sql_type, request=True, **kwargs)
+
+
+def _all(checks: list[Check | None]) -> Check | None:
+    """One check that runs `checks` in order; the first problem wins."""
+    present = [c for c in checks if c is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    return lambda value: next((p for p in (c(value) for c in present) if p), None)
+
+
+def check_param(param: Param, value: Any, label: str | None = None) -> None:
+    """An LlmError naming the parameter (as `label`), its range and what it means, unless
+    `value` is valid."""
+    problem = param.problem(value, label)
+    if problem:
+        raise LlmError(problem, hint=param.hint, sqlstate=INVALID_PARAMETER_VALUE)
+
+
+def in_range(param: Param) -> Check:
+    """A request column's check against its parameter's range.  It raises rather than returns
+    the problem, so that the error carries the parameter's hint."""
+
+    def check(value: Any) -> None:
+        check_param(param, value)
+
+    return check
+
+
+def check_utf8(name: str, text: str) -> None:
+    """An LlmError (22021) naming `name` when `text` is not UTF-8.  In a SQL_ASCII database the
+    host hands bytes that are not UTF-8 over as lone surrogates (errors='surrogateescape', see
+    fdw/src/python.c), which gRPC cannot send: this says so instead of a UnicodeEncodeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise LlmError(f"{name} is not valid UTF-8 ({what} at character {err.start + 1}): the models take UTF-8 text",
+                       hint="The database's encoding (SHOW server_encoding;) is probably SQL_ASCII, which keeps "
+                            "any bytes: convert the text to UTF-8 first (convert_from(bytes, 'LATIN1'), say, "
+                            "for Latin-1), or use a database created with ENCODING 'UTF8'.",
+                       sqlstate=CHARACTER_NOT_IN_REPERTOIRE) from None
+
+
+def utf8_text(name: str) -> Check:
+    """A text (or text[]) request column's check: UTF-8 only (check_utf8)."""
+
+    def check(value: Any) -> None:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                check_utf8(f'column "{name}"', item)
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -83,11 +165,38 @@ class TableSpec:
         """Request defaults this table accepts as options, with their parsers."""
         return {c.name: _PARSERS[c.sql_type] for c in self.columns if c.option}
 
+    @property
+    def params(self) -> dict[str, Param]:
+        """Request columns that are generation parameters, with their ranges."""
+        return {c.name: c.param for c in self.columns if c.param is not None}
+
     def column_types(self, typmods: dict[str, int] | None = None) -> list[tuple[str, str]]:
         """(name, SQL type) per column; typmods gives e.g. vector's dimensions."""
         typmods = typmods or {}
         return [(c.name, f"{c.sql_type}({typmods[c.name]})" if c.name in typmods else c.sql_type)
                 for c in self.columns]
+
+    def check_column_types(self, columns: Mapping[str, Any]) -> None:
+        """A DATATYPE_MISMATCH error naming each column whose type is not one the declaration
+        accepts (an `embedding uuid` or `max_tokens text` would otherwise give garbage or a raw
+        Python error at the first row).  `columns` holds the host's ColumnDefinitions; columns
+        the declaration does not know, and hosts that give no base_type_name, are not checked."""
+        declared = {c.name: _ACCEPTED_TYPES.get(c.sql_type, (c.sql_type,)) for c in self.columns}
+        wrong = []   # (column, its type, the declared type)
+        for name, column in columns.items():
+            given = getattr(column, "base_type_name", "") or ""
+            unqualified = given.rsplit(".", 1)[-1]   # extensions.vector when its schema is not on search_path
+            if name in declared and given and unqualified not in declared[name]:
+                wrong.append((name, given, declared[name][0]))
+        if not wrong:
+            return
+        said = [f'column "{name}" is {given}, but an llmfdw {self.name} table declares it {expected}'
+                for name, given, expected in wrong]
+        name, _, expected = wrong[0]
+        raise LlmError(said[0], detail="Also " + "; ".join(said[1:]) + "." if len(said) > 1 else None,
+                       hint=f"ALTER FOREIGN TABLE ... ALTER COLUMN {name} TYPE {expected};  or IMPORT FOREIGN "
+                            f"SCHEMA llm FROM SERVER ... INTO ...; creates the tables with the declared types.",
+                       sqlstate=DATATYPE_MISMATCH)
 
 
 COMPLETIONS = TableSpec(
@@ -96,10 +205,10 @@ COMPLETIONS = TableSpec(
         request("prompt", "text", required=True, many=True),
         request("model", "text", option=True),
         request("system", "text", option=True),
-        request("max_tokens", "integer", option=True),
-        request("temperature", "double precision", option=True),
-        request("top_p", "double precision", option=True),
-        request("seed", "bigint", option=True),
+        request("max_tokens", "integer", option=True, param=MAX_TOKENS),
+        request("temperature", "double precision", option=True, param=TEMPERATURE),
+        request("top_p", "double precision", option=True, param=TOP_P),
+        request("seed", "bigint", option=True, param=SEED),
         request("stop", "text[]", check=text_list("stop")),
         Column("completion", "text"),
         Column("finish_reason", "text"),
@@ -176,4 +285,44 @@ REQUESTS = TableSpec(
     example="SELECT * FROM {table} WHERE at > now() - interval '15 minutes';",
 )
 
-SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE, REQUESTS)}
+# ---- llm.chunks: texts split for embedding (the vectorizer's splitter; the sidecar's Chunk RPC) ----
+
+CHUNK_MODES = ("tokens", "characters")
+
+
+def at_least(name: str, low: int) -> Check:
+    """A check that a count is at least `low` (the request field is unsigned)."""
+
+    def check(value: Any) -> str | None:
+        return None if value >= low else f"{name} must be at least {low}, got {value}"
+
+    return check
+
+
+def one_of(name: str, choices: tuple[str, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"{name} must be one of {', '.join(choices)}, got {value!r}"
+
+    return check
+
+
+CHUNKS = TableSpec(
+    "chunks",
+    (
+        request("input", "text", required=True, many=True),
+        request("model", "text", option=True),         # whose tokenizer counts the tokens
+        request("max_tokens", "integer", option=True, check=at_least("max_tokens", 1)),   # default: all it reads
+        request("overlap_tokens", "integer", option=True, check=at_least("overlap_tokens", 0)),
+        request("mode", "text", option=True, check=one_of("mode", CHUNK_MODES)),   # default tokens
+        request("max_chars", "integer", option=True, check=at_least("max_chars", 1)),   # characters mode
+        request("overlap_chars", "integer", option=True, check=at_least("overlap_chars", 0)),
+        request("separators", "text[]", check=text_list("separators")),
+        Column("chunk_seq", "integer"),
+        Column("chunk", "text"),
+        Column("tokens", "integer"),
+    ),
+    example="SELECT chunk_seq, chunk FROM {table} WHERE input = 'a long text' AND max_tokens = 128;  "
+            "-- or, for many rows at once: WHERE input = ANY(ARRAY(SELECT body FROM docs))",
+)
+
+SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE, REQUESTS, CHUNKS)}

@@ -5,7 +5,9 @@ then user mapping; a later source wins).  Defaults for the request follow
 the opposite order a user expects: a table option ``model`` (or
 ``max_tokens``, ...) wins over the server's ``default_model`` (or
 ``default_max_tokens``, ...).  Which request columns take a default, and how
-their text parses, comes from each table's declaration (declarations.py).
+their text parses, comes from each table's declaration (declarations.py),
+and so does the range of a generation parameter's default
+(llm_inference.v1.params), checked when the DDL runs as when a query runs.
 Unknown options are errors, so a typo is never silently ignored.  Where each
 connection option may be set (server, user mapping, table) is checked when
 the DDL runs, by the host's validator (fdw/src/llmfdw.c).
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from llm_tables.declarations import SPECS, TableSpec
+from llm_inference.v1.params import Param
+from llm_tables.declarations import SPECS, TableSpec, check_param, check_utf8
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 from llm_tables.tls import OPTIONS as TLS_OPTIONS, tls_settings
 
@@ -36,11 +39,11 @@ def parse_options(spec: TableSpec, raw: dict[str, str]) -> tuple[dict[str, Any],
         if key in CONNECTION:
             connection[key] = _cast(key, value, CONNECTION[key])
         elif key in defaults_spec:
-            table_level[key] = _cast(key, value, defaults_spec[key])
+            table_level[key] = _default(key, value, defaults_spec[key], spec.params.get(key))
         elif key.startswith("default_") and _known_default(key[len("default_"):]):
             name = key[len("default_"):]
             if name in defaults_spec:  # a server default for another table kind is no error here
-                server_level[name] = _cast(key, value, defaults_spec[name])
+                server_level[name] = _default(key, value, defaults_spec[name], spec.params.get(name))
         else:
             known = sorted([*CONNECTION, *defaults_spec, *(f"default_{k}" for k in defaults_spec)])
             raise LlmError(f"unknown option {key!r} for an llmfdw {spec.name} table",
@@ -70,7 +73,8 @@ def check_server_options(raw: dict[str, str]) -> None:
             _cast(key, value, CONNECTION[key])
         elif key.startswith("default_") and _known_default(key[len("default_"):]):
             name = key[len("default_"):]
-            _cast(key, value, next(s.option_parsers[name] for s in SPECS.values() if name in s.option_parsers))
+            for spec in (s for s in SPECS.values() if name in s.option_parsers):   # each table it applies to
+                _default(key, value, spec.option_parsers[name], spec.params.get(name))
         else:
             known = sorted({"address", "timeout", "tenant", *TLS_OPTIONS,
                             *(f"default_{k}" for spec in SPECS.values() for k in spec.option_parsers)})
@@ -84,6 +88,17 @@ def check_server_options(raw: dict[str, str]) -> None:
 
 def _known_default(name: str) -> bool:
     return any(name in spec.option_parsers for spec in SPECS.values())
+
+
+def _default(key: str, value: str, parse: Callable[[str], Any], param: Param | None) -> Any:
+    """Option `key`, a request column's default: parsed, in the range of its generation
+    parameter if it is one, and UTF-8 if text (a SQL_ASCII database keeps any bytes)."""
+    parsed = _cast(key, value, parse)
+    if param is not None:
+        check_param(param, parsed, f"option {key}")
+    if isinstance(parsed, str):
+        check_utf8(f"option {key}", parsed)
+    return parsed
 
 
 def _cast(key: str, value: str, parse: Callable[[str], Any]) -> Any:

@@ -50,6 +50,9 @@ def _time_left() -> float | None:
     return _host.statement_time_left() if _host is not None else None
 
 
+# A model name longer than this is refused before sending (no served model has such a name).
+MAX_MODEL_NAME_BYTES = 1024
+
 # One embedding query's inputs go to the sidecar in requests of at most this much (embed_parts).
 EMBED_PART_BYTES = 8 * 2**20
 EMBED_PART_INPUTS = 4096
@@ -84,6 +87,7 @@ class SidecarTable(ForeignDataWrapper):
 
     def __init__(self, options: dict[str, str], columns: "OrderedDict[str, ColumnDefinition]") -> None:
         super().__init__(options, columns)
+        self.spec.check_column_types(columns)
         self.columns = columns
         self.options, self.defaults = parse_options(self.spec, options)
         self.default_model = self.defaults.get("model", "")
@@ -157,6 +161,14 @@ class SidecarTable(ForeignDataWrapper):
                            hint=f"Add WHERE model = '...', or ALTER FOREIGN TABLE {self.table_name} "
                                 f"OPTIONS (ADD model '...'); the models table lists them.",
                            sqlstate=INVALID_PARAMETER_VALUE)
+        size = len(model.encode())
+        if size > MAX_MODEL_NAME_BYTES:
+            # refused here: sent on, the sidecar's "not served" error would quote it back, and a
+            # name this long overflows gRPC's metadata limit ("metadata size exceeds hard limit")
+            raise LlmError(f"{self.table_name}: the model name is {size:,} bytes long; model names are at most "
+                           f"{MAX_MODEL_NAME_BYTES:,} bytes",
+                           hint="SELECT name FROM llm.models; lists the models the sidecar serves.",
+                           sqlstate=INVALID_PARAMETER_VALUE)
         return model
 
     def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
@@ -187,21 +199,31 @@ class SidecarTable(ForeignDataWrapper):
 
 
 def _shown(qual: Qual) -> str:
-    """A qual for EXPLAIN, its value quoted (Qual's repr is Multicorn2's: the value's str())."""
+    """A qual for EXPLAIN, its value quoted (Qual's repr is Multicorn2's: the value's str()).
+    EXPLAIN runs before values are known: a parameter ($1 of a prepared statement under a
+    generic plan, an outer row's value, an init-plan's result) comes as None and is shown as
+    Multicorn2 shows it, "?" (so is "col IS NULL", which the host passes the same way)."""
+    value = "?" if qual.value is None else repr(qual.value)
     if qual.is_list_operator:
         name, any_ = qual.operator
-        return f"{qual.field_name} {name} {'ANY' if any_ else 'ALL'}({qual.value!r})"
-    return f"{qual.field_name} {qual.operator} {qual.value!r}"
+        return f"{qual.field_name} {name} {'ANY' if any_ else 'ALL'}({value})"
+    return f"{qual.field_name} {qual.operator} {value}"
+
+
+def _bounds(count: int, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """The [first, end) positions of a request list that a pushed-down OFFSET/LIMIT leaves.
+    The host pushes them down only when every condition is "request column = value" (or =
+    ANY), which every row meets, and each distinct value gives one row: so a LIMIT 1 over
+    prompt = ANY(...) runs one prompt, not all of them."""
+    offset = min(kwargs.get("offset") or 0, count)
+    limit = kwargs.get("limit")
+    return offset, count if limit is None else min(count, offset + limit)
 
 
 def _window(values: list[Any], kwargs: dict[str, Any]) -> list[Any]:
-    """The values a pushed-down OFFSET/LIMIT leaves of a request list.  The host pushes them
-    down only when every condition is "request column = value" (or = ANY), which every row
-    meets, and each distinct value gives one row: so a LIMIT 1 over prompt = ANY(...) runs one
-    prompt, not all of them."""
-    offset = kwargs.get("offset") or 0
-    limit = kwargs.get("limit")
-    return values[offset:] if limit is None else values[offset:offset + limit]
+    """The values a pushed-down OFFSET/LIMIT leaves of a request list (see _bounds)."""
+    first, end = _bounds(len(values), kwargs)
+    return values[first:end]
 
 
 # GenerationParams fields a request column (or its default) sets; stop is a list, set apart
@@ -215,7 +237,7 @@ class CompletionsTable(SidecarTable):
     spec = COMPLETIONS
 
     def can_limit(self, limit: int | None, offset: int | None) -> bool:
-        return True  # execute() requests only the prompts the LIMIT/OFFSET keeps (_window)
+        return True  # execute() requests only the prompts the LIMIT/OFFSET keeps (_bounds)
 
     def execute(self, quals: list[Qual], columns: set[str], **kwargs: Any) -> Iterator[dict[str, Any]]:
         resolved = self.resolve(quals)
@@ -231,23 +253,17 @@ class CompletionsTable(SidecarTable):
         if stop:
             params.stop.extend(stop if isinstance(stop, list) else [stop])
         system = self.param(resolved, "system") or ""
-        prompts = _window(resolved.values["prompt"], kwargs)
-        if not prompts:
-            return
-        requests = [
-            pb.GenerateRequest(model=model, prompt=p, system=system, params=params, context=self.context())
-            for p in prompts
-        ]
-        texts: list[list[str]] = [[] for _ in prompts]
-        for index, message in self.client.generate_many(requests):
-            if message.HasField("delta"):
-                texts[index].append(message.delta)
-                continue
-            final = message.final
+        prompts = resolved.values["prompt"]
+        first, stop_at = _bounds(len(prompts), kwargs)
+        # built one at a time as the client's window advances (not a request per prompt up front)
+        requests = (pb.GenerateRequest(model=model, prompt=prompts[i], system=system, params=params,
+                                       context=self.context()) for i in range(first, stop_at))
+        for index, done in self.client.generate_many(requests):
+            final = done.final
             yield {
-                **self.echo(resolved, prompt=prompts[index]),
+                **self.echo(resolved, prompt=prompts[first + index]),
                 "model": model,
-                "completion": "".join(texts[index]),
+                "completion": done.text,
                 "finish_reason": pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
                 "input_tokens": final.usage.input_tokens,
                 "output_tokens": final.usage.output_tokens,
@@ -282,8 +298,8 @@ class EmbeddingsTable(SidecarTable):
         if not inputs:
             return
         parts = embed_parts(inputs)
-        requests = [pb.EmbedRequest(model=model, inputs=inputs[start:end], normalize=True, context=self.context())
-                    for start, end in parts]
+        requests = (pb.EmbedRequest(model=model, inputs=inputs[start:end], normalize=True, context=self.context())
+                    for start, end in parts)   # built as the client's window advances
         want_vector = "embedding" in columns
         for part, message in self.client.embed_many(requests):
             start = parts[part][0]
@@ -447,9 +463,11 @@ class RequestsTable(SidecarTable):
             }
 
 
+from llm_tables.chunks import ChunksTable  # noqa: E402  (a SidecarTable: imported once that is defined)
+
 TABLES: dict[str, type[SidecarTable]] = {cls.spec.name: cls for cls in
                                          (CompletionsTable, EmbeddingsTable, ModelsTable, UsageTable,
-                                          RequestsTable)}
+                                          RequestsTable, ChunksTable)}
 assert TABLES.keys() == SPECS.keys(), "every declared table has its class"
 
 
@@ -484,7 +502,8 @@ class SidecarTables:
         models = _client(conn, "your_server").list_models(pb.ListModelsRequest(context=_context(conn))).models
         first = {task: next((m for m in models if m.task == task), None)
                  for task in (pb.TASK_GENERATE, pb.TASK_EMBED)}
-        defaults = {COMPLETIONS.name: first[pb.TASK_GENERATE], EMBEDDINGS.name: first[pb.TASK_EMBED]}
+        defaults = {COMPLETIONS.name: first[pb.TASK_GENERATE], EMBEDDINGS.name: first[pb.TASK_EMBED],
+                    "chunks": first[pb.TASK_EMBED]}
         tables = []
         for spec in SPECS.values():
             model = defaults.get(spec.name)

@@ -1409,10 +1409,14 @@ llmfdw_handler(PG_FUNCTION_ARGS)
  * backend imports, so only a superuser sets it, and the validator never
  * imports anything for anyone else; the TLS files (tls_ca_file, ...) are
  * read by every backend as the server's OS user, so they are a superuser's
- * too.  A user mapping holds its role's token;
- * a tenant there would let a role claim any tenant, so only a superuser sets
- * it.  Other options (request defaults, options of other FDW classes) are
- * checked by the FDW class.
+ * too.  A user mapping holds its role's token.  The tenant (on the server or
+ * a user mapping) is whom the sidecar meters and, with auth off, believes:
+ * one chosen by a role would let it act as any tenant, so only a superuser
+ * sets it, at either level.  Since the validator sees the whole option list,
+ * a server or mapping that has one (or TLS files) is a superuser's to change
+ * afterwards, as postgres_fdw's password_required is.  Other options
+ * (request defaults, options of other FDW classes) are checked by the FDW
+ * class.
  */
 typedef struct LlmfdwOption
 {
@@ -1422,14 +1426,15 @@ typedef struct LlmfdwOption
 } LlmfdwOption;
 
 #define NAMES_CODE "It names Python code that every backend using the server imports."
-#define PICKS_TENANT "A tenant chosen by a role would let it act as any tenant."
+#define PICKS_TENANT "A tenant chosen by a role would let it act as any tenant. " \
+	"Without one, requests are metered to the database's name."
 #define NAMES_FILE "It names a file on the database host that every backend using the server reads."
 
 static const LlmfdwOption reserved_options[] = {
 	{"wrapper", ForeignServerRelationId, NAMES_CODE},
 	{"address", ForeignServerRelationId, NULL},
 	{"timeout", ForeignServerRelationId, NULL},
-	{"tenant", ForeignServerRelationId, NULL},
+	{"tenant", ForeignServerRelationId, PICKS_TENANT},
 	{"tenant", UserMappingRelationId, PICKS_TENANT},
 	{"token", UserMappingRelationId, NULL},
 	{"tls_ca_file", ForeignServerRelationId, NAMES_FILE},

@@ -26,9 +26,11 @@
 
 #include "commands/dbcommands.h"
 #include "lib/stringinfo.h"
+#include "libpq/libpq.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/pmsignal.h"
+#include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/varlena.h"
@@ -317,6 +319,45 @@ py_message(PyObject *obj)
  * --------------------------------------------------------------------- */
 
 /*
+ * client_connection_check_interval: Postgres's timer only sets
+ * CheckClientConnectionPending, and ProcessInterrupts looks at the socket.  A
+ * backend waiting on the sidecar runs no CHECK_FOR_INTERRUPTS, so look here,
+ * as ProcessInterrupts does (a poll that does not wait): a backend whose
+ * client went away then ends its query ("connection to client lost") instead
+ * of decoding until it sends the result.  An error from the poll itself
+ * (epoll failing) counts as "still connected": nothing may longjmp here.
+ */
+static void
+check_client_connection(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	bool		alive = true;
+
+	if (!CheckClientConnectionPending || ClientConnectionLost)
+		return;
+	CheckClientConnectionPending = false;
+	if (client_connection_check_interval <= 0)
+		return;
+	PG_TRY();
+	{
+		alive = pq_check_connection();
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+	}
+	PG_END_TRY();
+	if (alive)
+		enable_timeout_after(CLIENT_CONNECTION_CHECK_TIMEOUT, client_connection_check_interval);
+	else
+	{
+		ClientConnectionLost = true;
+		InterruptPending = true;
+	}
+}
+
+/*
  * interrupt_pending() -> bool
  *
  * Lets blocked signals through for a moment (their handlers only set flags),
@@ -345,7 +386,8 @@ host_interrupt_pending(PyObject *self, PyObject *args)
 		ProcDiePending = true;
 		InterruptPending = true;
 	}
-	if (InterruptPending && (QueryCancelPending || ProcDiePending))
+	check_client_connection();
+	if (InterruptPending && (QueryCancelPending || ProcDiePending || ClientConnectionLost))
 		Py_RETURN_TRUE;
 	Py_RETURN_FALSE;
 }

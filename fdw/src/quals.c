@@ -29,6 +29,7 @@
 #include "optimizer/pathnode.h"
 #include "optimizer/paths.h"
 #include "optimizer/restrictinfo.h"
+#include "utils/array.h"
 #include "utils/lsyscache.h"
 
 static Node *
@@ -245,9 +246,57 @@ llmfdw_eval_quals(List *quals, ExprContext *econtext)
 }
 
 /*
+ * NULL if an array value compared as a whole (col = '{a,b}', not col = ANY)
+ * can be passed to Python; else a message saying why not.  A Python list has
+ * neither several dimensions nor a lower bound: '{{a,b},{c,d}}' and
+ * '[0:1]={a,b}' would both reach the FDW as ['a', 'b', ...], and a row that
+ * echoes that list (a request column) fails Postgres's recheck, which
+ * compares dimensions and bounds: a silently empty result.  Call with the
+ * GIL held (detoasting can only fail for lack of memory).
+ */
+static char *
+unrepresentable_array(LlmfdwQual *q, Datum datum, bool isnull)
+{
+	ArrayType  *arr;
+
+	if (q->is_array || isnull || !OidIsValid(get_element_type(getBaseType(q->value_type))))
+		return NULL;
+	arr = DatumGetArrayTypeP(datum);
+	if (ARR_NDIM(arr) > 1)
+		return psprintf("%d dimensions", ARR_NDIM(arr));
+	if (ARR_NDIM(arr) == 1 && ARR_LBOUND(arr)[0] != 1)
+		return psprintf("lower bound %d", ARR_LBOUND(arr)[0]);
+	return NULL;
+}
+
+/* Set a MulticornException (22023, with a hint) for an array value that has `why`. */
+static void
+raise_unrepresentable(const char *column, const char *why)
+{
+	PyObject   *exc = llmfdw_import_attr("multicorn.utils", "MulticornException");
+	PyObject   *obj;
+
+	if (exc == NULL)
+		return;
+	obj = PyObject_CallFunction(exc, "ssss",
+								psprintf("the array compared with column \"%s\" has %s; "
+										 "only one-dimensional arrays with lower bound 1 can be sent",
+										 column, why),
+								"Write it as ARRAY['a', 'b'] or '{a,b}' (one dimension, lower bound 1).",
+								NULL, "22023");
+	if (obj != NULL)
+	{
+		PyErr_SetObject(exc, obj);
+		Py_DECREF(obj);
+	}
+	Py_DECREF(exc);
+}
+
+/*
  * A Python list of multicorn.Qual.  Call with the GIL held.  When values are
  * not known (plan time, EXPLAIN) only constants have values; the value of
- * anything else is None, as in Multicorn's EXPLAIN.
+ * anything else is None, as in Multicorn's EXPLAIN.  An array value that a
+ * list cannot stand for (unrepresentable_array) is an error.
  */
 PyObject *
 llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)
@@ -275,6 +324,7 @@ llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)
 		Datum		datum = q->datum;
 		bool		isnull = q->isnull;
 		bool		known = values_known || q->is_null_test;
+		char	   *why;
 
 		if (q->value != NULL && IsA(q->value, Const))
 		{
@@ -295,6 +345,11 @@ llmfdw_quals_to_python(List *quals, LlmfdwColumn *columns, bool values_known)
 			value = NULL;
 		else if (!known || q->is_null_test)
 			value = Py_NewRef(Py_None);
+		else if ((why = unrepresentable_array(q, datum, isnull)) != NULL)
+		{
+			raise_unrepresentable(columns[q->attnum - 1].name, why);
+			value = NULL;
+		}
 		else
 			value = llmfdw_datum_to_python(datum, isnull, q->value_type);
 		if (value != NULL)

@@ -10,7 +10,8 @@ default or reaches an engine as a string (llama.cpp once got n_ctx "204820482048
     tenants:
       - {name: acme, token: "s3cret", max_in_flight: 4, max_queued: 8}
     max_input_bytes: 1048576   # per text (embedding input, prompt, system), UTF-8 bytes
-    history: {max_rows: 10000, max_age_seconds: 3600}   # the recent-requests window (llm.requests)
+    history: {max_rows: 10000, max_age_seconds: 3600, max_tenants: 32}   # recent requests (llm.requests):
+                               # a window per tenant, at most max_tenants windows (history.py)
     models:
       - {name: ..., task: generate | embed, engine: ..., source: {...}, ...}
 
@@ -30,10 +31,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from llm_inference.v1.params import MAX_TOKENS, TEMPERATURE, TOP_P
+
 DEFAULT_CONFIG = Path(__file__).with_name("models.yaml")
 DEFAULT_TENANT = "default"   # the tenant of a request that names none
 DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
-MAX_HISTORY_ROWS = 1_000_000   # history.max_rows: the window is kept in memory
+MAX_HISTORY_ROWS = 1_000_000   # history.max_rows: the windows are kept in memory
+MAX_HISTORY_TENANTS = 100_000  # history.max_tenants
+# history.max_rows x history.max_tenants: the records all windows may hold (about 475 bytes each)
+MAX_HISTORY_RECORDS = 10_000_000
 # an embedding model's dtype (engines/base.py checks the hardware at load); auto: bfloat16 where
 # the CPU runs it natively, else float32
 DTYPES = ("float32", "bfloat16", "auto")
@@ -61,10 +67,11 @@ PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class RequestDefaults(_Strict):
-    """What a generation request that leaves a parameter out gets (servicer._params)."""
-    max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    """What a generation request that leaves a parameter out gets (servicer._params), in the
+    ranges every request is held to (llm_inference.v1.params)."""
+    max_tokens: Annotated[int, Field(ge=MAX_TOKENS.low, le=MAX_TOKENS.high)] | None = None
+    temperature: Annotated[float, Field(ge=TEMPERATURE.low, le=TEMPERATURE.high)] | None = None
+    top_p: Annotated[float, Field(gt=TOP_P.low, le=TOP_P.high)] | None = None
 
 
 class ModelConfig(_Strict):
@@ -132,10 +139,24 @@ class TenantConfig(_Strict):
 
 
 class HistoryConfig(_Strict):
-    """The window of recent requests (history.py, llm.requests): at most max_rows records, all
-    tenants together (a few hundred bytes each, in memory), none older than max_age_seconds."""
+    """The windows of recent requests (history.py, llm.requests), one per tenant, in memory:
+    each holds the tenant's last max_rows model requests (generate, embed) and its last 100
+    metadata reads (list_models, usage), none older than max_age_seconds.  At most max_tenants
+    windows exist: a new tenant takes the least recently written one, never a configured
+    tenant's (`tenants:`) unless it is configured too.  Memory: at most max_tenants x (max_rows
+    + 100) records of about 475 bytes (the defaults: about 153 MB).  max_rows was once one
+    bound for all tenants together; the key is the same, the bound is now per tenant."""
     max_rows: Annotated[int, Field(ge=1, le=MAX_HISTORY_ROWS)] = 10_000
     max_age_seconds: Annotated[float, Field(gt=0, le=30 * 86400)] = 3600.0
+    max_tenants: Annotated[int, Field(ge=1, le=MAX_HISTORY_TENANTS)] = 32
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> HistoryConfig:
+        total = self.max_rows * self.max_tenants
+        if total > MAX_HISTORY_RECORDS:
+            raise KeyProblem("max_tenants", f"max_rows x max_tenants must be <= {MAX_HISTORY_RECORDS:,} records "
+                                            f"(about 475 bytes each, in memory), not {total:,}")
+        return self
 
 
 class SidecarConfig(_Strict):

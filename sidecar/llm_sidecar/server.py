@@ -27,6 +27,13 @@ TCP security.  --tls-cert/--tls-key serve TLS on every TCP listener (Unix
 sockets stay plain: their mode is the boundary), and --tls-client-ca also
 requires a client certificate signed by that CA (llm_sidecar/tls.py).  A
 plain-text TCP listener on a non-loopback address is logged as a warning.
+
+Logging.  The log names roles, databases and sessions, one line per request.
+By default it goes to stderr (a container's log).  With --log-file PATH the
+sidecar writes it itself: mode 0600, renamed to PATH.1 ... PATH.N when it
+reaches --log-max-bytes (--log-backups N), and its stdout and stderr (where
+native code such as llama.cpp logs, and where a crash's traceback goes) are
+pointed at the current file too, so that nothing grows past the rotation.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import argparse
 import asyncio
 import grp
 import logging
+import logging.handlers
 import os
 import signal
 import stat
@@ -56,7 +64,42 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Connecting to a Unix socket needs write permission on it: owner only, or owner and group.
 PRIVATE_SOCKET_MODE = 0o600
 GROUP_SOCKET_MODE = 0o660
+PRIVATE_LOG_MODE = 0o600    # the log names roles, databases and sessions
 STOP_GRACE_S = 2.0          # after the drain, for the calls that were arriving: they end with a refusal
+
+
+class LogFile(logging.handlers.RotatingFileHandler):
+    """The log file, rotated by size, that also holds this process's stdout and stderr.
+
+    Every (re)opening makes the file private and points file descriptors 1 and 2 at it: native
+    libraries write there directly, and they must follow the rotation or keep one renamed file
+    growing forever.  Their bytes count toward the size checked at each log record."""
+
+    def _open(self):
+        stream = super()._open()
+        os.fchmod(stream.fileno(), PRIVATE_LOG_MODE)   # an older file may be looser
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd in (1, 2):
+            os.dup2(stream.fileno(), fd)
+        return stream
+
+
+def setup_logging(level: str, log_file: str | None, max_bytes: int, backups: int) -> None:
+    """Log to stderr, or to `log_file` (see LogFile) when one is given."""
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if log_file is not None:
+        handler = LogFile(log_file, maxBytes=max_bytes, backupCount=backups)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def positive_int(text: str) -> int:
+    """argparse type for sizes and counts where 0 would turn rotation off."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 class SocketError(Exception):
@@ -215,9 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-root", action="store_true",
                         help="run even as root (refused by default: run it as the Postgres server's user)")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="log to PATH (mode 0600, rotated by size; stdout and stderr go there too) "
+                             "instead of stderr")
+    parser.add_argument("--log-max-bytes", type=positive_int, default=10 * 1024 * 1024, metavar="N",
+                        help="with --log-file: rename it to PATH.1 at about N bytes (default 10 MiB)")
+    parser.add_argument("--log-backups", type=positive_int, default=4, metavar="N",
+                        help="with --log-file: keep N renamed files, PATH.1 (newest) to PATH.N (default 4)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Everything this process creates is private: its log, its sockets from bind() on (see the
+    # module doc), and its caches.
+    os.umask(0o077)
+    try:
+        setup_logging(args.log_level, args.log_file, args.log_max_bytes, args.log_backups)
+    except OSError as err:
+        print(f"llmfdw-sidecar: cannot open the log file: {err}", file=sys.stderr)
+        return 2
     if os.geteuid() == 0 and not args.allow_root:
         log.error("refusing to run as root: the sidecar runs model code on input from any database "
                   "role. Run it as the Postgres server's OS user (or as a user in its group, with "
@@ -243,9 +299,6 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             log.error("TLS: cannot read %s: %s", err.filename, err.strerror)
             return 2
-    # Everything this process creates is private: its sockets from bind() on (see the module
-    # doc), and its caches.
-    os.umask(0o077)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)

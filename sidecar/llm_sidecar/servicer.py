@@ -44,7 +44,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 import uuid
 from asyncio import CancelledError as _Cancelled
@@ -55,6 +54,8 @@ import grpc
 import numpy as np
 
 from llm_sidecar import metrics
+from llm_sidecar.chunking import (DEFAULT_MAX_CHARS, DEFAULT_SEPARATORS, Chunk as TextPiece, TokenChunker,
+                                  character_chunks)
 from llm_sidecar.config import SidecarConfig
 from llm_sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
@@ -63,6 +64,7 @@ from llm_sidecar.metering import Metered, UsageBook
 from llm_sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_inference.v1.params import MAX_TOKENS, SEED, TEMPERATURE, TOP_P
 
 log = logging.getLogger("llm_sidecar")
 
@@ -70,9 +72,9 @@ _TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED}
-# RPC -> the `kind` of its records in the recent-requests window (history.py); Requests is not recorded
+# RPC -> the `kind` of its records in the recent-requests window (history.py; list_models and usage
+# go in a lane of their own, so they cannot push out model requests); Requests is not recorded
 _KINDS = {"Generate": "generate", "Embed": "embed", "ListModels": "list_models", "Usage": "usage"}
-SEED_MAX = 2**31 - 1   # llama.cpp takes a 32-bit seed (and reads 0xFFFFFFFF as "random")
 
 # Trailing metadata: the sidecar's marks (see the status section of the proto).
 # RESOURCE_EXHAUSTED that admission sent: the tenant's queue is full, back off and retry.
@@ -125,6 +127,12 @@ _STATUS: dict[type[BaseException], tuple[grpc.StatusCode, tuple[tuple[str, str],
 }
 
 
+def _caller_name(name: str, most: int = 200) -> str:
+    """A model name the caller sent, for an error message: cut short, since the message travels
+    in gRPC's trailing metadata, which a 20,000-character name would overflow."""
+    return repr(name) if len(name) <= most else f"{name[:most]!r}... ({len(name):,} characters)"
+
+
 def status_for(err: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """The status code, details and trailing metadata a failed call ends with."""
     for cls in type(err).__mro__:
@@ -173,7 +181,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                     for name, e in engines.items()},
                                    {name: e.config.reserve() for name, e in engines.items()})
         self.book = UsageBook()
-        self.history = History(config.history.max_rows, config.history.max_age_seconds)
+        # a window per tenant; tenants named in the config keep theirs when others are made (history.py)
+        self.history = History(config.history.max_rows, config.history.max_age_seconds,
+                               config.history.max_tenants, configured=(t.name for t in config.tenants))
         self.draining = False
         self._active = 0                 # calls being served (every RPC)
         self._idle = asyncio.Event()
@@ -199,7 +209,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         engine = self.engines.get(name)
         if engine is None:
             served = ", ".join(sorted(self.engines)) or "none"
-            raise ModelNotFound(f"model {name!r} is not served by this sidecar (it serves: {served})")
+            raise ModelNotFound(f"model {_caller_name(name)} is not served by this sidecar (it serves: {served})")
         if engine.config.task != task:
             raise WrongTask(f"model {name!r} is a {engine.config.task} model; it cannot {task}")
         if engine.state == FAILED:
@@ -210,22 +220,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @staticmethod
     def _params(engine: Engine, p: pb.GenerationParams) -> GenerateParams:
+        """The request's parameters, the model's defaults for those it leaves out, each in its
+        range (llm_inference.v1.params, which the FDW checks too) and max_tokens within the
+        model's context."""
         defaults = engine.config.defaults
         max_tokens = p.max_tokens if p.HasField("max_tokens") else (defaults.max_tokens or 128)
         temperature = p.temperature if p.HasField("temperature") else (defaults.temperature or 0.0)
         top_p = p.top_p if p.HasField("top_p") else defaults.top_p
-        if max_tokens < 1:
-            raise BadArgument(f"max_tokens must be at least 1, got {max_tokens}")
+        seed = p.seed if p.HasField("seed") else None
+        for param, value in ((MAX_TOKENS, max_tokens), (TEMPERATURE, temperature), (TOP_P, top_p), (SEED, seed)):
+            problem = None if value is None else param.problem(value)
+            if problem:
+                raise BadArgument(problem)
         if max_tokens > engine.config.context_length:
             raise BadArgument(f"max_tokens must be at most the model's context length "
                               f"{engine.config.context_length}, got {max_tokens}")
-        if not (math.isfinite(temperature) and 0 <= temperature <= 2):
-            raise BadArgument(f"temperature must be in [0, 2] (0 = greedy), got {temperature:g}")
-        if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
-            raise BadArgument(f"top_p must be in (0, 1], got {top_p:g}")
-        seed = p.seed if p.HasField("seed") else None
-        if seed is not None and not 0 <= seed <= SEED_MAX:
-            raise BadArgument(f"seed must be in [0, {SEED_MAX}], got {seed}")
         for i, stop in enumerate(p.stop):
             if not stop:
                 raise BadArgument(f"stop strings must not be empty (stop[{i}], 0-based, is '')")
@@ -436,3 +445,59 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     for r in self.history.rows(call.tenant, bounds)]
             return pb.RequestsResponse(rows=rows, max_rows=self.history.max_rows,
                                        max_age_seconds=self.history.max_age_seconds)
+
+    # -- Chunk: splitting texts for the vectorizer (chunking.py) ------------
+
+    async def Chunk(self, request: pb.ChunkRequest, context: grpc.aio.ServicerContext) -> pb.ChunkResponse:
+        """Each input's chunks.  Tokenizing runs in a worker thread (the Rust tokenizer runs
+        without the GIL) and outside the engine's batch slots: it takes no model compute, so it
+        never waits behind embedding batches nor holds them up."""
+        async with self._serving("Chunk", request.model, request.context, context) as call:
+            engine = self._engine(request.model, "embed")
+            call.metered = True
+            inputs = list(request.inputs)
+            if not inputs:
+                raise BadArgument("inputs must not be empty")
+            for i, text in enumerate(inputs):
+                self._check_size(text, f"inputs[{i}] (0-based)")
+            started = time.monotonic_ns()
+            if request.mode == pb.CHUNK_MODE_CHARACTERS:
+                results, read = await asyncio.to_thread(self._character_chunks, request, inputs), 0
+            else:
+                chunker, size = self._token_chunker(engine, request)
+                results, read = await asyncio.to_thread(chunker.chunk, inputs, size, request.overlap_tokens)
+            call.usage.input_tokens = read
+            call.usage.compute_ns = time.monotonic_ns() - started
+            return pb.ChunkResponse(
+                results=[pb.ChunkedInput(index=i, chunks=[
+                    pb.TextChunk(chunk_seq=c.seq, text=c.text, start=c.start, end=c.end, tokens=c.tokens)
+                    for c in chunks]) for i, chunks in enumerate(results)],
+                usage=pb.Usage(input_tokens=read, compute_ns=call.usage.compute_ns))
+
+    @staticmethod
+    def _token_chunker(engine: Engine, request: pb.ChunkRequest) -> tuple[TokenChunker, int]:
+        """The model's chunker and the chunk size in tokens: at most what the model reads."""
+        chunker = getattr(engine, "chunker", None)
+        if chunker is None:
+            raise WrongTask(f"model {engine.name!r} runs on engine {engine.config.engine}, which cannot "
+                            f"chunk by tokens; use mode CHARACTERS")
+        most = chunker.max_tokens
+        size = request.max_tokens if request.HasField("max_tokens") else most
+        if not 1 <= size <= most:
+            raise BadArgument(f"max_tokens must be between 1 and {most} (what model {engine.name!r} reads of "
+                              f"a text: its context less its special tokens), got {size}")
+        if request.overlap_tokens >= size:
+            raise BadArgument(f"overlap_tokens must be below max_tokens ({size}), got {request.overlap_tokens}")
+        return chunker, size
+
+    @staticmethod
+    def _character_chunks(request: pb.ChunkRequest, inputs: list[str]) -> list[list[TextPiece]]:
+        size = request.max_chars if request.HasField("max_chars") else DEFAULT_MAX_CHARS
+        if size < 1:
+            raise BadArgument(f"max_chars must be at least 1, got {size}")
+        if request.overlap_chars >= size:
+            raise BadArgument(f"overlap_chars must be below max_chars ({size}), got {request.overlap_chars}")
+        separators = list(request.separators) or list(DEFAULT_SEPARATORS)
+        if not all(separators):
+            raise BadArgument("separators must not be empty strings")
+        return [character_chunks(text, size, request.overlap_chars, separators) for text in inputs]

@@ -10,17 +10,29 @@ make llama.cpp drop the request, which it does when the gRPC call went away.
 The sidecar's admission never hands llama.cpp more requests than it has
 slots, so a request starts decoding as soon as it gets here: its queue time
 is measured in admission, not hidden in llama.cpp's own task queue.
+
+llama.cpp's HTTP server comes with it: xllamacpp always starts its listener
+(an empty host list crashes the process), by default on 127.0.0.1 at a random
+port without a key, where any local user could generate past the sidecar's
+socket, tenants and metering.  We never use it (requests go through the
+handle_* calls), so it listens on a Unix socket in a directory of its own
+(mode 0700, the sidecar's user), requires a random key nobody is told, and
+has its slots and metrics endpoints off; engine_args may not change that.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from llm_sidecar import metrics
+from llm_sidecar.config import ModelConfig
 from llm_sidecar.metering import Metered
 from llm_sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
@@ -31,9 +43,38 @@ _FINISH = {"stop": "stop", "length": "length"}
 STOP_WAIT_S = 2.0
 # Host memory for llama.cpp's prompt cache (see load()).
 PROMPT_CACHE_MIB = 256
+# CommonParams that shape llama.cpp's HTTP listener: private_listener() sets them, engine_args may not.
+LISTENER_ARGS = ("hostnames", "port", "reuse_port", "api_keys", "endpoint_slots", "endpoint_props",
+                 "endpoint_metrics", "n_threads_http", "ssl_file_cert", "ssl_file_key")
+
+
+def private_listener(params: Any) -> str:
+    """Confine llama.cpp's HTTP server, which xllamacpp cannot leave out, to this process's user.
+
+    Upstream llama.cpp listens on a Unix socket when a host name ends in .sock; the socket sits
+    in a fresh 0700 directory (mkdtemp), so no other user can connect.  A random key and closed
+    slots and metrics endpoints keep it shut should that directory ever be opened.  Returns the
+    directory, for close() to remove."""
+    directory = tempfile.mkdtemp(prefix="llmfdw-llama-")
+    params.hostnames = [os.path.join(directory, "http.sock")]
+    params.api_keys = [secrets.token_urlsafe(32)]
+    params.endpoint_slots = False
+    params.endpoint_props = False
+    params.endpoint_metrics = False
+    params.n_threads_http = 1   # nothing is served there
+    return directory
+
 
 class LlamaCppEngine(GenerationEngine):
     engine_name = "llama_cpp"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        listener = sorted(set(config.engine_args) & set(LISTENER_ARGS))
+        if listener:  # raised by engines.build: the sidecar refuses to start, before loading anything
+            raise ValueError(f"model {config.name}: engine_args {listener} would open llama.cpp's HTTP "
+                             f"server; the sidecar keeps it private and serves only through gRPC")
+        self._http_dir = ""
 
     async def load(self) -> None:
         import xllamacpp
@@ -55,13 +96,19 @@ class LlamaCppEngine(GenerationEngine):
             setattr(params, key, value)
         if not os.path.exists(params.model.path):
             raise FileNotFoundError(params.model.path)
-        self._server = await asyncio.to_thread(xllamacpp.Server, params)
+        self._http_dir = private_listener(params)
+        try:
+            self._server = await asyncio.to_thread(xllamacpp.Server, params)
+        except Exception:   # not on cancellation: the thread may still bind there
+            shutil.rmtree(self._http_dir, ignore_errors=True)
+            raise
         # One thread per in-flight request; the slots bound real concurrency.
         self._pool = ThreadPoolExecutor(max_workers=max(8, cfg.parallel * 8), thread_name_prefix=cfg.name)
         self.state = READY
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._http_dir, ignore_errors=True)   # llama.cpp leaves its socket behind
 
     def _request(self, prompt: str, system: str, raw: bool, params: GenerateParams) -> tuple[str, dict]:
         body: dict[str, Any] = {

@@ -17,6 +17,8 @@ The work one text can cause is bounded by what the model reads: a text is cut
 at CHARS_PER_TOKEN characters per token of context (engines/base.py) before
 it is tokenized.  A cut text, or one with more tokens than the context, is
 reported as truncated, and its input_tokens count the part kept by the cut.
+Callers that must not lose the rest split texts first with the Chunk RPC,
+which counts with this model's tokenizer (`chunker`, chunking.TokenChunker).
 
 `dtype` (config) picks float32 or bfloat16 weights and activations;
 bfloat16 needs AVX512-BF16 or AMX on the CPU (engines/base.check_dtype,
@@ -32,6 +34,7 @@ import numpy as np
 
 from llm_sidecar import metrics
 from llm_sidecar.batching import Batch, Batcher, Group, Request, TokenIds
+from llm_sidecar.chunking import TokenChunker
 from llm_sidecar.engines.base import READY, EmbeddingEngine, bound_torch_caches, check_dtype
 from llm_sidecar.metering import Metered
 
@@ -53,6 +56,7 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self.dimensions = self._model.get_embedding_dimension()
         self.max_tokens = self.context_length = int(self._model.max_seq_length)
         self._tokenize = TokenIds(self._model.tokenizer, self.max_tokens)
+        self.chunker = TokenChunker(self._model.tokenizer, self.max_tokens)   # the Chunk RPC (chunking.py)
         self._batcher = Batcher(max_batch=self.config.max_batch, max_batch_tokens=self.config.max_batch_tokens,
                                 context=self.max_tokens, wait_ms=self.config.batch_wait_ms, tail=self._tokenize.tail,
                                 depth=metrics.EMBED_QUEUE.labels(self.name))

@@ -1,0 +1,138 @@
+"""Benchmark: how fast a cancel ends an llm query, with other sessions loading the sidecar.
+
+    .venv/bin/python bench/bench_cancel.py [--loads 0,4,8,14] [--cancels 20]
+
+Starts its own Postgres and sidecar (deploy/embedded.py, in a temporary directory).  For each
+number of loading sessions (--loads), that many sessions run mixed work in a loop (an embedding
+query of 500 texts, a 64-token completion), while one more session runs, --cancels times, one of
+the victim queries below and is cancelled with pg_cancel_backend from another connection at a
+random moment 0.2-1.2 s into it:
+
+  generate    - one completion of up to 1,500 tokens;
+  embed_bulk  - `input = ANY(...)` over 200,000 distinct texts (parts of 4,096 to the sidecar);
+  join        - a LATERAL join of 4 long completions (the batched nested loop).
+
+The latency is the time from pg_cancel_backend's return to the victim's error (what a user's
+Ctrl-C waits for).  Prints median, p90, p99 and max per load and writes bench/results/cancel.json.
+The goal (issue 18): p99 <= 50 ms at every load.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.common import corpus, remove, save, scratch_layout  # noqa: E402
+from deploy import embedded  # noqa: E402
+
+LONG = "Write a very long story about a dragon and a knight, with many chapters."
+VICTIMS = {
+    "generate": ("SELECT completion FROM llm.completions WHERE prompt = %s AND max_tokens = 1500", (LONG,)),
+    "embed_bulk": ("SELECT count(*) FROM llm.embeddings WHERE input = ANY(ARRAY("
+                   "SELECT 'cancel me ' || g || ' ' || md5(g::text) FROM generate_series(1, 200000) g))", None),
+    "join": ("SELECT c.completion FROM generate_series(1, 4) g, LATERAL (SELECT * FROM llm.completions "
+             "WHERE prompt = %s || ' Chapter ' || g AND max_tokens = 1500) c", (LONG,)),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank), so p99 of 20 samples is the largest."""
+    ranked = sorted(values)
+    return ranked[min(len(ranked) - 1, max(0, int(round(q / 100 * len(ranked) + 0.5)) - 1))]
+
+
+def load_session(uri: str, stop: threading.Event, texts: list[str], errors: list[str]) -> None:
+    """Mixed work until `stop`: an embedding query of 500 texts, then a short completion."""
+    with psycopg.connect(uri, autocommit=True) as conn:
+        i = 0
+        while not stop.is_set():
+            try:
+                start = (i * 500) % (len(texts) - 500)
+                conn.execute("SELECT count(*) FROM llm.embeddings WHERE input = ANY(%s)", (texts[start:start + 500],))
+                conn.execute("SELECT completion FROM llm.completions WHERE prompt = %s AND max_tokens = 64",
+                             (f"Tell me fact number {i} about databases.",))
+            except psycopg.Error as err:
+                errors.append(str(err).splitlines()[0])
+            i += 1
+
+
+def cancel_once(uri: str, kind: str, rng: random.Random) -> float:
+    """Run victim `kind`, cancel it at a random moment; seconds from the cancel to the error."""
+    sql, params = VICTIMS[kind]
+    with psycopg.connect(uri, autocommit=True) as victim, psycopg.connect(uri, autocommit=True) as other:
+        pid = victim.info.backend_pid
+        victim.execute("SELECT 1 FROM llm.models LIMIT 1")   # the backend's Python and channel are up
+        ended: dict[str, float] = {}
+
+        def run() -> None:
+            try:
+                victim.execute(sql, params)
+            except psycopg.errors.QueryCanceled:
+                ended["at"] = time.monotonic()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(rng.uniform(0.2, 1.2))
+        other.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        sent = time.monotonic()
+        thread.join(60)
+        if "at" not in ended:
+            raise RuntimeError(f"{kind}: the query was not cancelled (finished first, or hung)")
+        return ended["at"] - sent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loads", default="0,4,8,14", help="numbers of loading sessions, comma-separated")
+    parser.add_argument("--cancels", type=int, default=20, help="cancels per load")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "cancel.json"))
+    args = parser.parse_args()
+    loads = [int(n) for n in args.loads.split(",")]
+    rng = random.Random(18)
+    texts = corpus(5000)
+    layout = scratch_layout("bench-cancel")
+    results: dict = {"loads": {}}
+    try:
+        uri = embedded.up(layout, demo=False)
+        for load in loads:
+            stop, errors = threading.Event(), []
+            workers = [threading.Thread(target=load_session, args=(uri, stop, texts, errors), daemon=True)
+                       for _ in range(load)]
+            for w in workers:
+                w.start()
+            time.sleep(2 if load else 0)
+            latencies: dict[str, list[float]] = {kind: [] for kind in VICTIMS}
+            try:
+                for i in range(args.cancels):
+                    kind = list(VICTIMS)[i % len(VICTIMS)]
+                    latencies[kind].append(cancel_once(uri, kind, rng))
+            finally:
+                stop.set()
+                for w in workers:
+                    w.join(120)
+            every = [ms * 1000 for values in latencies.values() for ms in values]
+            row = {"sessions": load, "cancels": len(every), "median_ms": statistics.median(every),
+                   "p90_ms": percentile(every, 90), "p99_ms": percentile(every, 99), "max_ms": max(every),
+                   "max_ms_by_kind": {k: max(v) * 1000 for k, v in latencies.items() if v},
+                   "load_errors": len(errors)}
+            results["loads"][str(load)] = row
+            print(f"{load:>3} loading sessions: {row['cancels']} cancels, median {row['median_ms']:.1f} ms, "
+                  f"p90 {row['p90_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, max {row['max_ms']:.1f} ms "
+                  f"(by kind: {', '.join(f'{k} {v:.0f}' for k, v in row['max_ms_by_kind'].items())}; "
+                  f"load errors {row['load_errors']})", flush=True)
+    finally:
+        remove(layout)
+    save(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
