@@ -6,6 +6,7 @@
 #   make uri      print the psql connection string (with the generated password)
 #   make test     install what is missing and run the test suite (starts its own Postgres/sidecar;
 #                 EMBED_DTYPE=float32 forces the embedding dtype that `auto` would not pick here)
+#   make test-unit  only the tests without Postgres, sidecar or model (tests/unit, seconds)
 #   make bench    run the benchmarks (figures printed and written to bench/results/*.json)
 #   make install  only the install steps (system packages, venv, requirements, package, C extension)
 #   make test-vllm  build the vLLM venv (CPU build) if needed and test the sidecar's vLLM engine
@@ -43,10 +44,10 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-cancel clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-unit test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-cancel clean distclean
 
 help:
-	@sed -n '3,12s/^# //p' Makefile
+	@sed -n '3,13s/^# //p' Makefile
 
 install: sysdeps $(STAMP)-package ext
 
@@ -129,6 +130,10 @@ prometheus:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
 	fi
+
+# tests/unit: no Postgres, no sidecar, no model (seconds).
+test-unit: $(STAMP)-package
+	$(PY) -m pytest tests/unit -q
 
 # EMBED_DTYPE=float32 (or bfloat16) runs the session sidecar's embedding model in that dtype
 # instead of `auto` (tests/conftest.py session_models_file).

@@ -17,7 +17,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import psycopg
@@ -25,7 +24,6 @@ import pytest
 
 from backend_cancel import CANCEL_WITHIN_S, cancel_from_another_session, generation_tokens, wait_until_decoding
 from deploy import embedded, pg15
-from sidecar_process import sample, scrape
 from vectors import assert_same_embeddings
 
 DATABASE = "llmfdw_pg15"
