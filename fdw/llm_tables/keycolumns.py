@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 from multicorn import Qual
 
+from llm_tables import interrupts
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 
 Check = Callable[[Any], "str | None"]
@@ -131,10 +132,10 @@ class KeyColumns:
             given = [v for v in given if v is not None]
             if not given:
                 empty = True
-            for v in given:
+            for v in interrupts.checked(given):   # a long list takes a while: stay cancellable
                 self.check(col, v)
             if col.name in values:  # several quals on one column: intersect
-                values[col.name] = [v for v in values[col.name] if v in given]
+                values[col.name] = _intersection(values[col.name], given)
                 empty = empty or not values[col.name]
             else:
                 values[col.name] = _distinct(given)
@@ -196,16 +197,27 @@ def range_hint(quals: Iterable[Qual], column: str, parse: Callable[[Any], Any] =
 
 
 def _distinct(values: list[Any]) -> list[Any]:
-    """Distinct values in order; values may be unhashable (an array column's lists)."""
+    """Distinct values in order; values may be unhashable (an array column's lists, which are
+    short: a stop list)."""
     try:
         return list(dict.fromkeys(values))
     except TypeError:
         pass
     out: list[Any] = []
-    for v in values:
+    for v in interrupts.checked(values):
         if v not in out:
             out.append(v)
     return out
+
+
+def _intersection(kept: list[Any], given: list[Any]) -> list[Any]:
+    """The values of `kept` that are also in `given`, in kept's order: by hashing where the values
+    allow (`input = ANY(a) AND input = ANY(b)` over two long arrays is linear, not quadratic)."""
+    try:
+        wanted: Any = set(given)
+    except TypeError:
+        wanted = given
+    return [v for v in interrupts.checked(kept) if v in wanted]
 
 
 def _op(qual: Qual) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
 
+from llm_tables import interrupts
 from llm_tables.client import SESSION_ID, CallControl, SidecarClient, new_request_id
 from llm_tables.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, SPECS, USAGE, TableSpec
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
@@ -36,14 +37,6 @@ except ImportError:  # under a real Multicorn2, or plain Python
 # is costed out of reach: the planner then prefers a parameterized nested
 # loop that feeds the qual from a join (as Steampipe does).
 UNUSABLE_ROWS = 1e9
-
-
-def _should_stop() -> bool:
-    """Whether Postgres wants the query to stop.  Only our host can say so safely: Multicorn2's
-    check_interrupts() longjmps out through the running Python frames (the gRPC call is never
-    cancelled and the backend's next statement crashed in tests/test_multicorn2.py), so under
-    it a call ends only at its deadline (the server's timeout option)."""
-    return bool(_host.interrupt_pending()) if _host is not None else False
 
 
 def _time_left() -> float | None:
@@ -66,7 +59,7 @@ def _client(options: dict[str, Any], server: str) -> SidecarClient:
     if not address:
         raise LlmError(f"foreign server {server} has no address option",
                        hint=f"ALTER SERVER {server} OPTIONS (ADD address 'unix:///path/to/sidecar.sock');")
-    return SidecarClient(address, CallControl(_should_stop, _time_left, options.get("timeout", DEFAULT_TIMEOUT)),
+    return SidecarClient(address, CallControl(interrupts.pending, _time_left, options.get("timeout", DEFAULT_TIMEOUT)),
                          tls_settings(options))
 
 
@@ -327,9 +320,10 @@ def embed_parts(inputs: list[str], max_bytes: int = EMBED_PART_BYTES,
     """[start, end) slices of `inputs`, each one request: at most max_inputs inputs and, unless
     one input alone is larger, max_bytes of UTF-8.  So `input = ANY(ARRAY(SELECT body FROM t))`
     is not bounded by a gRPC message (64 MiB) but by the backend's memory; an input over the
-    message limit still fails before it is sent, naming the limit."""
+    message limit still fails before it is sent, naming the limit.  Asks Postgres whether to
+    stop as it goes (a long list takes a while)."""
     parts, start, size = [], 0, 0
-    for i, text in enumerate(inputs):
+    for i, text in enumerate(interrupts.checked(inputs)):
         n = len(text.encode())
         if i > start and (size + n > max_bytes or i - start >= max_inputs):
             parts.append((start, i))
