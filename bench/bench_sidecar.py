@@ -108,7 +108,8 @@ class InProcess:
 
     async def generate(self, _client: int, text: str, max_tokens: int) -> Sample:
         start, first, tokens = time.perf_counter(), 0.0, 0
-        async for event in self.generator.generate(text, "", False, GenerateParams(max_tokens, 0.0), Metered()):
+        params = GenerateParams({"max_tokens": max_tokens, "temperature": 0.0})
+        async for event in self.generator.generate(text, "", False, params, Metered()):
             if isinstance(event, GenerateFinal):
                 tokens = event.output_tokens
             elif not first:

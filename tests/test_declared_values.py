@@ -1,8 +1,8 @@
 """Values and column types against the tables' declarations, tried as a delegated admin and a
 plain role (never the superuser, except to set the stage).
 
-- Generation parameters (max_tokens, temperature, top_p, seed) have one range each
-  (llm_inference.v1.params): a table option or server default out of it fails when the DDL runs,
+- Generation parameters (max_tokens, temperature, top_p, seed, the penalties) have one range each
+  (llm_inference.v1.params.PARAMS): a table option or server default out of it fails when the DDL runs,
   a qual out of it fails before any request, with SQLSTATE 22023 and a hint; NaN nowhere passes.
 - A foreign table whose column types are not the declaration's (`embedding uuid`,
   `max_tokens text`) fails at its first query with 42804 naming the column and both types;
@@ -66,6 +66,10 @@ def refused(dsn: str, sql: str, error: type[psycopg.Error]) -> psycopg.Error:
      "OPTIONS (table 'completions', top_p '0')", "option top_p must be in (0, 1], got 0"),
     ("CREATE FOREIGN TABLE vt.c_bad (prompt text, completion text) SERVER vt_srv "
      "OPTIONS (table 'completions', seed '-1')", "option seed must be in [0, 2147483647], got -1"),
+    ("ALTER SERVER vt_srv OPTIONS (ADD default_frequency_penalty '2.5')",
+     "option default_frequency_penalty must be in [-2, 2], got 2.5"),
+    ("CREATE FOREIGN TABLE vt.c_bad (prompt text, completion text) SERVER vt_srv "
+     "OPTIONS (table 'completions', repetition_penalty '0')", "option repetition_penalty must be in (0, 2], got 0"),
 ])
 def test_defaults_out_of_range_fail_when_the_ddl_runs(roles, ddl, words):
     err = refused(roles["dora"], ddl, psycopg.errors.InvalidParameterValue)
@@ -74,16 +78,19 @@ def test_defaults_out_of_range_fail_when_the_ddl_runs(roles, ddl, words):
 
 
 def test_defaults_in_range_are_taken(roles):
-    run(roles["dora"], "ALTER SERVER vt_srv OPTIONS (ADD default_temperature '0', ADD default_max_tokens '2')")
+    run(roles["dora"], "ALTER SERVER vt_srv OPTIONS (ADD default_temperature '0', ADD default_max_tokens '2', "
+                       "ADD default_frequency_penalty '-1.5')")
     try:
         run(roles["dora"], f"CREATE FOREIGN TABLE vt.c_ok (prompt text, max_tokens int, temperature float8, "
-                           f"output_tokens int) SERVER vt_srv OPTIONS (table 'completions', model '{GEN_MODEL}', "
-                           f"top_p '1', seed '7')")
-        rows = run(roles["dora"], "SELECT max_tokens, temperature, output_tokens FROM vt.c_ok WHERE prompt = 'Hi'")
-        assert rows == [(2, 0.0, 2)]
+                           f"frequency_penalty float8, output_tokens int) SERVER vt_srv "
+                           f"OPTIONS (table 'completions', model '{GEN_MODEL}', top_p '1', seed '7')")
+        rows = run(roles["dora"], "SELECT max_tokens, temperature, frequency_penalty, output_tokens FROM vt.c_ok "
+                                  "WHERE prompt = 'Hi'")
+        assert rows == [(2, 0.0, -1.5, 2)]
     finally:
         run(roles["dora"], "DROP FOREIGN TABLE IF EXISTS vt.c_ok")
-        run(roles["dora"], "ALTER SERVER vt_srv OPTIONS (DROP default_temperature, DROP default_max_tokens)")
+        run(roles["dora"], "ALTER SERVER vt_srv OPTIONS (DROP default_temperature, DROP default_max_tokens, "
+                           "DROP default_frequency_penalty)")
 
 
 @pytest.mark.parametrize("qual, words", [
@@ -92,6 +99,8 @@ def test_defaults_in_range_are_taken(roles):
     ("max_tokens = -5", "max_tokens must be at least 1, got -5"),
     ("top_p = 0", "top_p must be in (0, 1], got 0"),
     ("seed = -1", "seed must be in [0, 2147483647], got -1"),
+    ("presence_penalty = 'NaN'", "presence_penalty must be in [-2, 2], got nan"),
+    ("repetition_penalty = 2.5", "repetition_penalty must be in (0, 2], got 2.5"),
 ])
 def test_parameters_out_of_range_in_a_query_name_the_range_with_a_hint(roles, qual, words):
     err = refused(roles["alice"], f"SELECT completion FROM llm.completions WHERE prompt = 'Hi' AND {qual}",

@@ -44,6 +44,23 @@ def test_prompt_and_max_tokens_both_from_the_outer_row(conn):
     assert all(out <= n for _, n, out in rows)
 
 
+# Greedy decoding of this prompt starts "1. 1 cat"; with any of the penalties it takes another path.
+REPETITIVE = "Write the word cat ten times."
+
+
+@pytest.mark.parametrize("column", ["frequency_penalty", "presence_penalty", "repetition_penalty"])
+def test_sampling_penalties_reach_llama_cpp(conn, column):
+    """Each penalty goes from the qual to llama.cpp under llama.cpp's name for it (repetition_penalty
+    as repeat_penalty: one it did not know would be ignored and change nothing), and the row is
+    whole: a completion of max_tokens tokens, echoing the value."""
+    sql = "SELECT completion, finish_reason, output_tokens, {0} FROM llm.completions " \
+          "WHERE prompt = %s AND max_tokens = 4{1}"
+    plain = conn.execute(sql.format(column, ""), (REPETITIVE,)).fetchone()
+    penalised = conn.execute(sql.format(column, f" AND {column} = 1.5"), (REPETITIVE,)).fetchone()
+    assert plain[1:] == ("length", 4, None) and penalised[1:] == ("length", 4, 1.5)
+    assert penalised[0] != plain[0], (plain[0], penalised[0])
+
+
 @pytest.mark.parametrize("condition", [
     "max_tokens = 5.5",             # numeric comparison: a cast on the column, not sendable
     "max_tokens::text = '5'",
@@ -81,6 +98,8 @@ def test_output_columns_still_filter_normally(conn):
      "22023", ["stop", "empty"]),
     ("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND temperature = 'NaN'",
      "22023", ["temperature"]),
+    ("SELECT completion FROM llm.completions WHERE prompt = 'hi' AND frequency_penalty = 2.5",
+     "22023", ["frequency_penalty must be in [-2, 2], got 2.5"]),
     ("SELECT * FROM llm.rag('What is it?', 'pg_class', k => 0)", "22023", ["k", "at least 1"]),
 ])
 def test_bad_values_are_sql_errors_naming_the_column(conn, sql, sqlstate, words):

@@ -37,6 +37,8 @@ def write(tmp_path, model_extra: str = "", top: str = ""):
      "models[0].defaults.max_tokens: must be at most context_length (2048), not 4096"),
     (", defaults: {temperature: .nan}", "", "models[0].defaults.temperature: must be a finite number, not nan"),
     (", defaults: {top_p: 0}", "", "models[0].defaults.top_p: must be > 0, not 0"),
+    (", defaults: {frequency_penalty: 2.5}", "", "models[0].defaults.frequency_penalty: must be <= 2, not 2.5"),
+    (", defaults: {repetition_penalty: 0}", "", "models[0].defaults.repetition_penalty: must be > 0, not 0"),
     (", defaults: {tempreature: 0.5}", "", "models[0].defaults: unknown keys ['tempreature']"),
     (", parallel: 8, session_reserve: 8", "",
      "models[0].session_reserve: must be in [0, parallel - 1] = [0, 7], not 8"),
@@ -85,11 +87,27 @@ def rejected(call) -> grpc.RpcError:
     (dict(seed=-1), "seed must be in [0, 2147483647], got -1"),
     (dict(seed=2**40), "seed must be in [0, 2147483647], got 1099511627776"),
     (dict(max_tokens=0), "max_tokens must be at least 1, got 0"),
+    (dict(frequency_penalty=2.5), "frequency_penalty must be in [-2, 2], got 2.5"),
+    (dict(presence_penalty=float("-inf")), "presence_penalty must be in [-2, 2], got -inf"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be in (0, 2], got 0"),
 ])
 def test_bad_generation_parameters_name_the_field(stub, params, words):
     err = rejected(lambda: stub.Generate(pb.GenerateRequest(model=GEN, prompt="Hi",
                                                             params=pb.GenerationParams(**params))))
     assert err.details() == words
+
+
+def test_the_penalties_at_their_edges_generate(stub):
+    """Each end of each penalty's range is served: an answer that ends as answers do (a tiny
+    repetition_penalty may favour the prompt's end-of-turn token: STOP within max_tokens)."""
+    for edge in (dict(frequency_penalty=-2.0, presence_penalty=2.0, repetition_penalty=1e-3),
+                 dict(frequency_penalty=2.0, presence_penalty=-2.0, repetition_penalty=2.0)):
+        events = list(stub.Generate(pb.GenerateRequest(model=GEN, prompt="Say hi.", params=pb.GenerationParams(
+            max_tokens=3, **edge))))
+        final = events[-1].final
+        assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_STOP), edge
+        assert 1 <= final.usage.output_tokens <= 3, edge
+        assert all(e.HasField("delta") for e in events[:-1])
 
 
 def test_texts_over_the_size_limit_are_refused_at_once_naming_the_input(stub):

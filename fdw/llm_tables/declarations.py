@@ -12,21 +12,23 @@ columns the FDW class resolves quals with (keycolumns.py), the options it
 accepts (options.py), and the DDL that IMPORT FOREIGN SCHEMA creates
 (SidecarTables.import_schema in tables.py).
 
-Ranges of request values (max_tokens >= 1, temperature in [0, 2], ...) are
-defined once, in llm_inference.v1.params, which the sidecar checks every
-request against too; a column declared with `param=` is checked against it
-here, so a bad value fails when the DDL runs (an option) or before any
-request is sent (a qual), with a hint.  Beside that, what the wire format
-needs: an integer column's value fits its SQL type, a stop list holds no
-NULL, text is UTF-8.  The foreign table's own column types are checked
-against the declaration when the table is first planned (check_column_types).
+The generation parameters (max_tokens, temperature, ...) are defined once, in
+the registry llm_inference.v1.params.PARAMS: llm.completions has one request
+column per entry (its name and SQL type, settable as an option), and the
+sidecar checks every request against the same ranges; a column declared
+with `param=` is checked against its range here, so a bad value fails when
+the DDL runs (an option) or before any request is sent (a qual), with a
+hint.  Beside that, what the wire format needs: an integer column's value
+fits its SQL type, a stop list holds no NULL, text is UTF-8.  The foreign
+table's own column types are checked against the declaration when the table
+is first planned (check_column_types).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from llm_inference.v1.params import MAX_TOKENS, SEED, TEMPERATURE, TOP_P, Param
+from llm_inference.v1.params import PARAMS, Param
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 from llm_tables.keycolumns import Check, KeyColumn, KeyColumns, fits, text_list
 
@@ -205,10 +207,7 @@ COMPLETIONS = TableSpec(
         request("prompt", "text", required=True, many=True),
         request("model", "text", option=True),
         request("system", "text", option=True),
-        request("max_tokens", "integer", option=True, param=MAX_TOKENS),
-        request("temperature", "double precision", option=True, param=TEMPERATURE),
-        request("top_p", "double precision", option=True, param=TOP_P),
-        request("seed", "bigint", option=True, param=SEED),
+        *(request(p.name, p.sql_type, option=True, param=p) for p in PARAMS),   # the generation parameters
         request("stop", "text[]", check=text_list("stop")),
         Column("completion", "text"),
         Column("finish_reason", "text"),

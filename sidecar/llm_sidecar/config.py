@@ -17,8 +17,9 @@ default or reaches an engine as a string (llama.cpp once got n_ctx "204820482048
 
 A generation model's `session_reserve` is how many of its `parallel` slots one session can
 never take (default max(1, parallel // 8), 0 when parallel is 1): see tenants.py for why.  Its
-`defaults` may set max_tokens, temperature and top_p (the values a request that leaves them out
-gets); the servicer checks a request's own values with the same ranges.
+`defaults` may set any generation parameter (llm_inference.v1.params.PARAMS: max_tokens,
+temperature, top_p, ...), the value a request that leaves it out gets; the servicer checks a
+request's own values with the same ranges.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
-from llm_inference.v1.params import MAX_TOKENS, TEMPERATURE, TOP_P
+from llm_inference.v1.params import PARAMS, Param
 
 DEFAULT_CONFIG = Path(__file__).with_name("models.yaml")
 DEFAULT_TENANT = "default"   # the tenant of a request that names none
@@ -66,12 +67,22 @@ class _Strict(BaseModel):
 PositiveInt = Annotated[int, Field(ge=1)]
 
 
-class RequestDefaults(_Strict):
-    """What a generation request that leaves a parameter out gets (servicer._params), in the
-    ranges every request is held to (llm_inference.v1.params)."""
-    max_tokens: Annotated[int, Field(ge=MAX_TOKENS.low, le=MAX_TOKENS.high)] | None = None
-    temperature: Annotated[float, Field(ge=TEMPERATURE.low, le=TEMPERATURE.high)] | None = None
-    top_p: Annotated[float, Field(gt=TOP_P.low, le=TOP_P.high)] | None = None
+# JSON Schema's range keywords (Param.bounds) -> pydantic's
+_FIELD_BOUNDS = {"minimum": "ge", "exclusiveMinimum": "gt", "maximum": "le"}
+
+
+def _default_key(param: Param) -> tuple[Any, None]:
+    """A model's `defaults` key for one generation parameter: optional, of its type and range."""
+    bounds = {_FIELD_BOUNDS[keyword]: value for keyword, value in param.bounds.items()}
+    return Annotated[param.kind, Field(**bounds)] | None, None
+
+
+RequestDefaults = create_model(
+    "RequestDefaults", __base__=_Strict,
+    __doc__="What a generation request that leaves a parameter out gets (servicer._params): one key "
+            "per generation parameter (llm_inference.v1.params.PARAMS), in the range every request is "
+            "held to.",
+    **{p.name: _default_key(p) for p in PARAMS})
 
 
 class ModelConfig(_Strict):

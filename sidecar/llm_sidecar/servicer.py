@@ -64,7 +64,7 @@ from llm_sidecar.metering import Metered, UsageBook
 from llm_sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
-from llm_inference.v1.params import MAX_TOKENS, SEED, TEMPERATURE, TOP_P
+from llm_inference.v1.params import PARAMS
 
 log = logging.getLogger("llm_sidecar")
 
@@ -220,26 +220,27 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @staticmethod
     def _params(engine: Engine, p: pb.GenerationParams) -> GenerateParams:
-        """The request's parameters, the model's defaults for those it leaves out, each in its
-        range (llm_inference.v1.params, which the FDW checks too) and max_tokens within the
-        model's context."""
-        defaults = engine.config.defaults
-        max_tokens = p.max_tokens if p.HasField("max_tokens") else (defaults.max_tokens or 128)
-        temperature = p.temperature if p.HasField("temperature") else (defaults.temperature or 0.0)
-        top_p = p.top_p if p.HasField("top_p") else defaults.top_p
-        seed = p.seed if p.HasField("seed") else None
-        for param, value in ((MAX_TOKENS, max_tokens), (TEMPERATURE, temperature), (TOP_P, top_p), (SEED, seed)):
-            problem = None if value is None else param.problem(value)
+        """The request's parameters: for each one of the registry (llm_inference.v1.params.PARAMS)
+        the request's field if set, else the model's YAML default, else the registry's default
+        (else none: the engine's own), each in its range (which the FDW checks too), and
+        max_tokens within the model's context."""
+        values: dict[str, int | float] = {}
+        for param in PARAMS:
+            value = getattr(p, param.name) if p.HasField(param.name) else getattr(engine.config.defaults, param.name)
+            value = param.default if value is None else value
+            if value is None:
+                continue
+            problem = param.problem(value)
             if problem:
                 raise BadArgument(problem)
-        if max_tokens > engine.config.context_length:
+            values[param.name] = value
+        if values["max_tokens"] > engine.config.context_length:
             raise BadArgument(f"max_tokens must be at most the model's context length "
-                              f"{engine.config.context_length}, got {max_tokens}")
+                              f"{engine.config.context_length}, got {values['max_tokens']}")
         for i, stop in enumerate(p.stop):
             if not stop:
                 raise BadArgument(f"stop strings must not be empty (stop[{i}], 0-based, is '')")
-        return GenerateParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed, stop=list(p.stop))
+        return GenerateParams(values, stop=list(p.stop))
 
     def _check_size(self, text: str, what: str) -> None:
         """INVALID_ARGUMENT when `text` is over max_input_bytes of UTF-8.  A character is 1 to 4

@@ -39,10 +39,12 @@ def test_bad_values_name_the_column(qual, words):
 
 
 @pytest.mark.parametrize("param, good, bad", [
-    (params.MAX_TOKENS, [1, 2048, 2**31 - 1], [0, -5, 2**31, 1.5, "3", True]),
-    (params.TEMPERATURE, [0, 0.0, 0.7, 2, 2.0], [-0.5, 2.01, float("nan"), float("inf"), -float("inf"), "0.5"]),
-    (params.TOP_P, [1e-9, 0.5, 1], [0, 0.0, 1.5, float("nan"), float("inf")]),
-    (params.SEED, [0, 42, 2**31 - 1], [-1, 2**31, 2**40, 0.5]),
+    (params.BY_NAME["max_tokens"], [1, 2048, 2**31 - 1], [0, -5, 2**31, 1.5, "3", True]),
+    (params.BY_NAME["temperature"], [0, 0.0, 0.7, 2, 2.0], [-0.5, 2.01, float("nan"), float("inf"), -float("inf"), "0.5"]),
+    (params.BY_NAME["top_p"], [1e-9, 0.5, 1], [0, 0.0, 1.5, float("nan"), float("inf")]),
+    (params.BY_NAME["seed"], [0, 42, 2**31 - 1], [-1, 2**31, 2**40, 0.5]),
+    (params.BY_NAME["frequency_penalty"], [-2, 0, 1.5, 2.0], [-2.01, 2.5, float("nan"), "1"]),
+    (params.BY_NAME["repetition_penalty"], [1e-9, 1, 2.0], [0, 0.0, -1, 2.01, float("inf")]),
 ])
 def test_the_parameter_table_gives_each_range_once(param, good, bad):
     """The one definition the FDW (options, quals) and the sidecar (servicer, YAML) all read."""
@@ -51,10 +53,10 @@ def test_the_parameter_table_gives_each_range_once(param, good, bad):
     for value in bad:
         problem = param.problem(value)
         assert problem and problem.startswith(f"{param.name} must be"), value
-    assert params.TEMPERATURE.problem(float("nan")) == "temperature must be in [0, 2] (0 = greedy), got nan"
-    assert params.MAX_TOKENS.problem(-5, "option default_max_tokens") == \
+    assert params.BY_NAME["temperature"].problem(float("nan")) == "temperature must be in [0, 2] (0 = greedy), got nan"
+    assert params.BY_NAME["max_tokens"].problem(-5, "option default_max_tokens") == \
         "option default_max_tokens must be at least 1, got -5"
-    assert set(params.PARAMS) == set(COMPLETIONS.params) == \
+    assert set(params.BY_NAME) == set(COMPLETIONS.params) == \
         set(pb.GenerationParams.DESCRIPTOR.fields_by_name) - {"stop"}
 
 
@@ -64,6 +66,8 @@ def test_the_parameter_table_gives_each_range_once(param, good, bad):
     (Qual("top_p", "=", 0.0), "top_p must be in (0, 1], got 0"),
     (Qual("max_tokens", "=", 0), "max_tokens must be at least 1, got 0"),
     (Qual("seed", "=", -1), "seed must be in [0, 2147483647], got -1"),
+    (Qual("frequency_penalty", "=", 2.5), "frequency_penalty must be in [-2, 2], got 2.5"),
+    (Qual("repetition_penalty", "=", 0.0), "repetition_penalty must be in (0, 2], got 0"),
 ])
 def test_a_parameter_out_of_range_is_refused_before_any_request(qual, words):
     with pytest.raises(errors.LlmError) as err:
@@ -79,6 +83,7 @@ def test_a_parameter_out_of_range_is_refused_before_any_request(qual, words):
     ({"default_max_tokens": "-5"}, "option default_max_tokens must be at least 1, got -5"),
     ({"top_p": "0"}, "option top_p must be in (0, 1], got 0"),
     ({"seed": "-1"}, "option seed must be in [0, 2147483647], got -1"),
+    ({"default_presence_penalty": "-3"}, "option default_presence_penalty must be in [-2, 2], got -3"),
 ])
 def test_option_defaults_out_of_range_fail_when_the_ddl_runs(options, words):
     server = {k: v for k, v in options.items() if k.startswith("default_")}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 import numpy as np
 
@@ -80,13 +80,21 @@ def readable_part(text: str, context: int) -> tuple[str, bool]:
     return (text[:limit], True) if len(text) > limit else (text, False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateParams:
-    max_tokens: int
-    temperature: float
-    top_p: float | None = None
-    seed: int | None = None
+    """A request's generation parameters as the servicer resolved and checked them: `values`
+    holds each parameter of the registry (llm_inference.v1.params.PARAMS) that has a value (the
+    request's, else the model's YAML default, else the registry's) under the registry's name;
+    one with none is absent, so the engine's own default applies.  max_tokens and temperature
+    always have one."""
+
+    values: Mapping[str, int | float]
     stop: list[str] = field(default_factory=list)
+
+    def named(self, renames: Mapping[str, str]) -> dict[str, int | float]:
+        """`values` under an engine's own names: `renames` maps each registry name the engine
+        spells differently (llama.cpp's repeat_penalty) and leaves the others as they are."""
+        return {renames.get(name, name): value for name, value in self.values.items()}
 
 
 @dataclass

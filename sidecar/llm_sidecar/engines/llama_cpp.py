@@ -43,6 +43,9 @@ _FINISH = {"stop": "stop", "length": "length"}
 STOP_WAIT_S = 2.0
 # Host memory for llama.cpp's prompt cache (see load()).
 PROMPT_CACHE_MIB = 256
+# Generation parameters (llm_inference.v1.params) that llama.cpp's server reads under another name;
+# it takes the rest (max_tokens, temperature, top_p, seed, the OpenAI penalties) as they are.
+RENAMES = {"repetition_penalty": "repeat_penalty"}
 # CommonParams that shape llama.cpp's HTTP listener: private_listener() sets them, engine_args may not.
 LISTENER_ARGS = ("hostnames", "port", "reuse_port", "api_keys", "endpoint_slots", "endpoint_props",
                  "endpoint_metrics", "n_threads_http", "ssl_file_cert", "ssl_file_key")
@@ -111,16 +114,13 @@ class LlamaCppEngine(GenerationEngine):
         shutil.rmtree(self._http_dir, ignore_errors=True)   # llama.cpp leaves its socket behind
 
     def _request(self, prompt: str, system: str, raw: bool, params: GenerateParams) -> tuple[str, dict]:
+        """(which handler, the OpenAI-shaped body llama.cpp's server reads): each parameter under
+        llama.cpp's name for it (RENAMES), an unset one left to llama.cpp's default."""
         body: dict[str, Any] = {
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
+            **params.named(RENAMES),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if params.top_p is not None:
-            body["top_p"] = params.top_p
-        if params.seed is not None:
-            body["seed"] = params.seed
         if params.stop:
             body["stop"] = params.stop
         if raw:

@@ -45,6 +45,16 @@ from llm_sidecar.metering import Metered
 # The AsyncEngineArgs a model's engine_args may set; anything else is a start-up error.
 ENGINE_ARGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
                "enable_prefix_caching", "max_num_seqs", "dtype", "quantization", "enforce_eager")
+
+
+def sampling_kwargs(params: GenerateParams) -> dict[str, Any]:
+    """SamplingParams' keyword arguments for a request: each generation parameter that has a
+    value (an unset one keeps SamplingParams' default), and the stop strings.  SamplingParams
+    names every parameter of the registry (llm_inference.v1.params) as the registry does, from
+    max_tokens to repetition_penalty, so nothing is renamed (llama.cpp renames one)."""
+    return {**params.values, "stop": params.stop or None}
+
+
 # A text embedded at load: it tells the vector size (a pooling model's output may differ from its
 # hidden size) and warms the engine up.
 _PROBE = "dimensions"
@@ -140,9 +150,7 @@ class VllmGenerationEngine(_Vllm, GenerationEngine):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        sampling = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                                  top_p=params.top_p if params.top_p is not None else 1.0,
-                                  seed=params.seed, stop=params.stop or None,
+        sampling = SamplingParams(**sampling_kwargs(params),
                                   output_kind=RequestOutputKind.DELTA)   # new text and token ids only
         ids = await asyncio.to_thread(self._locked, self._tokenize, prompt, system, raw)
         usage.input_tokens = len(ids)
