@@ -192,6 +192,11 @@ def test_up_twice_is_idempotent_then_down_stops_everything(work_dir):
         sock = layout.sidecar_socket.stat()
         assert (stat.S_IMODE(sock.st_mode), sock.st_uid) == (0o600, server_uid)
         assert stat.S_IMODE(layout.sidecar_run_dir.stat().st_mode) == 0o700
+        # Its log names roles and databases: private, in a closed directory, and its own (it rotates it).
+        log = layout.sidecar_log.stat()
+        assert (stat.S_IMODE(log.st_mode), log.st_uid) == (0o600, server_uid)
+        assert stat.S_IMODE(layout.log_dir.stat().st_mode) == 0o700
+        assert b"--log-file" in Path(f"/proc/{pids[1]}/cmdline").read_bytes()
 
         second = run("up")  # no --port: it must find the running server, not start another
         assert second.returncode == 0, second.stdout + second.stderr

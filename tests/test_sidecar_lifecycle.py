@@ -5,8 +5,13 @@ import: it starts in about a second).
 """
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +21,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy import embedded
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from sidecar_process import running_sidecar, sidecar_process
@@ -36,7 +42,10 @@ def health(stub) -> int:
 
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(tmp_path):
     sock = tmp_path / "s.sock"
-    with running_sidecar(str(sock), str(write_config(tmp_path / "c.yaml")), log_path=str(tmp_path / "log")) as proc, \
+    # A grace far above what 150 tokens take even on a loaded 2-core machine: the test is about
+    # what the drain does, not how fast the model decodes.
+    with running_sidecar(str(sock), str(write_config(tmp_path / "c.yaml")), log_path=str(tmp_path / "log"),
+                         extra=("--grace", "120")) as proc, \
             grpc.insecure_channel(f"unix://{sock}") as channel:
         stub = pb_grpc.InferenceStub(channel)
         call = stub.Generate(pb.GenerateRequest(model=GEN, prompt="Write a long story about a dragon.",
@@ -53,7 +62,7 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(tmp_path
             list(stub.Generate(pb.GenerateRequest(model=GEN, prompt="Hello")))
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in exc.value.details()
         assert reader.is_alive(), "the long generation should still be running during the drain"
-        reader.join(30)
+        reader.join(150)
         final = messages[-1].final
         assert final.finish_reason == pb.FINISH_REASON_LENGTH and final.usage.output_tokens == 150
         assert proc.wait(30) == 0
@@ -92,7 +101,6 @@ def test_max_connection_age_makes_clients_reconnect_without_failing_a_call(tmp_p
     call fails, and a generation that outlives its connection's age finishes on it."""
     import psutil
 
-    from deploy import embedded
     from llm_tables.client import channel_for, forget_channel
 
     port = embedded.free_port()
@@ -134,8 +142,6 @@ def test_max_connection_age_makes_clients_reconnect_without_failing_a_call(tmp_p
 
 @pytest.mark.parametrize("mode, warned", [(0o644, True), (0o600, False)])
 def test_a_config_with_tokens_that_every_user_may_read_is_warned_about(tmp_path, mode, warned):
-    from deploy import embedded
-
     config = write_config(tmp_path / "c.yaml")
     data = yaml.safe_load(config.read_text())
     data.update(auth="required", tenants=[{"name": "acme", "token": "s3cret"}])
@@ -148,28 +154,28 @@ def test_a_config_with_tokens_that_every_user_may_read_is_warned_about(tmp_path,
     assert ("holds tenants' tokens and every user of this host may read it" in log.read_text()) == warned
 
 
+
 def sidecar_user_ids() -> tuple[int, int]:
     """uid and gid the test sidecar runs as: the server OS user as root, else ourselves."""
-    import os
-    import pwd
-
-    from deploy import embedded
-
     user = embedded.server_os_user()
     entry = pwd.getpwnam(user) if user else pwd.getpwuid(os.geteuid())
     return entry.pw_uid, entry.pw_gid
 
 
-def test_the_log_file_is_private_and_rotated_with_llama_cpp_output_in_it(tmp_path):
+@pytest.fixture
+def log_dir():
+    """A log directory as `make up` makes it: 0700, the sidecar's user's.  Not under tmp_path: a
+    pytest session starting meanwhile makes pytest's root 0700 again, which would keep the
+    sidecar's user from creating the next file when it rotates."""
+    path = embedded.make_server_dir(Path(tempfile.mkdtemp(prefix="llmfdw-test-log-")), 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_log_file_is_private_and_rotated_with_llama_cpp_output_in_it(tmp_path, log_dir):
     """--log-file (as `make up` runs it): 0600 even over an older 0644 file, renamed at
     --log-max-bytes with --log-backups files kept, and native output (llama.cpp writes to stderr)
     follows each rotation instead of growing a renamed file."""
-    import os
-    import stat
-
-    from deploy import embedded
-
-    log_dir = embedded.make_server_dir(tmp_path / "log", 0o700)
     log = log_dir / "sidecar.log"
     log.write_text("a line from a run before logs were private\n")
     log.chmod(0o644)
@@ -188,17 +194,15 @@ def test_the_log_file_is_private_and_rotated_with_llama_cpp_output_in_it(tmp_pat
         st = (log_dir / name).stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, *sidecar_user_ids()), name
         # a record rolls the file over when it would pass the limit; llama.cpp's lines for one
-        # request (written before its record) may go past it
-        assert st.st_size < 2 * 4096, (name, st.st_size, (log_dir / name).read_text()[:4000])
+        # request (about 1 KB, written before its record) may take it past
+        assert st.st_size < 2 * 4096, (name, st.st_size)
     text = "".join((log_dir / name).read_text() for name in files)
     assert "print_timing" in text and '"event": "request"' in text and "stopped (exit code 0)" in text
+    assert "before logs were private" not in text and "Logging error" not in text
     assert "print_timing" not in stdout.read_text()
 
 
-def test_a_start_up_failure_is_in_the_log_file_that_make_up_shows(tmp_path):
-    from deploy import embedded
-
-    log_dir = embedded.make_server_dir(tmp_path / "log", 0o700)
+def test_a_start_up_failure_is_in_the_log_file_that_make_up_shows(tmp_path, log_dir):
     config = write_config(tmp_path / "c.yaml", parallel=0)
     sock = tmp_path / "s.sock"
     with sidecar_process(str(sock), str(config), extra=("--log-file", str(log_dir / "sidecar.log"))) as proc:
