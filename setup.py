@@ -43,7 +43,7 @@ class BuildWithProtos(build_py):
 
 setup(
     name="llmfdw",
-    version="0.1.0",
+    version="0.3.0",
     description="Open-weight LLMs and embedding models as Postgres foreign tables, served by a gRPC sidecar",
     python_requires=">=3.11,<3.12",
     # Each Python package is the folder of the same name one level under its component folder
