@@ -1,6 +1,6 @@
 # PostgreSQL 18 with pgvector and the llmfdw extension (its C host embeds Debian's libpython3.11,
 # and its Python half runs from /opt/llmfdw/venv, set as llmfdw.python_path).
-#   docker build -f docker/postgres.Dockerfile -t llmfdw/postgres:0.2.0 .   (repository root)
+#   docker build -f docker/postgres.Dockerfile -t llmfdw/postgres:0.3.0 .   (repository root)
 # Built on the official image (Debian bookworm, user postgres uid/gid 999). Also holds
 # sql/llm_schema.sql at /usr/share/llmfdw/llm_schema.sql, which the chart's DDL Job runs.
 FROM postgres:18.1-bookworm AS build
@@ -9,7 +9,7 @@ RUN apt-get update \
       python3.11-dev python3.11-venv \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY fdw/Makefile fdw/llmfdw.control fdw/llmfdw--0.1.0.sql fdw/llmfdw--0.1.0--0.2.0.sql ./fdw/
+COPY fdw/Makefile fdw/llmfdw.control fdw/llmfdw--*.sql ./fdw/
 COPY fdw/src ./fdw/src
 RUN make -C fdw PG_CONFIG=/usr/lib/postgresql/18/bin/pg_config \
  && make -C fdw PG_CONFIG=/usr/lib/postgresql/18/bin/pg_config install DESTDIR=/out
@@ -34,5 +34,7 @@ COPY --from=build /opt/llmfdw /opt/llmfdw
 COPY sql/llm_schema.sql /usr/share/llmfdw/llm_schema.sql
 RUN echo "llmfdw.python_path = '/opt/llmfdw/venv/lib/python3.11/site-packages'" \
       >> /usr/share/postgresql/postgresql.conf.sample
+# The vectorizer's background worker (fdw/src/vectorizer.c) drains database llmfdw's queues.
+RUN echo "shared_preload_libraries = 'llmfdw'" >> /usr/share/postgresql/postgresql.conf.sample
 USER 999:999
 # checkov:skip=CKV_DOCKER_2: Kubernetes probes it with pg_isready (helm/templates/postgres-statefulset.yaml)

@@ -1,5 +1,5 @@
 # llmfdw sidecar, NVIDIA GPUs: the sidecar's vLLM engine (sidecar/llm_sidecar/engines/vllm.py targets vLLM 0.32).
-#   docker build -f docker/sidecar-cuda.Dockerfile -t llmfdw/sidecar-cuda:0.2.0 .   (repository root)
+#   docker build -f docker/sidecar-cuda.Dockerfile -t llmfdw/sidecar-cuda:0.3.0 .   (repository root)
 # vLLM's wheel brings torch with its CUDA runtime libraries; the driver comes from the node (NVIDIA
 # container toolkit / GPU operator). vLLM pins its own torch and transformers, so this image does not
 # install requirements.txt (CPU torch, xllamacpp): only vLLM and the sidecar's own dependencies.

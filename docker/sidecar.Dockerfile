@@ -1,6 +1,6 @@
 # llmfdw sidecar, CPU: SmolLM2 (llama.cpp via xllamacpp) and all-MiniLM-L6-v2 (sentence-transformers),
 # both shipped inside PyPI packages, so the image needs no model download.
-#   docker build -f docker/sidecar.Dockerfile -t llmfdw/sidecar:0.2.0 .      (from the repository root)
+#   docker build -f docker/sidecar.Dockerfile -t llmfdw/sidecar:0.3.0 .      (from the repository root)
 # Runs as uid 10001; group postgres (gid 999, the official postgres image's) exists so that the
 # colocated shape can pass --socket-group postgres.
 FROM python:3.11.14-slim-bookworm AS build

@@ -23,7 +23,7 @@ Nothing else: the wrapper option still names `multicorn.testfdw.TestForeignDataW
 
 Like pg_regress, a file passes when its output equals one of its expected variants (name.out,
 name_1.out, ...).  Where our host differs on purpose, tests/multicorn_regress/<name>.diff holds the
-accepted unified diff from the closest variant to our output (README, "Multicorn2 compatibility",
+accepted unified diff from the closest variant to our output (docs/multicorn2.md,
 says why each one stays); the test then requires exactly that diff, so any new difference fails.
 LLMFDW_REGRESS_UPDATE=1 rewrites the .diff files from the current output (review them!);
 LLMFDW_REGRESS_OUT=<dir> keeps each file's output and diff there.
