@@ -44,7 +44,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-unit test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-cancel clean distclean
+.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-unit test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-vectorizer bench-cancel bench-cache clean distclean
 
 help:
 	@sed -n '3,13s/^# //p' Makefile
@@ -171,9 +171,24 @@ bench-tls: install
 bench-update: install
 	$(PY) bench/bench_bulk_update.py
 
+# Vectorizer backfill vs the bulk UPDATE (rows/s), lag under a steady insert load, worker/sidecar
+# memory: bench/results/vectorizer.json
+bench-vectorizer: install
+	$(PY) bench/bench_vectorizer.py
+
+# Classification through SQL vs the engine alone, and accuracy on bench/data/sentiment.csv: bench/results/classify.json
+.PHONY: bench-classify
+bench-classify: install
+	$(PY) bench/bench_classify.py
+
 # Cancel latency under 0-14 loading sessions (median, p90, p99, max): bench/results/cancel.json
 bench-cancel: install
 	$(PY) bench/bench_cancel.py
+
+# The result cache: a rerun of a 1,000-row temperature-0 classification with the cache on vs off,
+# and the cache's byte bound under a flood of embeddings: bench/results/cache.json
+bench-cache: install
+	$(PY) bench/bench_cache.py
 
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak

@@ -345,6 +345,9 @@ def configure(pgdata: Path, *, port: int, socket_dir: Path, python_path: list[Pa
         "client_connection_check_interval = '1s'\n"
         "# Directories the llmfdw extension prepends to the backend's sys.path.\n"
         f"llmfdw.python_path = '{':'.join(map(str, python_path))}'\n"
+        "# The vectorizer's background workers (fdw/src/vectorizer.c) drain the queues of database\n"
+        "# llmfdw (llmfdw.vectorizer_databases); Python starts in them, never in the postmaster.\n"
+        "shared_preload_libraries = 'llmfdw'\n"
     )
     conf = pgdata / "postgresql.conf"
     include = "include_if_exists = 'llmfdw.conf'"

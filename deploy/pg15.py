@@ -40,7 +40,9 @@ except ImportError:
 
 REPO = Path(__file__).resolve().parent.parent
 MAJOR = 15
-PACKAGES = [f"postgresql-{MAJOR}", f"postgresql-server-dev-{MAJOR}"]
+# libkrb5-dev: Debian's PostgreSQL 15 is built with GSSAPI, so its libpq/libpq-be.h (which the host's
+# python.c includes, to check the client connection) includes <gssapi/gssapi.h>.
+PACKAGES = [f"postgresql-{MAJOR}", f"postgresql-server-dev-{MAJOR}", "libkrb5-dev"]
 BINDIR = Path(f"/usr/lib/postgresql/{MAJOR}/bin")
 PG_CONFIG = BINDIR / "pg_config"
 PGVECTOR_VERSION = "0.8.6"

@@ -33,7 +33,7 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'llm_dashboard') AS ne
 \if :need_dashboard_role
   CREATE ROLE llm_dashboard NOLOGIN;
 \endif
-COMMENT ON ROLE llm_dashboard IS 'May read llm.requests, llm.usage and llm.models (dashboards): GRANT llm_dashboard TO grafana';
+COMMENT ON ROLE llm_dashboard IS 'May read llm.requests, llm.usage, llm.models and llm.progress (dashboards): GRANT llm_dashboard TO grafana';
 
 SELECT NOT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar') AS need_server \gset
 \if :need_server
@@ -116,6 +116,8 @@ GRANT USAGE ON SCHEMA llm TO llm_user;
 GRANT SELECT ON ALL TABLES IN SCHEMA llm TO llm_user;
 GRANT USAGE ON SCHEMA llm TO llm_dashboard;
 GRANT SELECT ON llm.requests, llm.usage, llm.models TO llm_dashboard;
+-- llm.progress (0.3.0): how far the tenant's running statements are; llm_user has it above.
+GRANT SELECT ON llm.progress TO llm_dashboard;
 
 -- Setups made with 0.1.0 created the helper functions here; 0.2.0 ships them
 -- in the extension.  Hand the existing ones to the extension before the
@@ -141,3 +143,26 @@ ALTER EXTENSION llmfdw UPDATE;
 GRANT EXECUTE ON FUNCTION llm.complete(text, text, integer, double precision, text), llm.embed(text, text),
                           llm.embed_batch(text[], text),
                           llm.rag(text, regclass, integer, name, name, text, integer) TO llm_user;
+
+-- Vectorizers (0.3.0): roles of llm_user declare, drain and search their own; the catalog's
+-- row-level security shows and lets each change only its own rows.
+GRANT EXECUTE ON FUNCTION llm.create_vectorizer(regclass, name, text, text, text, text, integer, integer, integer,
+                                                integer, text[], regconfig, boolean),
+                          llm.alter_vectorizer(text, text, name, text, text, integer, integer, integer, integer,
+                                               text[]),
+                          llm.drop_vectorizer(text, boolean), llm.run_vectorizer_batch(text, integer),
+                          llm.search(text, text, integer, jsonb) TO llm_user;
+GRANT EXECUTE ON PROCEDURE llm.run_vectorizer(text, integer) TO llm_user;
+GRANT SELECT, INSERT, UPDATE, DELETE ON llm.vectorizer_config TO llm_user;
+GRANT SELECT ON llm.vectorizers TO llm_user;
+
+-- Typed answers (0.3.0): constrained output through llm.completions (json_schema, choices,
+-- on_error) and the warehouse-style functions over it.
+GRANT EXECUTE ON FUNCTION llm._completions_model(), llm.classify_prompt(text, text[], text[]),
+                          llm.filter_prompt(text, text), llm.extract_prompt(text, jsonb), llm.fields_schema(jsonb),
+                          llm.classify_each(text, text[], text[], text, text), llm.filter_each(text, text, text, text),
+                          llm.extract_each(text, jsonb, text, text, integer), llm.generate_bool_each(text, text, text),
+                          llm.generate_int_each(text, text, text), llm.generate_double_each(text, text, text),
+                          llm.classify(text, text[], text[], text), llm.filter(text, text, text),
+                          llm.extract(text, jsonb, text, integer), llm.generate_bool(text, text),
+                          llm.generate_int(text, text), llm.generate_double(text, text) TO llm_user;

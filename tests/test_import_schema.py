@@ -123,7 +123,7 @@ def test_upgrade_from_0_1_0_keeps_views_grants_and_data(pg_server, scratch_db, s
     try:
         embedded.apply_schema(pg_server, scratch_db, address)
         with psycopg.connect(pg_server.dsn(scratch_db), autocommit=True) as c:
-            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'llmfdw'").fetchone() == ("0.2.0",)
+            assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'llmfdw'").fetchone() == ("0.3.0",)
             assert c.execute("SELECT count(*) FROM doc_vecs").fetchone() == (2,)
             c.execute("REFRESH MATERIALIZED VIEW doc_vecs")
             assert c.execute("SELECT vector_dims(v) FROM kitten").fetchone() == (384,)

@@ -103,7 +103,7 @@ def test_it_is_postgres_15_with_the_extensions(conn15):
     assert conn15.execute("SELECT current_setting('server_version_num')::int / 10000").fetchone() == (15,)
     versions = dict(conn15.execute("SELECT extname, extversion FROM pg_extension").fetchall())
     assert versions["vector"] == pg15.PGVECTOR_VERSION
-    assert versions["llmfdw"] == "0.2.0"
+    assert versions["llmfdw"] == "0.3.0"
     tables = {r[0] for r in conn15.execute(
         "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'llm' AND c.relkind = 'f'")}

@@ -225,23 +225,31 @@ class SidecarClient:
     def chunk(self, request: pb.ChunkRequest) -> pb.ChunkResponse:
         return self._unary(self.stub.Chunk, request)
 
+    def progress(self, request: pb.ProgressRequest) -> pb.ProgressResponse:
+        return self._unary(self.stub.Progress, request)
+
     def _unary(self, method, request):
         for response in self._stream(method, request, unary=True):
             return response
         raise LlmError("the sidecar returned no answer")
 
-    def generate_many(self, requests: Iterable[pb.GenerateRequest]) -> Iterator[tuple[int, Generated]]:
+    def generate_many(self, requests: Iterable[pb.GenerateRequest],
+                      row_errors: bool = False) -> Iterator[tuple[int, Generated | LlmError]]:
         """Several Generate calls in flight at once (the sidecar batches them), yielding
         (request index, Generated) as each call finishes.  `requests` is read lazily: a
-        request is built only when the window has room for it."""
-        return self._streams(self.stub.Generate, requests, fold=_fold_generation)
+        request is built only when the window has room for it.  With row_errors, a call that
+        failed for a reason of its own (per_row_error) yields its LlmError in place of a
+        result, and the others go on; any other failure ends them all, as without it."""
+        return self._streams(self.stub.Generate, requests, fold=_fold_generation,
+                             per_row=per_row_error if row_errors else None)
 
     def _stream(self, method, request, unary: bool = False):
         for _, message in self._streams(method, [request], unary=unary):
             yield message
 
     def _streams(self, method, requests: Iterable, unary: bool = False, window: int = MAX_IN_FLIGHT,
-                 fold: Callable[[_Open, Any], Any] | None = None) -> Iterator[tuple[int, Any]]:
+                 fold: Callable[[_Open, Any], Any] | None = None,
+                 per_row: Callable[[grpc.RpcError], bool] | None = None) -> Iterator[tuple[int, Any]]:
         """Run the calls with at most `window` open at once, all under one deadline; yield
         (request index, result) in arrival order, where a result is each message, or what
         `fold` makes of a call's messages (it returns None until it has a result).
@@ -298,27 +306,31 @@ class SidecarClient:
                     continue   # from a call that was cancelled to be sent again
                 if item is _END:
                     del opened[entry.index]
-                elif isinstance(item, grpc.RpcError):
+                    fill()
+                    continue
+                if isinstance(item, grpc.RpcError):
                     del opened[entry.index]
                     if opened and not entry.answered and _queue_full(item):
                         heapq.heappush(again, (entry.index, entry.request))
                         window = len(opened)  # wait for one of ours to end before trying again
                         continue
-                    if item.code() == grpc.StatusCode.UNAVAILABLE and mark_of(item) is None:
-                        forget_channel(self.address, self.tls)  # not reachable (the sidecar marks its own)
-                    raise error_from_rpc(item, self.address)
+                    if per_row is None or not per_row(item):
+                        if item.code() == grpc.StatusCode.UNAVAILABLE and mark_of(item) is None:
+                            forget_channel(self.address, self.tls)  # not reachable (the sidecar marks its own)
+                        raise error_from_rpc(item, self.address)
+                    result = error_from_rpc(item, self.address)   # this call's own failure: its row's
                 else:
                     entry.answered = True
                     result = item if fold is None else fold(entry, item)
                     if result is None:
                         continue
                     entry.given = True
-                    watchdog.arm([e for e in opened.values() if not e.given])
-                    yield entry.index, result
-                    for stalled in watchdog.disarm():
-                        if opened.get(stalled.index) is stalled:
-                            del opened[stalled.index]
-                            heapq.heappush(again, (stalled.index, stalled.request))
+                watchdog.arm([e for e in opened.values() if not e.given])
+                yield entry.index, result
+                for stalled in watchdog.disarm():
+                    if opened.get(stalled.index) is stalled:
+                        del opened[stalled.index]
+                        heapq.heappush(again, (stalled.index, stalled.request))
                 fill()
         finally:
             watchdog.disarm()
@@ -398,6 +410,20 @@ def _check_size(request) -> None:
             f"{MAX_MESSAGE_BYTES // 2**20} MiB",
             hint="Send fewer or shorter inputs per query (split the array), or shorten the prompt.",
             sqlstate=PROGRAM_LIMIT_EXCEEDED)
+
+
+# Status codes that concern one request only (see the proto's status contract): its own fields
+# (a prompt over the model's context: INVALID_ARGUMENT), a bug or an engine error on it
+# (INTERNAL), a message over gRPC's size limit (RESOURCE_EXHAUSTED without the sidecar's
+# queue-full mark).  Every other code concerns the whole statement: the sidecar unreachable,
+# loading or draining, cancel and deadlines, credentials, an unknown model or the wrong task.
+ROW_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def per_row_error(err: grpc.RpcError) -> bool:
+    """Whether a failed call failed for a reason of its own (ROW_CODES), which a statement
+    with on_error = 'null' reports in that row instead of failing."""
+    return err.code() in ROW_CODES and mark_of(err) is None
 
 
 def _queue_full(err: grpc.RpcError) -> bool:

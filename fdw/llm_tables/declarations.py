@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from llm_inference.v1.constraints import SCHEMA_HINT, ConstraintError, check_choices, load_schema
 from llm_inference.v1.params import PARAMS, Param
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 from llm_tables.keycolumns import Check, KeyColumn, KeyColumns, fits, text_list
@@ -55,6 +56,7 @@ _ACCEPTED_TYPES: dict[str, tuple[str, ...]] = {
     "boolean": ("boolean",),
     "vector": ("vector",),
     "timestamptz": ("timestamp with time zone",),
+    "jsonb": ("jsonb",),
 }
 
 
@@ -201,6 +203,32 @@ class TableSpec:
                        sqlstate=DATATYPE_MISMATCH)
 
 
+# ---- Constrained output and per-row errors (llm.completions) ----
+
+ON_ERROR = ("abort", "null")   # on_error: fail the statement (the default), or NULL the row with its error
+CONSTRAINT_HINT = ("A JSON Schema such as '{\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, "
+                   "\"required\": [\"city\"], \"additionalProperties\": false}', or choices such as "
+                   "ARRAY['positive', 'negative'].  ")
+
+
+def check_constraint(check: Callable[[Any, str], Any], value: Any, label: str) -> None:
+    """Run a constraint check (llm_inference.v1.constraints: the sidecar runs the same) and
+    raise its problem as a 22023 error with a hint, so a bad schema fails before any request."""
+    try:
+        check(value, label)
+    except ConstraintError as err:
+        hint = CONSTRAINT_HINT + (SCHEMA_HINT if label == "json_schema" else "")
+        raise LlmError(str(err), hint=hint, sqlstate=INVALID_PARAMETER_VALUE) from None
+
+
+def check_on_error(value: Any) -> None:
+    if value not in ON_ERROR:
+        raise LlmError(f"on_error must be 'abort' or 'null', got {value!r}",
+                       hint="on_error = 'null' returns a failing row with its error in column error and NULL "
+                            "outputs; 'abort' (the default) fails the statement.",
+                       sqlstate=INVALID_PARAMETER_VALUE)
+
+
 COMPLETIONS = TableSpec(
     "completions",
     (
@@ -209,11 +237,17 @@ COMPLETIONS = TableSpec(
         request("system", "text", option=True),
         *(request(p.name, p.sql_type, option=True, param=p) for p in PARAMS),   # the generation parameters
         request("stop", "text[]", check=text_list("stop")),
+        request("json_schema", "jsonb", check=lambda value: check_constraint(load_schema, value, "json_schema")),
+        request("choices", "text[]", check=lambda value: check_constraint(check_choices, value, "choices")),
+        request("on_error", "text", check=lambda value: check_on_error(value)),   # abort (default) | null
+        request("cache", "boolean"),   # false: the sidecar's result cache is neither read nor filled
         Column("completion", "text"),
         Column("finish_reason", "text"),
         Column("input_tokens", "integer"),
         Column("output_tokens", "integer"),
         Column("compute_ms", "double precision"),
+        Column("completion_json", "jsonb"),   # the parsed answer under json_schema or choices, else NULL
+        Column("error", "text"),              # on_error = 'null': why this row has no answer
     ),
     example="SELECT completion FROM {table} WHERE prompt = 'What is the capital of France?';",
 )
@@ -223,6 +257,7 @@ EMBEDDINGS = TableSpec(
     (
         request("input", "text", required=True, many=True),
         request("model", "text", option=True),
+        request("cache", "boolean"),   # false: the sidecar's result cache is neither read nor filled
         Column("embedding", "vector"),
         Column("dimensions", "integer"),
         Column("input_tokens", "integer"),
@@ -260,6 +295,7 @@ USAGE = TableSpec(
         Column("queue_ms", "double precision"),
         Column("compute_ms", "double precision"),
         Column("since", "timestamptz"),
+        Column("cache_hits", "bigint"),   # requests (completions) or texts (embeddings) answered from the cache
     ),
     example="SELECT * FROM {table};",
 )
@@ -324,4 +360,32 @@ CHUNKS = TableSpec(
             "-- or, for many rows at once: WHERE input = ANY(ARRAY(SELECT body FROM docs))",
 )
 
-SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE, REQUESTS, CHUNKS)}
+# ---- llm.progress: how far each running statement of this tenant is (the sidecar's Progress RPC) ----
+
+PROGRESS = TableSpec(
+    "progress",
+    (
+        Column("pid", "integer"),              # the backend running the statement (pg_stat_activity.pid)
+        Column("statement", "text"),           # the FDW's id of that statement
+        Column("state", "text"),               # running (requests in flight) | idle (between or after them)
+        Column("database", "text"),
+        Column("role", "text"),
+        Column("model", "text"),               # of its latest request
+        Column("done", "bigint"),              # prompts answered, texts embedded (cache hits included)
+        Column("total", "bigint"),             # prompts or texts its scans planned so far; NULL: unknown
+        Column("requests", "bigint"),          # requests finished
+        Column("running", "integer"),          # requests in flight now
+        Column("errors", "bigint"),
+        Column("input_tokens", "bigint"),      # running requests' tokens included
+        Column("output_tokens", "bigint"),
+        Column("cache_hits", "bigint"),
+        Column("started", "timestamptz"),
+        Column("updated", "timestamptz"),      # its latest request start or end
+        Column("elapsed_ms", "double precision"),
+        Column("remaining_ms", "double precision"),   # at the rate so far; NULL without total or progress
+    ),
+    example="SELECT pid, state, done, total, elapsed_ms, remaining_ms FROM {table};",
+)
+
+SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE, REQUESTS, CHUNKS,
+                                                   PROGRESS)}

@@ -10,16 +10,18 @@ server, then user mapping; options.py says which names each level takes.
 from __future__ import annotations
 
 import functools
+import json
 import struct
 import sys
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Iterator
 
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
 
-from llm_tables import interrupts
+from llm_tables import interrupts, statements
 from llm_tables.client import SESSION_ID, CallControl, SidecarClient, new_request_id
 from llm_tables.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, SPECS, USAGE, TableSpec
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
@@ -27,6 +29,7 @@ from llm_tables.keycolumns import KeyColumns, Range, Resolved, range_hint
 from llm_tables.options import DEFAULT_TIMEOUT, parse_options
 from llm_tables.tls import tls_settings
 from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1.constraints import load_schema
 
 try:  # inside the llmfdw host
     import _llmfdw_host as _host
@@ -69,7 +72,7 @@ def _context(options: dict[str, Any]) -> pb.RequestContext:
     database = session.get("database", "")
     return pb.RequestContext(tenant=options.get("tenant") or database, token=options.get("token", ""),
                              request_id=new_request_id(), database=database, role=session.get("role", ""),
-                             session=SESSION_ID)
+                             session=SESSION_ID, backend_pid=session.get("pid", 0))
 
 
 class SidecarTable(ForeignDataWrapper):
@@ -102,7 +105,34 @@ class SidecarTable(ForeignDataWrapper):
 
     def resolve(self, quals: list[Qual]) -> Resolved:
         """The request values the quals give (see KeyColumns.resolve)."""
-        return self.keys.resolve(quals if _host is not None else [self._typed(q) for q in quals])
+        quals = [_as_equality(q) for q in (quals if _host is not None else [self._typed(q) for q in quals])]
+        resolved = self.keys.resolve(quals)
+        self._note_scan(resolved)
+        return resolved
+
+    # ---- Progress, EXPLAIN ANALYZE and the cache opt-out (statements.py) ----
+    _scan: statements.Scan | None = None   # the scan whose code runs now (statements.tracked sets it)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each table's execute() is tracked as a scan of its statement (statements.tracked)."""
+        super().__init_subclass__(**kwargs)
+        if "execute" in cls.__dict__:
+            cls.execute = statements.tracked(cls.execute)
+
+    def _note_scan(self, resolved: Resolved) -> None:
+        """Tell the running scan how many prompts or texts it will send (its list column's
+        values that a pushed-down LIMIT/OFFSET keeps), and whether `cache = false` was asked."""
+        scan = self._scan
+        if scan is None or resolved.empty:
+            return
+        listed = next((c.name for c in self.keys.columns.values() if c.many), None)
+        if listed is not None:
+            scan.plan(len(_window(resolved.values.get(listed) or [], scan.kwargs)))
+        if "cache" in self.keys.columns:
+            scan.cache = resolved.one("cache") is not False
+
+    def end_scan(self) -> None:
+        statements.end_scan(self)
 
     def _typed(self, qual: Qual) -> Qual:
         """Multicorn2 hands float8, int8 and bool values over as their text output; our host
@@ -145,7 +175,9 @@ class SidecarTable(ForeignDataWrapper):
                 for c in self.spec.request_columns}
 
     def context(self) -> pb.RequestContext:
-        return _context(self.options)
+        context = _context(self.options)
+        statements.stamp(context, self._scan)
+        return context
 
     def model_for(self, resolved: Resolved) -> str:
         model = self.param(resolved, "model")
@@ -165,6 +197,7 @@ class SidecarTable(ForeignDataWrapper):
         return model
 
     def get_rel_size(self, quals: list[Qual], columns: set[str]) -> tuple[float, int]:
+        statements.planning()
         if not self.keys.has_required(quals):
             return (UNUSABLE_ROWS, 1000)
         rows = 1
@@ -188,7 +221,16 @@ class SidecarTable(ForeignDataWrapper):
                          f" (requests only for those rows)")
         if verbose:
             lines.append(f"columns: {', '.join(sorted(columns))}")
-        return lines
+        counts = statements.counts(self)   # EXPLAIN ANALYZE: what this node's scans got back
+        return lines + (counts.lines() if counts is not None else [])
+
+
+def _as_equality(qual: Qual) -> Qual:
+    """A boolean condition as "column = value": Postgres plans `WHERE NOT cache` and
+    `cache = false` as `cache <> true`, which the key columns take as `cache = false`."""
+    if qual.operator == "<>" and isinstance(qual.value, bool):
+        return Qual(qual.field_name, "=", not qual.value)
+    return qual
 
 
 def _shown(qual: Qual) -> str:
@@ -225,7 +267,15 @@ _SCALAR_PARAMS = [c.name for c in COMPLETIONS.request_columns
 
 
 class CompletionsTable(SidecarTable):
-    """One row per prompt: the model's completion and what it cost."""
+    """One row per prompt: the model's completion and what it cost.
+
+    With json_schema or choices the sidecar constrains decoding, and completion_json carries the
+    parsed answer (a JSON string for a choice).  An answer that still does not parse or validate
+    (max_tokens cut the JSON short) is that row's error.  With on_error = 'null' a row whose
+    request failed on its own (client.per_row_error: a prompt over the context, an engine error
+    on it) or whose answer does not parse comes back with the reason in `error` and NULL outputs;
+    with 'abort' (the default) the statement fails, as does any failure of the whole statement
+    (sidecar unreachable, cancel, statement_timeout, credentials, tenant limits) either way."""
 
     spec = COMPLETIONS
 
@@ -246,22 +296,99 @@ class CompletionsTable(SidecarTable):
         if stop:
             params.stop.extend(stop if isinstance(stop, list) else [stop])
         system = self.param(resolved, "system") or ""
+        answer = _Answer.of(resolved)
+        row_errors = resolved.one("on_error") == "null"
         prompts = resolved.values["prompt"]
         first, stop_at = _bounds(len(prompts), kwargs)
         # built one at a time as the client's window advances (not a request per prompt up front)
         requests = (pb.GenerateRequest(model=model, prompt=prompts[i], system=system, params=params,
-                                       context=self.context()) for i in range(first, stop_at))
-        for index, done in self.client.generate_many(requests):
+                                       context=self.context(), **answer.fields) for i in range(first, stop_at))
+        for index, done in self.client.generate_many(requests, row_errors=row_errors):
+            echoed = {**self.echo(resolved, prompt=prompts[first + index]), "model": model}
+            if isinstance(done, LlmError):
+                yield {**echoed, "error": done.message}
+                continue
             final = done.final
-            yield {
-                **self.echo(resolved, prompt=prompts[first + index]),
-                "model": model,
-                "completion": done.text,
-                "finish_reason": pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower(),
-                "input_tokens": final.usage.input_tokens,
-                "output_tokens": final.usage.output_tokens,
-                "compute_ms": final.usage.compute_ns / 1e6,
-            }
+            finish = pb.FinishReason.Name(final.finish_reason).removeprefix("FINISH_REASON_").lower()
+            row = {**echoed, "completion": done.text, "finish_reason": finish,
+                   "input_tokens": final.usage.input_tokens, "output_tokens": final.usage.output_tokens,
+                   "compute_ms": final.usage.compute_ns / 1e6}
+            try:
+                row["completion_json"] = answer.parse(done.text, finish)
+            except LlmError as err:
+                if not row_errors:
+                    raise
+                row.update(completion=None, error=err.message)
+            yield row
+
+
+# SQLSTATEs of an answer that does not parse (invalid_json_text) or does not validate (data_exception)
+INVALID_JSON_TEXT, DATA_EXCEPTION = "22032", "22000"
+_ANSWER_HINT = ("Raise max_tokens (the answer may have been cut short: finish_reason length), or add "
+                "on_error = 'null' to get such rows back with their error in column error.")
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A request's constraint (json_schema or choices, already checked by the key columns) and
+    how its answer becomes completion_json: JSON text for a jsonb column, or None."""
+
+    schema: dict | None = None
+    schema_text: str = ""
+    choices: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, resolved: Resolved) -> "_Answer":
+        text, choices = resolved.one("json_schema"), resolved.one("choices")
+        if text is not None and choices is not None:
+            raise LlmError("json_schema and choices cannot both be given: choose one constraint",
+                           sqlstate=INVALID_PARAMETER_VALUE)
+        if text is not None:
+            return cls(schema=load_schema(text), schema_text=text)
+        return cls(choices=tuple(choices or ()))
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The GenerateRequest fields that carry the constraint."""
+        if self.schema is not None:
+            return {"json_schema": self.schema_text}
+        return {"choices": list(self.choices)} if self.choices else {}
+
+    def parse(self, text: str, finish: str) -> str | None:
+        """completion_json for an answer: NULL without a constraint; else the value as JSON text,
+        or an LlmError when the answer does not parse or validate."""
+        if self.choices:
+            if text not in self.choices:
+                raise LlmError(f"the answer {_start(text)} is not one of the choices (finish_reason {finish})",
+                               hint=_ANSWER_HINT, sqlstate=DATA_EXCEPTION)
+            return json.dumps(text)
+        if self.schema is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise LlmError(f"the answer {_start(text)} is not valid JSON ({err}; finish_reason {finish})",
+                           hint=_ANSWER_HINT, sqlstate=INVALID_JSON_TEXT) from None
+        problem = _schema_problem(self.schema, value)
+        if problem:
+            raise LlmError(f"the answer does not match json_schema: {problem}", hint=_ANSWER_HINT,
+                           sqlstate=DATA_EXCEPTION)
+        return json.dumps(value)
+
+
+def _start(text: str, most: int = 60) -> str:
+    """An answer quoted for an error message, cut short."""
+    return repr(text) if len(text) <= most else f"{text[:most]!r}..."
+
+
+def _schema_problem(schema: dict, value: Any) -> str | None:
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(value))
+    if error is None:
+        return None
+    where = "#" + "".join(f"/{p}" for p in error.absolute_path)
+    return f"{error.message} (at {where})"
 
 
 class EmbeddingsTable(SidecarTable):
@@ -387,6 +514,7 @@ class UsageTable(ListingTable):
                 "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
                 "embedded_inputs": r.embedded_inputs, "queue_ms": r.queue_ns / 1e6,
                 "compute_ms": r.compute_ns / 1e6, "since": since,
+                "cache_hits": r.cache_hits,
             }
 
 
@@ -458,10 +586,11 @@ class RequestsTable(SidecarTable):
 
 
 from llm_tables.chunks import ChunksTable  # noqa: E402  (a SidecarTable: imported once that is defined)
+from llm_tables.progress import ProgressTable  # noqa: E402  (likewise)
 
 TABLES: dict[str, type[SidecarTable]] = {cls.spec.name: cls for cls in
                                          (CompletionsTable, EmbeddingsTable, ModelsTable, UsageTable,
-                                          RequestsTable, ChunksTable)}
+                                          RequestsTable, ChunksTable, ProgressTable)}
 assert TABLES.keys() == SPECS.keys(), "every declared table has its class"
 
 

@@ -9,10 +9,10 @@
  * What a header cannot paper over is guarded where it is used
  * (#if PG_VERSION_NUM ...):
  *	commands/explain_format.h, explain_state.h	18 (before: all in explain.h)
- *	Path.disabled_nodes (batchjoin.c)			18 (before: disable_cost)
- *	CustomPath.custom_restrictinfo (batchjoin.c) 17
- *	Var.varnullingrels (batchjoin.c)			16
- *	WaitEventExtensionNew (llmfdw.c)			17 (before: PG_WAIT_EXTENSION)
+ *	Path.disabled_nodes (batchjoin_plan.c)		18 (before: disable_cost)
+ *	CustomPath.custom_restrictinfo (batchjoin_plan.c) 17
+ *	Var.varnullingrels (batchjoin_plan.c)		16
+ *	WaitEventExtensionNew (rowsource.c)		17 (before: PG_WAIT_EXTENSION)
  *
  *-------------------------------------------------------------------------
  */

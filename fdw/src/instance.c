@@ -597,3 +597,61 @@ llmfdw_get_instance(Oid foreigntableid)
 	entry->stale = false;
 	return instance;
 }
+
+/* The attnum of the live column with this name (server encoding), or 0. */
+AttrNumber
+llmfdw_attnum_by_name(LlmfdwColumn *columns, int natts, const char *name)
+{
+	for (int i = 0; i < natts; i++)
+		if (!columns[i].dropped && strcmp(columns[i].name, name) == 0)
+			return i + 1;
+	return InvalidAttrNumber;
+}
+
+/*
+ * The attnums of the columns that a class attribute (an iterable of str:
+ * request_columns, batch_key_columns) names, without repeats; NIL if the
+ * class has no such attribute.  The names are converted to the server
+ * encoding before they are compared with attnames: in a LATIN1 database
+ * "clé" is not the UTF-8 bytes Python's C API gives.  Names that are not
+ * str, or that name no column, are left out: a class may declare columns
+ * that this table does not have.
+ */
+List *
+llmfdw_attnums_of(PyObject *instance, const char *attr, LlmfdwColumn *columns, int natts)
+{
+	List	   *result = NIL;
+	LlmfdwPyState st;
+
+	LLMFDW_WITH_PYTHON(st);
+	{
+		PyObject   *names;
+		PyObject   *iter;
+		PyObject   *name;
+
+		if (!PyObject_HasAttrString(instance, attr))
+			goto done;
+		names = PyObject_GetAttrString(instance, attr);
+		iter = names ? PyObject_GetIter(names) : NULL;
+		Py_XDECREF(names);
+		if (iter == NULL)
+			llmfdw_raise_python_error(&st, psprintf("reading %s", attr));
+		while ((name = PyIter_Next(iter)) != NULL)
+		{
+			const char *s = PyUnicode_Check(name) ? llmfdw_python_to_server(name) : NULL;
+			AttrNumber	attnum = s ? llmfdw_attnum_by_name(columns, natts, s) : InvalidAttrNumber;
+
+			Py_DECREF(name);
+			PyErr_Clear();
+			if (attnum != InvalidAttrNumber)
+				result = list_append_unique_int(result, attnum);
+		}
+		Py_DECREF(iter);
+		if (PyErr_Occurred())
+			llmfdw_raise_python_error(&st, psprintf("reading %s", attr));
+done:
+		;
+	}
+	LLMFDW_END_PYTHON(st);
+	return result;
+}

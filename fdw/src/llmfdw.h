@@ -5,13 +5,20 @@
  *		  that runs FDW classes written against Multicorn2's Python API in
  *		  an embedded CPython interpreter.
  *
- * Files, by concern (as in contrib/postgres_fdw):
- *	llmfdw.c	handler, validator, GUCs, planner and executor callbacks
- *	python.c	the interpreter: start-up, GIL, signals, errors, host module
- *	instance.c	per-table FDW instances: options, columns, cache
- *	quals.c		restriction clauses -> Multicorn Qual objects
- *	convert.c	Datum <-> Python values
- *	batchjoin.c	batched nested loop: joins with one request per batch of rows
+ * Files, by concern and phase (as contrib/postgres_fdw and pgvector split
+ * theirs):
+ *	llmfdw.c		module init, GUCs, the handler
+ *	option.c		where each option may be set; the validator
+ *	plan.c			planner: rel size, paths, sort/limit pushdown, request checks
+ *	scan.c			executor of the foreign scan, and its EXPLAIN
+ *	rowsource.c		execute() and its rows, for both scan nodes
+ *	batchjoin_plan.c	batched nested loop: the planner hook, costs, plan
+ *	batchjoin_exec.c	batched nested loop: the executor, EXPLAIN
+ *	python.c		the interpreter: start-up, GIL, signals, errors, host module
+ *	instance.c		per-table FDW instances: options, columns, cache
+ *	quals.c			restriction clauses -> Multicorn Qual objects
+ *	convert.c		Datum <-> Python values
+ *	vectorizer.c	the vectorizer's background workers (llm.create_vectorizer)
  *
  *-------------------------------------------------------------------------
  */
@@ -31,16 +38,12 @@
 #include "fmgr.h"
 #include "lib/stringinfo.h"
 #include "nodes/execnodes.h"
+#include "nodes/extensible.h"
 #include "nodes/parsenodes.h"
 #include "nodes/pathnodes.h"
 
 /* GUC: directories prepended to the embedded interpreter's sys.path. */
 extern char *llmfdw_python_path;
-
-/* ---- llmfdw.c ---- */
-
-/* The next row of an execute() iterator, reported as waiting on the sidecar. */
-extern PyObject *llmfdw_iter_next(PyObject *iterator);
 
 /* ---- python.c ---- */
 
@@ -116,6 +119,9 @@ typedef struct LlmfdwColumn
 } LlmfdwColumn;
 
 extern PyObject *llmfdw_get_instance(Oid foreigntableid);
+extern AttrNumber llmfdw_attnum_by_name(LlmfdwColumn *columns, int natts, const char *name);
+extern List *llmfdw_attnums_of(PyObject *instance, const char *attr,
+							   LlmfdwColumn *columns, int natts);
 extern List *llmfdw_import_foreign_schema(ImportForeignSchemaStmt *stmt, Oid serverOid);
 extern void llmfdw_check_options(const char *func, List *options);
 extern LlmfdwColumn *llmfdw_columns(TupleDesc desc);
@@ -164,9 +170,129 @@ extern void llmfdw_strings_to_slot(TupleTableSlot *slot, LlmfdwColumn *columns,
 extern void llmfdw_column_error_context(void *arg);
 extern PyObject *llmfdw_column_names(Bitmapset *attnos, LlmfdwColumn *columns);
 
-/* ---- batchjoin.c ---- */
+/* ---- rowsource.c ---- */
+
+/*
+ * Where both scan nodes get their rows: a call of the FDW class's execute()
+ * and the iterator it returns, and the conversion of each row into a slot.
+ * The foreign scan makes one call per (re)scan; the batched join one per
+ * request of a batch.  Its Python objects are released when the memory
+ * context it was set up in is reset, so an aborted query, which never
+ * reaches the end callbacks, still closes the generator (and with it the
+ * gRPC call).
+ */
+typedef struct LlmfdwRowSource
+{
+	PyObject   *instance;		/* the table's FDW class instance */
+	PyObject   *iterator;		/* execute()'s rows; NULL when none runs */
+	LlmfdwColumn *columns;
+	int			natts;
+	Bitmapset  *needed;			/* attnos the query reads */
+	LlmfdwRowStrings row;		/* the current row, between the two steps */
+	MemoryContextCallback cleanup;
+} LlmfdwRowSource;
+
+extern void llmfdw_release_python(PyObject **objs, int n);
+extern void llmfdw_rowsource_init(LlmfdwRowSource *src, Oid foreigntableid,
+								  TupleDesc desc, MemoryContext query_cxt);
+extern bool llmfdw_rowsource_start(LlmfdwRowSource *src, LlmfdwPyState *st,
+								   PyObject *quals, PyObject *kwargs);
+extern PyObject *llmfdw_rowsource_fetch(LlmfdwRowSource *src, LlmfdwPyState *st);
+extern void llmfdw_rowsource_convert(LlmfdwRowSource *src, LlmfdwPyState *st,
+									 PyObject *item);
+extern void llmfdw_rowsource_store(LlmfdwRowSource *src, TupleTableSlot *slot);
+extern void llmfdw_rowsource_stop(LlmfdwRowSource *src);
+extern void llmfdw_rowsource_release(LlmfdwRowSource *src);
+
+/* ---- plan.c ---- */
+
+/* Planner state of a foreign scan, in baserel->fdw_private. */
+typedef struct LlmfdwPlan
+{
+	PyObject   *instance;
+	LlmfdwColumn *columns;
+	int			natts;
+	int			width;
+	Cost		startup_cost;
+	List	   *request_attnums;	/* the class's request_columns, as attnums */
+	List	   *sortkeys;		/* sort keys can_sort() accepted (see sort_key) */
+	List	   *sort_pathkeys;	/* their PathKeys */
+	bool		sort_pushed_down;	/* they cover the query's ORDER BY */
+} LlmfdwPlan;
+
+/*
+ * Indexes of the ForeignScan's fdw_private list (as postgres_fdw names its
+ * FdwScanPrivateIndex).
+ */
+enum FdwScanPrivateIndex
+{
+	/* Integer list of the attnos the query reads */
+	FdwScanPrivateNeededColumns,
+	/* List of the sort keys execute() sorts by (see sort_key) */
+	FdwScanPrivateSortKeys,
+	/* Integer: LIMIT execute() applies, -1 for none */
+	FdwScanPrivateLimit,
+	/* Integer: OFFSET execute() applies, -1 for none */
+	FdwScanPrivateOffset,
+};
+
+extern void llmfdwGetForeignRelSize(PlannerInfo *root, RelOptInfo *baserel,
+									Oid foreigntableid);
+extern void llmfdwGetForeignPaths(PlannerInfo *root, RelOptInfo *baserel,
+								  Oid foreigntableid);
+extern void llmfdwGetForeignUpperPaths(PlannerInfo *root, UpperRelationKind stage,
+									   RelOptInfo *input_rel, RelOptInfo *output_rel,
+									   void *extra);
+extern ForeignScan *llmfdwGetForeignPlan(PlannerInfo *root, RelOptInfo *baserel,
+										 Oid foreigntableid, ForeignPath *best_path,
+										 List *tlist, List *scan_clauses,
+										 Plan *outer_plan);
+extern List *llmfdwPlanForeignModify(PlannerInfo *root, ModifyTable *plan,
+									 Index resultRelation, int subplan_index);
+extern PyObject *llmfdw_sortkeys_to_python(List *keys);
+
+/* ---- scan.c ---- */
+
+extern void llmfdwBeginForeignScan(ForeignScanState *node, int eflags);
+extern TupleTableSlot *llmfdwIterateForeignScan(ForeignScanState *node);
+extern void llmfdwReScanForeignScan(ForeignScanState *node);
+extern void llmfdwEndForeignScan(ForeignScanState *node);
+extern void llmfdwExplainForeignScan(ForeignScanState *node, struct ExplainState *es);
+
+/* ---- batchjoin_plan.c, batchjoin_exec.c ---- */
+
+#define BATCHJOIN_NAME "LLM Batched Nested Loop"
+
+/*
+ * What the planner hands the executor: positions in CustomScan.custom_private
+ * (plain nodes, so that plans copy and serialize) and in custom_exprs.
+ */
+enum BatchJoinPrivateIndex
+{
+	BatchJoinPrivateJoinType,
+	BatchJoinPrivateBatchSize,
+	BatchJoinPrivateTable,
+	BatchJoinPrivateKeyAttnums,
+	BatchJoinPrivateScanMap,	/* per scan column: inner attnum, or -1 */
+	BatchJoinPrivateNOuter,		/* leading scan columns from the outer plan */
+};
+
+enum BatchJoinExprsIndex
+{
+	BatchJoinExprsKeys,			/* outer expression supplying each key */
+	BatchJoinExprsRestrict,		/* the inner rel's own restrictions */
+	BatchJoinExprsJoin,			/* decide whether a pair matches */
+};
+
+extern const CustomScanMethods llmfdw_batchjoin_scan_methods;
+extern void llmfdw_batchjoin_init(void);
+
+/* ---- llmfdw.c ---- */
 
 extern PGDLLEXPORT Datum llmfdw_handler(PG_FUNCTION_ARGS);
-extern void llmfdw_batchjoin_init(void);
+
+/* ---- vectorizer.c ---- */
+
+extern void llmfdw_vectorizer_init(void);	/* GUCs, background workers */
 
 #endif							/* LLMFDW_H */

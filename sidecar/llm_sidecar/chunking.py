@@ -9,10 +9,11 @@ sentence cut at a boundary is still seen whole by one of them.
 
 Every chunk is an exact substring of its input, taken through the tokenizer's
 offset mapping, so a caller can show it, search it with full-text search, or
-find it in the source.  A substring that starts inside a word tokenizes
-differently from the same piece inside the word (WordPiece's "##ing" becomes
-"ing"), so each chunk is tokenized again and shortened until it really fits;
-its `tokens` is that count, what the model will read.
+find it in the source.  Chunks begin and end between words (the tokenizer's
+word ids) unless one word is longer than a chunk: a piece that starts inside
+a word tokenizes differently (WordPiece's "##ing" becomes "ing").  Each chunk
+is tokenized again all the same and shortened until it really fits; its
+`tokens` is that count, what the model will read.
 
 CHARACTERS mode needs no model: chunks of at most `max_chars` characters, cut
 at the most preferred separator that leaves a piece that fits.
@@ -56,18 +57,26 @@ class TokenChunker:
         out, read = [], 0
         for text, enc in zip(texts, encodings):
             read += len(enc.offsets)
-            out.append(self._split(text, enc.offsets, max_tokens, overlap))
+            out.append(self._split(text, enc.offsets, enc.word_ids, max_tokens, overlap))
         return out, read
 
     def count(self, text: str) -> int:
         return len(self._backend.encode(text, add_special_tokens=False).ids)
 
-    def _split(self, text: str, offsets: list[tuple[int, int]], max_tokens: int, overlap: int) -> list[Chunk]:
-        spans = [(s, e) for s, e in offsets if e > s]   # tokens that cover characters
+    def _split(self, text: str, offsets: list[tuple[int, int]], words: list[int | None], max_tokens: int,
+               overlap: int) -> list[Chunk]:
+        """Windows of max_tokens tokens, cut between words where a window holds more than one
+        word (so a chunk re-tokenizes as it was counted), `overlap` tokens repeated."""
+        spans = [(s, e, w) for (s, e), w in zip(offsets, words) if e > s]   # tokens that cover characters
+        n = len(spans)
+        # starts[i]: token i begins a word (or is the end of the text)
+        starts = [i == 0 or spans[i][2] is None or spans[i][2] != spans[i - 1][2] for i in range(n)] + [True]
         chunks: list[Chunk] = []
         first = 0
-        while first < len(spans):
-            last = min(first + max_tokens, len(spans))
+        while first < n:
+            last = min(first + max_tokens, n)
+            cut = next((c for c in range(last, first, -1) if starts[c]), last)
+            last = cut
             while True:
                 start, end = spans[first][0], spans[last - 1][1]
                 tokens = self.count(text[start:end])
@@ -75,9 +84,11 @@ class TokenChunker:
                     break
                 last -= 1   # re-tokenized, the piece is longer (it starts inside a word): shorten it
             chunks.append(Chunk(len(chunks), text[start:end], start, end, tokens))
-            if last == len(spans):
+            if last == n:
                 break
             first = max(first + 1, last - overlap)
+            while first < last and not starts[first]:
+                first += 1   # the overlap starts at a word
         return chunks
 
 

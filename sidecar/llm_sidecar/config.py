@@ -12,6 +12,7 @@ default or reaches an engine as a string (llama.cpp once got n_ctx "204820482048
     max_input_bytes: 1048576   # per text (embedding input, prompt, system), UTF-8 bytes
     history: {max_rows: 10000, max_age_seconds: 3600, max_tenants: 32}   # recent requests (llm.requests):
                                # a window per tenant, at most max_tenants windows (history.py)
+    cache: {max_bytes: 67108864}   # the result cache of deterministic answers (cache.py); 0: off
     models:
       - {name: ..., task: generate | embed, engine: ..., source: {...}, ...}
 
@@ -170,6 +171,17 @@ class HistoryConfig(_Strict):
         return self
 
 
+DEFAULT_CACHE_BYTES = 64 * 2**20
+MAX_CACHE_BYTES = 2**40
+
+
+class CacheConfig(_Strict):
+    """The result cache (cache.py): answers of deterministic requests (embeddings; generations at
+    temperature 0 or with a seed), per tenant, in the sidecar's memory, at most max_bytes (each
+    entry charged its key digest, its answer and a fixed overhead); 0 turns it off."""
+    max_bytes: Annotated[int, Field(ge=0, le=MAX_CACHE_BYTES)] = DEFAULT_CACHE_BYTES
+
+
 class SidecarConfig(_Strict):
     models: Annotated[list[ModelConfig], Field(min_length=1)]
     auth: Literal["off", "required"] = "off"
@@ -177,6 +189,7 @@ class SidecarConfig(_Strict):
     tenants: list[TenantConfig] = Field(default_factory=list)
     max_input_bytes: PositiveInt = DEFAULT_MAX_INPUT_BYTES
     history: HistoryConfig = Field(default_factory=HistoryConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @field_validator("auth", mode="before")
     @classmethod

@@ -2,7 +2,9 @@
 
 The servicer records each finished request once, with the same numbers it
 sent the caller in that request's Usage messages, so a tenant's totals are
-exactly the sum of its requests.  Only authenticated requests for a served
+exactly the sum of its requests.  A result-cache hit (cache.py) is counted in
+cache_hits too; it carries its answer's token counts (as its caller's row
+shows them) and no queue or compute time: compute is what the engines did.  Only authenticated requests for a served
 model are recorded: a caller cannot make rows for tenants or models at will
 (beyond tenant names when auth is off).  Everything runs on the event loop,
 so no lock is needed.
@@ -22,6 +24,7 @@ class Metered:
     embedded_inputs: int = 0
     queue_ns: int = 0      # arrival until the engine started it (admission + engine queue)
     compute_ns: int = 0    # engine time attributed to it
+    cache_hits: int = 0    # answered from the result cache (cache.py): a Generate, or Embed texts
 
 
 @dataclass

@@ -29,6 +29,15 @@ COMPUTE = Counter("llmfdw_compute_seconds", "Engine time attributed to requests"
 BATCH_SIZE = Histogram("llmfdw_embedding_batch_size", "Texts per engine batch", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
+# The result cache (cache.py): hits and misses by rpc (a Generate request, or an Embed text), its size
+CACHE_HITS = Counter("llmfdw_cache_hits", "Requests (Generate) or texts (Embed) answered from the result cache",
+                     ["rpc", "model", "tenant"])
+CACHE_MISSES = Counter("llmfdw_cache_misses", "Cacheable requests (Generate) or texts (Embed) the engine computed",
+                       ["rpc", "model", "tenant"])
+CACHE_BYTES = Gauge("llmfdw_cache_bytes", "Bytes the result cache holds (charged as cache.py counts them)")
+CACHE_ENTRIES = Gauge("llmfdw_cache_entries", "Entries in the result cache")
+CACHE_EVICTIONS = Counter("llmfdw_cache_evictions", "Entries the result cache dropped to stay within max_bytes")
+
 
 def serve(port: int, address: str = "127.0.0.1") -> None:
     """Expose /metrics over HTTP (a thread of its own)."""

@@ -37,6 +37,13 @@ generation parameter is checked with a message naming the field.  A prompt
 of the model's context cannot fit it: it is refused here, because llama.cpp
 would tokenize all of it first (0.7 s for 1 MB, delaying the other slots)
 only to refuse it too.
+
+Deterministic answers are kept in the result cache (cache.py): an Embed input, and a Generate at
+temperature 0 or with a seed, unless the context says no_cache.  A hit needs no engine slot; a
+cached generation streams back as one delta and its final message; an Embed request computes
+only the inputs the cache lacks.  Hits are metered as hits (Metered.cache_hits) with their
+answers' token counts and no queue or compute time.  Generate, Embed and Chunk requests whose context names a backend pid and statement
+feed the progress book (progress.py) that the Progress RPC reads.
 """
 from __future__ import annotations
 
@@ -47,13 +54,14 @@ import logging
 import time
 import uuid
 from asyncio import CancelledError as _Cancelled
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 
 from llm_sidecar import metrics
+from llm_sidecar.cache import CachedEmbedding, CachedGeneration, ResultCache, embedding_keys, generation_key
 from llm_sidecar.chunking import (DEFAULT_MAX_CHARS, DEFAULT_SEPARATORS, Chunk as TextPiece, TokenChunker,
                                   character_chunks)
 from llm_sidecar.config import SidecarConfig
@@ -61,9 +69,11 @@ from llm_sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingE
                                          EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
 from llm_sidecar.history import Bounds, History, Record
 from llm_sidecar.metering import Metered, UsageBook
+from llm_sidecar.progress import Key as ProgressKey, ProgressBook
 from llm_sidecar.tenants import Admission, LimitExceeded, Unauthenticated, authenticate
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_inference.v1.constraints import ConstraintError, check_choices, load_schema
 from llm_inference.v1.params import PARAMS
 
 log = logging.getLogger("llm_sidecar")
@@ -168,6 +178,7 @@ class _Call:
     metered: bool = False      # the model is served: the request goes into the usage book
     status: str = "OK"
     usage: Metered = field(default_factory=Metered)
+    progress: ProgressKey | None = None   # its statement in the progress book (progress.py), if tracked
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -184,6 +195,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         # a window per tenant; tenants named in the config keep theirs when others are made (history.py)
         self.history = History(config.history.max_rows, config.history.max_age_seconds,
                                config.history.max_tenants, configured=(t.name for t in config.tenants))
+        self.cache = ResultCache(config.cache.max_bytes)   # deterministic answers (cache.py)
+        self.progress = ProgressBook()                     # running statements (progress.py)
+        self._weights: dict[str, str] = {}                 # model -> its weights' path (cache revisions)
         self.draining = False
         self._active = 0                 # calls being served (every RPC)
         self._idle = asyncio.Event()
@@ -241,6 +255,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if not stop:
                 raise BadArgument(f"stop strings must not be empty (stop[{i}], 0-based, is '')")
         return GenerateParams(values, stop=list(p.stop))
+
+    def _constrained(self, params: GenerateParams, request: pb.GenerateRequest) -> GenerateParams:
+        """`params` with the request's constraint (a JSON Schema or choices), checked as the FDW
+        checks it (llm_inference.v1.constraints): a schema that is not valid JSON Schema, or that
+        uses a keyword the engines would not enforce, is refused here, before any token is spent."""
+        if not request.json_schema and not request.choices:
+            return params
+        if request.json_schema and request.choices:
+            raise BadArgument("json_schema and choices cannot both be given: choose one constraint")
+        try:
+            if request.json_schema:
+                self._check_size(request.json_schema, "json_schema")
+                return replace(params, json_schema=load_schema(request.json_schema))
+            return replace(params, choices=tuple(check_choices(list(request.choices))))
+        except ConstraintError as err:
+            raise BadArgument(str(err)) from None
 
     def _check_size(self, text: str, what: str) -> None:
         """INVALID_ARGUMENT when `text` is over max_input_bytes of UTF-8.  A character is 1 to 4
@@ -310,6 +340,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _finish(self, call: _Call, ctx: pb.RequestContext) -> None:
         """Meter, count and log a finished request (once, whatever its outcome)."""
         u, model, tenant = call.usage, call.model, call.tenant
+        self.progress.finished(call.progress, id(call), call.status)
         duration = time.monotonic() - call.started
         if call.metered and tenant:
             self.book.record(tenant, model, call.status == "OK", u)
@@ -341,18 +372,29 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine = self._engine(request.model, "generate")
             assert isinstance(engine, GenerationEngine)
             call.metered = True
-            params = self._params(engine, request.params)
+            params = self._constrained(self._params(engine, request.params), request)
             self._check_size(request.prompt, "the prompt")
             self._check_size(request.system, "the system message")
             self._check_fits(engine, len(request.prompt) + len(request.system))
+            self._track(call, request.context, 1, embeds=False)
+            key = self._generation_key(call, engine, request, params)
+            hit = self._lookup("Generate", call, [key])[0] if key is not None else None
+            if isinstance(hit, CachedGeneration):
+                for message in self._cached_generation(call, engine, hit):
+                    yield message
+                return
             async with self._slot(call, engine):
                 metrics.QUEUE_TIME.labels("Generate", engine.name).observe(call.usage.queue_ns / 1e9)
                 stream = engine.generate(request.prompt, request.system, request.raw, params, call.usage)
                 first = True
+                parts: list[str] = []   # the answer so far, for the cache
                 try:
                     async for event in stream:
                         if isinstance(event, GenerateFinal):
                             u = call.usage
+                            if key is not None and event.finish_reason != "cancelled":
+                                self.cache.put(key, CachedGeneration("".join(parts), event.finish_reason,
+                                                                     u.input_tokens, u.output_tokens))
                             yield pb.GenerateResponse(final=pb.GenerateFinal(
                                 finish_reason=_FINISH[event.finish_reason], model=engine.name,
                                 usage=pb.Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
@@ -362,6 +404,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                 call.first_token = time.monotonic() - call.started
                                 metrics.FIRST_TOKEN.labels(engine.name).observe(call.first_token)
                                 first = False
+                            if key is not None:
+                                parts.append(event)
                             yield pb.GenerateResponse(delta=event)
                 finally:
                     await stream.aclose()
@@ -377,13 +421,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise BadArgument("inputs must not be empty")
             for i, text in enumerate(inputs):
                 self._check_size(text, f"inputs[{i}] (0-based)")
+            self._track(call, request.context, len(inputs), embeds=True)
+            u = call.usage
+            keys = self._embedding_keys(call, engine, request)
+            todo = list(range(len(inputs)))   # the inputs the engine computes: those not in the cache
+            if keys is not None:
+                found = self._lookup("Embed", call, keys)
+                hits = [(i, v) for i, v in enumerate(found) if isinstance(v, CachedEmbedding)]
+                todo = [i for i, v in enumerate(found) if not isinstance(v, CachedEmbedding)]
+                if hits:
+                    message = self._embeddings(hits, request.normalize)
+                    u.cache_hits += len(hits)
+                    u.embedded_inputs += len(hits)
+                    u.input_tokens += message.usage.input_tokens
+                    yield message
+            if not todo:
+                return
             async with self._slot(call, engine):
-                stream = engine.embed(inputs, call.usage)
-                u = call.usage
+                stream = engine.embed([inputs[i] for i in todo], call.usage)
+                first = True
                 try:
                     async for group in stream:
+                        group = [(todo[j], result) for j, result in group]
+                        if keys is not None:
+                            for i, result in group:
+                                self.cache.put(keys[i], CachedEmbedding(
+                                    np.array(result.vector, dtype=np.float32), result.input_tokens, result.truncated))
                         message = self._embeddings(group, request.normalize)
-                        if not u.embedded_inputs:   # the request's queue time goes in its first message
+                        if first:   # the request's queue time goes in its engine's first message
+                            first = False
                             message.usage.queue_ns = u.queue_ns
                             metrics.QUEUE_TIME.labels("Embed", engine.name).observe(u.queue_ns / 1e9)
                         u.embedded_inputs += len(message.embeddings)
@@ -425,7 +491,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async with self._serving("Usage", "", request.context, context, refuse_when_draining=False) as call:
             rows = [pb.UsageRow(tenant=call.tenant, model=model, requests=t.requests, errors=t.errors,
                                 input_tokens=t.input_tokens, output_tokens=t.output_tokens,
-                                embedded_inputs=t.embedded_inputs, queue_ns=t.queue_ns, compute_ns=t.compute_ns)
+                                embedded_inputs=t.embedded_inputs, queue_ns=t.queue_ns, compute_ns=t.compute_ns,
+                                cache_hits=t.cache_hits)
                     for model, t in self.book.rows(call.tenant)]
             return pb.UsageResponse(rows=rows, since_unix_ns=self.book.since_unix_ns)
 
@@ -461,6 +528,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise BadArgument("inputs must not be empty")
             for i, text in enumerate(inputs):
                 self._check_size(text, f"inputs[{i}] (0-based)")
+            self._track(call, request.context, len(inputs), embeds=True)
             started = time.monotonic_ns()
             if request.mode == pb.CHUNK_MODE_CHARACTERS:
                 results, read = await asyncio.to_thread(self._character_chunks, request, inputs), 0
@@ -502,3 +570,72 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not all(separators):
             raise BadArgument("separators must not be empty strings")
         return [character_chunks(text, size, request.overlap_chars, separators) for text in inputs]
+
+    # -- Progress (progress.py) and the result cache (cache.py) ------------
+
+    def _track(self, call: _Call, ctx: pb.RequestContext, items: int, *, embeds: bool) -> None:
+        """Enter a request into its statement's progress (when the context names one): it stands
+        for `items` prompts or texts, done as it ends (embeds: as its texts come back)."""
+        call.progress = self.progress.started(
+            call.tenant, ctx.backend_pid, ctx.statement, ctx.statement_total, id(call), items, call.usage,
+            embeds=embeds, model=call.model, database=ctx.database, role=ctx.role)
+
+    async def Progress(self, request: pb.ProgressRequest, context: grpc.aio.ServicerContext) -> pb.ProgressResponse:
+        """The calling tenant's running statements (never another tenant's)."""
+        async with self._serving("Progress", "", request.context, context, refuse_when_draining=False) as call:
+            rows = [pb.StatementProgress(
+                        tenant=s.stmt.tenant, backend_pid=s.stmt.pid, statement=s.stmt.statement,
+                        database=s.stmt.database, role=s.stmt.role, model=s.stmt.model,
+                        started_unix_ns=s.stmt.started_ns, updated_unix_ns=s.stmt.updated_ns,
+                        total=s.stmt.total or None, done=s.done, requests=s.stmt.requests,
+                        running=len(s.stmt.running), errors=s.stmt.errors, input_tokens=s.input_tokens,
+                        output_tokens=s.output_tokens, cache_hits=s.cache_hits, elapsed_ns=s.elapsed_ns,
+                        remaining_ns=s.remaining_ns)
+                    for s in self.progress.rows(call.tenant)]
+            return pb.ProgressResponse(rows=rows, quiet_seconds=self.progress.quiet_seconds)
+
+    def _revision(self, engine: Engine) -> str:
+        """The revision of the engine's weights (cache.model_revision), part of every key."""
+        path = self._weights.get(engine.name)
+        if path is None:
+            path = self._weights[engine.name] = engine.config.path()
+        return self.cache.revision(path)
+
+    def _generation_key(self, call: _Call, engine: Engine, request: pb.GenerateRequest,
+                        params: GenerateParams) -> bytes | None:
+        """The cache key of a generation whose answer is always the same (greedy decoding, or a
+        fixed seed: the request's or the model's default); None when it may differ from one run
+        to the next, when the cache is off, or when the caller opted out (context.no_cache)."""
+        if not self.cache.enabled or request.context.no_cache:
+            return None
+        if params.values.get("temperature") != 0 and "seed" not in params.values:
+            return None
+        return generation_key(call.tenant, self._revision(engine), request)
+
+    def _embedding_keys(self, call: _Call, engine: Engine, request: pb.EmbedRequest) -> list[bytes] | None:
+        """One cache key per input; None when the cache is off or the caller opted out."""
+        if not self.cache.enabled or request.context.no_cache:
+            return None
+        return embedding_keys(call.tenant, self._revision(engine), request)
+
+    def _lookup(self, rpc: str, call: _Call, keys: list[bytes]) -> list[CachedGeneration | CachedEmbedding | None]:
+        """The cached answers of `keys` (None for a miss), counted as hits and misses."""
+        found = [self.cache.get(k) for k in keys]
+        hits = sum(v is not None for v in found)
+        if hits:
+            metrics.CACHE_HITS.labels(rpc, call.model, call.tenant).inc(hits)
+        if hits < len(found):
+            metrics.CACHE_MISSES.labels(rpc, call.model, call.tenant).inc(len(found) - hits)
+        return found
+
+    @staticmethod
+    def _cached_generation(call: _Call, engine: Engine, hit: CachedGeneration) -> list[pb.GenerateResponse]:
+        """A cached answer as a stream: its whole text as one delta, then the final message with
+        the answer's token counts and no queue or engine time, metered so (and as a hit)."""
+        call.usage.cache_hits = 1
+        call.usage.input_tokens, call.usage.output_tokens = hit.input_tokens, hit.output_tokens
+        call.first_token = time.monotonic() - call.started
+        final = pb.GenerateResponse(final=pb.GenerateFinal(
+            finish_reason=_FINISH[hit.finish_reason], model=engine.name,
+            usage=pb.Usage(input_tokens=hit.input_tokens, output_tokens=hit.output_tokens)))
+        return ([pb.GenerateResponse(delta=hit.text)] if hit.text else []) + [final]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 
@@ -26,7 +26,7 @@ CHARS_PER_TOKEN = 32
 # embedding batch is [texts, longest] and every layer flattens it to texts x longest rows, so
 # nearly every batch is a new shape: under a 15-minute mixed soak these caches took 886 MB and
 # kept growing (a jemalloc heap profile: docs/soak-heap-profile.txt).  128 entries keep repeated
-# shapes (short single-text queries) hot and cost no measurable speed (README, Benchmarks).
+# shapes (short single-text queries) hot and cost no measurable speed (docs/benchmarks.md).
 TORCH_CACHE_ENV = {"LRU_CACHE_CAPACITY": "128", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128"}
 
 
@@ -90,6 +90,10 @@ class GenerateParams:
 
     values: Mapping[str, int | float]
     stop: list[str] = field(default_factory=list)
+    # Constrained output (llm_inference.v1.constraints, checked by the servicer), at most one:
+    # the answer is JSON valid against json_schema, or exactly one of choices.
+    json_schema: Mapping[str, Any] | None = None
+    choices: tuple[str, ...] = ()
 
     def named(self, renames: Mapping[str, str]) -> dict[str, int | float]:
         """`values` under an engine's own names: `renames` maps each registry name the engine

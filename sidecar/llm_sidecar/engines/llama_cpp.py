@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 from llm_sidecar import metrics
 from llm_sidecar.config import ModelConfig
 from llm_sidecar.metering import Metered
+from llm_inference.v1.constraints import choices_grammar
 from llm_sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
 
@@ -66,6 +67,17 @@ def private_listener(params: Any) -> str:
     params.endpoint_metrics = False
     params.n_threads_http = 1   # nothing is served there
     return directory
+
+
+def constraint(params: GenerateParams) -> dict[str, Any]:
+    """The request body's keys that constrain decoding: a JSON Schema as llama.cpp's server
+    reads it (`json_schema`: its converter turns it into a grammar), choices as a GBNF grammar
+    of the quoted alternatives, so the answer is the label itself (no JSON quotes to strip)."""
+    if params.json_schema is not None:
+        return {"json_schema": dict(params.json_schema)}
+    if params.choices:
+        return {"grammar": choices_grammar(list(params.choices))}
+    return {}
 
 
 class LlamaCppEngine(GenerationEngine):
@@ -123,6 +135,7 @@ class LlamaCppEngine(GenerationEngine):
         }
         if params.stop:
             body["stop"] = params.stop
+        body.update(constraint(params))
         if raw:
             body["prompt"] = prompt
             return "completions", body
@@ -154,6 +167,8 @@ class LlamaCppEngine(GenerationEngine):
                 result = handler(body, on_chunk)
                 if isinstance(result, dict) and "error" in result:
                     loop.call_soon_threadsafe(events.put_nowait, result)
+            except ValueError as err:   # llama.cpp refused this request (std::invalid_argument)
+                loop.call_soon_threadsafe(events.put_nowait, {"error": {"message": str(err)}})
             except Exception as err:  # the engine itself broke
                 loop.call_soon_threadsafe(events.put_nowait, EngineFailed(str(err)))
             finally:

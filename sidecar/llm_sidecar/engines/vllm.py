@@ -55,6 +55,18 @@ def sampling_kwargs(params: GenerateParams) -> dict[str, Any]:
     return {**params.values, "stop": params.stop or None}
 
 
+def structured_outputs(params: GenerateParams) -> dict[str, Any] | None:
+    """StructuredOutputsParams' keyword arguments for a constrained request (vLLM's structured
+    outputs, 0.12 and later: `json` takes the schema, `choice` the labels), or None.  Kept apart
+    from sampling_kwargs so the mapping is tested without vLLM (tests/unit/test_constrained.py);
+    vLLM itself runs it only in `make test-vllm`."""
+    if params.json_schema is not None:
+        return {"json": dict(params.json_schema)}
+    if params.choices:
+        return {"choice": list(params.choices)}
+    return None
+
+
 # A text embedded at load: it tells the vector size (a pooling model's output may differ from its
 # hidden size) and warms the engine up.
 _PROBE = "dimensions"
@@ -148,9 +160,11 @@ class VllmGenerationEngine(_Vllm, GenerationEngine):
                        usage: Metered) -> AsyncIterator[str | GenerateFinal]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        structured = structured_outputs(params)
         sampling = SamplingParams(**sampling_kwargs(params),
+                                  structured_outputs=StructuredOutputsParams(**structured) if structured else None,
                                   output_kind=RequestOutputKind.DELTA)   # new text and token ids only
         ids = await asyncio.to_thread(self._locked, self._tokenize, prompt, system, raw)
         usage.input_tokens = len(ids)
