@@ -8,7 +8,7 @@ Starts its own Postgres and sidecar (deploy/embedded.py, in a temporary director
     UPDATE big t SET embedding = e.embedding FROM llm.embeddings e
      WHERE e.input = t.body AND t.embedding IS NULL
 
-(the batched nested loop: 1,000 rows per request, fdw/src/batchjoin.c), sampling every --every
+(the batched nested loop: 1,000 rows per request, fdw/src/batchjoin_exec.c), sampling every --every
 seconds the private memory (RssAnon: not the shared buffers the UPDATE touches) of the backend
 and of the sidecar.  Then runs it again, when no row is left to embed, to show that unchanged
 rows cost nothing.  Prints the figures and writes bench/results/bulk_update.json.

@@ -14,7 +14,7 @@ directory), then measures, side by side in one run and on the same inputs:
   startup   - a new connection's first query (starting Python in the backend,
               imports, the gRPC channel) vs its second query;
   batched joins - the join, UPDATE ... FROM and LATERAL generation forms, which
-              run as the batched nested loop (fdw/src/batchjoin.c), against
+              run as the batched nested loop (fdw/src/batchjoin_exec.c), against
               their bulk forms (= ANY(ARRAY(...)), the same work in one
               execute()) and against the plain nested loop
               (llmfdw.join_batch_size = 0), on a short-text corpus and a

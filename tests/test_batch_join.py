@@ -1,4 +1,4 @@
-"""The batched nested loop (fdw/src/batchjoin.c): joins with llm.* tables, one request per batch.
+"""The batched nested loop (fdw/src/batchjoin_plan.c, batchjoin_exec.c): joins with llm.* tables, one request per batch.
 
 A join, UPDATE ... FROM or LATERAL query with llm.embeddings / llm.completions runs as a custom
 join node that sends the keys of a whole batch of outer rows in one execute() call

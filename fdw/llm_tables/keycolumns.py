@@ -18,7 +18,7 @@ So a hint only ever narrows what is shipped, never what the query returns,
 and a qual that cannot be a bound (another operator, a value unknown at
 plan time, a value the table cannot read) is simply not sent, never an
 error: the host's check of request columns (check_request_columns in
-fdw/src/llmfdw.c) does not apply to it.
+fdw/src/plan.c) does not apply to it.
 """
 from __future__ import annotations
 

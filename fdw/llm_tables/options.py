@@ -10,7 +10,7 @@ and so does the range of a generation parameter's default
 (llm_inference.v1.params), checked when the DDL runs as when a query runs.
 Unknown options are errors, so a typo is never silently ignored.  Where each
 connection option may be set (server, user mapping, table) is checked when
-the DDL runs, by the host's validator (fdw/src/llmfdw.c).
+the DDL runs, by the host's validator (fdw/src/option.c).
 """
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ class SidecarTable(ForeignDataWrapper):
         echoed default would then be filtered: a silently wrong result)."""
         return list(self.keys.columns)
 
-    # ---- Batched joins (fdw/src/batchjoin.c) ----
+    # ---- Batched joins (fdw/src/batchjoin_plan.c, batchjoin_exec.c) ----
     @property
     def batch_key_columns(self) -> list[str]:
         """Key columns a join may send for a whole batch of outer rows as one
