@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -346,6 +347,48 @@ QUERIES = [
     ("88213", 41),
     ("55107", 42),
 ]
+
+
+def test_chunking_settings_the_sidecar_refuses_are_refused_when_set(alice):
+    """Checked by a probe of llm.chunks when they are set, not by every row failing at the next drain."""
+    with table(alice, "probe", [(1, "one two three")]):
+        alice.execute("SELECT llm.create_vectorizer('probe', 'body', max_tokens => 20, hnsw => false)")
+        for settings in ("max_tokens => 0", "max_tokens => 100000", "max_tokens => 20, overlap_tokens => 30",
+                         "chunking => 'characters', max_chars => 0"):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                alice.execute(f"SELECT llm.alter_vectorizer('probe', {settings})")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            alice.execute("SELECT llm.create_vectorizer('probe', 'body', name => 'probe2', max_tokens => -1)")
+        config = alice.execute("SELECT chunking, max_tokens FROM llm.vectorizer_config WHERE name = 'probe'").fetchone()
+        assert config == ("tokens", 20)   # unchanged by the refused calls
+
+
+def test_altering_while_a_batch_holds_its_rows_waits_instead_of_deadlocking(alice, cluster):
+    """A batch locks its queue rows, embeds, then updates the catalog row; an alter that updated
+    the catalog row first and then queued every row would deadlock with it."""
+    with table(alice, "busy", [(i, f"row {i}") for i in range(1, 6)]):
+        alice.execute("SELECT llm.create_vectorizer('busy', 'body', chunking => 'none', hnsw => false)")
+        with connect(cluster) as batch:
+            batch.execute("BEGIN")
+            batch.execute("SELECT * FROM busy_queue FOR UPDATE")            # as a batch claims its rows
+            done: dict = {}
+
+            def alter() -> None:
+                with connect(cluster) as other:
+                    try:
+                        done["queued"] = other.execute(
+                            "SELECT llm.alter_vectorizer('busy', chunking => 'tokens')").fetchone()[0]
+                    except psycopg.Error as err:
+                        done["error"] = err
+
+            thread = threading.Thread(target=alter)
+            thread.start()
+            time.sleep(1.5)                                                 # the alter is waiting now
+            batch.execute("UPDATE llm.vectorizer_config SET last_run_at = now() WHERE name = 'busy'")
+            batch.execute("COMMIT")
+            thread.join(60)
+        assert "error" not in done, done.get("error")
+        assert done["queued"] == 5
 
 
 def test_search_fuses_vector_and_keyword_retrieval(alice):
