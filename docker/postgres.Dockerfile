@@ -23,6 +23,7 @@ RUN python3.11 -m venv /opt/llmfdw/venv \
  && /opt/llmfdw/venv/bin/pip install --no-cache-dir pip==26.3 \
  && /opt/llmfdw/venv/bin/pip install --no-cache-dir grpcio==1.85.1 grpcio-health-checking==1.85.1 \
       grpcio-tools==1.85.1 protobuf==7.36.2 PyYAML==6.0.4 setuptools==84.2.1 wheel==0.48.0 \
+      jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0 \
  && /opt/llmfdw/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
 
 FROM postgres:18.1-bookworm

@@ -34,7 +34,7 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
     {"anyOf": [{"type": "boolean"}, {"const": "maybe"}, {"enum": ["a", 1, None]}]},
     {"type": "string", "pattern": "^[a-z]+$"},
     {"type": ["string", "null"]},
-    {"type": "integer", "minimum": -(2**63 - 1), "maximum": 2**63 - 1},
+    {"type": "integer", "minimum": -(2**53 - 1), "maximum": 2**53 - 1},
 ])
 def test_schemas_the_engines_enforce_are_taken(schema):
     assert load_schema(json.dumps(schema)) == schema
@@ -59,6 +59,8 @@ def test_schemas_the_engines_enforce_are_taken(schema):
     ({"$ref": "#/$defs/x"}, "points at nothing"),
     ({"$ref": "https://example.com/s.json"}, "nothing is fetched"),
     ({"type": "integer", "minimum": -2**63}, "integer bounds"),
+    ({"type": "integer", "maximum": 10**18 - 1}, "integer bounds"),
+    ({"type": "integer", "maximum": 1.5}, "whole numbers"),
     ({"type": "object", "x-extra": 1}, "'x-extra'"),
 ])
 def test_schemas_they_would_not_enforce_are_refused_naming_the_problem(schema, words):

@@ -42,10 +42,11 @@ ENFORCED: dict[str, frozenset[str] | None] = {
 # Object and array keywords that also hold where "type" is left out (the engines infer it).
 STRUCTURAL = frozenset({"properties", "required", "additionalProperties", "items", "prefixItems",
                         "minItems", "maxItems"})
-# Integer bounds: llama.cpp's converter dropped the whole constraint, silently, for a minimum of
-# -2**63 (the answer came back as free text); bounds within +-(2**63 - 1) held.
+# Integer bounds, whole numbers of at most 2**53 - 1 either way: llama.cpp's converter dropped
+# the whole constraint, silently, for a minimum of -2**63 (the answer came back as free text), and
+# let 10**18 through a maximum of 10**18 - 1 (bounds read as doubles lose digits past 2**53).
 BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
-BOUND_MOST = 2**63 - 1
+BOUND_MOST = 2**53 - 1
 FORMATS = ("date", "date-time", "uuid")   # the string formats the grammar spells out
 # What a refused keyword can be written as instead, for the message's hint.
 INSTEAD = {"oneOf": "anyOf (the engines do not enforce that only one branch matches)",
