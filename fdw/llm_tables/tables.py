@@ -366,7 +366,7 @@ class _Answer:
             return None
         try:
             value = json.loads(text)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:   # RecursionError: nested past Python's limit
             raise LlmError(f"the answer {_start(text)} is not valid JSON ({err}; finish_reason {finish})",
                            hint=_ANSWER_HINT, sqlstate=INVALID_JSON_TEXT) from None
         problem = _schema_problem(self.schema, value)

@@ -156,3 +156,10 @@ def test_which_failures_are_a_rows_own():
                  _Err(grpc.StatusCode.RESOURCE_EXHAUSTED, (("llmfdw-rejected", "queue-full"),))]
     assert all(per_row_error(e) for e in own)
     assert not any(per_row_error(e) for e in statement)
+
+
+def test_a_schema_nested_past_pythons_limits_is_a_clear_refusal():
+    """Found by a hostile pass: 5,000 nested arrays gave a raw RecursionError through SQL."""
+    deep = '{"type": "array", "items": ' * 5000 + "{}" + "}" * 5000
+    with pytest.raises(ConstraintError, match="nests too deeply"):
+        load_schema(deep)

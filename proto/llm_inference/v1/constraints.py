@@ -64,6 +64,14 @@ def load_schema(text: Any, label: str = "json_schema") -> dict:
     """The schema as a dict from its JSON text (or an already parsed value), checked: valid JSON
     Schema (draft 2020-12), an object, and only keywords the engines enforce (see the module
     docstring).  Raises ConstraintError naming the problem."""
+    try:
+        return _load_schema(text, label)
+    except RecursionError:   # parsing and checking recurse once per level of nesting
+        raise ConstraintError(f"{label} nests too deeply: Python's parser and the checks take a few "
+                              f"hundred levels at most") from None
+
+
+def _load_schema(text: Any, label: str) -> dict:
     if isinstance(text, (str, bytes)):
         try:
             schema = json.loads(text)
