@@ -190,6 +190,13 @@ bench-cancel: install
 bench-cache: install
 	$(PY) bench/bench_cache.py
 
+# The interactive path: one-row embeddings and 8-token completions through pgbench (1-64 clients,
+# p50/p95/p99) vs the engines in-process, per hop (raw gRPC), first query on a new connection:
+# bench/results/interactive.json
+.PHONY: bench-interactive
+bench-interactive: install
+	$(PY) bench/bench_interactive.py
+
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak
 soak: install

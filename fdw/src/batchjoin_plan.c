@@ -66,6 +66,7 @@ typedef struct BatchJoinInfo
 	List	   *restrict_clauses;	/* the inner rel's own restrictions */
 	List	   *join_clauses;	/* decide whether a pair matches */
 	List	   *other_clauses;	/* filter joined rows (outer joins) */
+	List	   *nestloop_clauses;	/* those a plain nested loop evaluates too */
 } BatchJoinInfo;
 
 static const CustomPathMethods batchjoin_path_methods;
@@ -238,6 +239,7 @@ analyse_join(RelOptInfo *joinrel, RelOptInfo *innerrel, Path *param_path,
 			continue;
 		if (names_column((Node *) rinfo->clause, relid, request_attnums))
 			return NULL;
+		info->nestloop_clauses = lappend(info->nestloop_clauses, rinfo->clause);
 		if (IS_OUTER_JOIN(jointype) && RINFO_IS_PUSHED_DOWN(rinfo, joinrel->relids))
 			info->other_clauses = lappend(info->other_clauses, rinfo->clause);
 		else
@@ -247,41 +249,59 @@ analyse_join(RelOptInfo *joinrel, RelOptInfo *innerrel, Path *param_path,
 }
 
 /*
- * Cost: the outer path, one inner startup per execute() call (per batch and
- * group of non-batched key values) instead of per outer row, the inner run
- * cost per distinct key value in each batch, and the join clauses per pair
- * of rows, as final_cost_nestloop counts them.  The first row comes once the
- * first batch is read and its first request started: rows stream back.
+ * Cost in requests.  The plain nested loop makes one request per outer row:
+ * the inner path's whole cost (its startup, a round trip to the sidecar,
+ * plus its rows) for each.  The node makes one request per batch and group
+ * of non-batched key values, at the inner startup each, and looks up each
+ * distinct key of a batch once, at the inner run cost: never more requests
+ * or lookups than outer rows.  It then forms each pair of rows, as
+ * final_cost_nestloop counts them, and evaluates the clauses the nested
+ * loop would evaluate at the join (the inner scan's own recheck of its
+ * parameter clauses is not costed in either plan).
+ *
+ * With one outer row both plans make one request and cost the same, and
+ * near that size they differ by less than add_path's fuzz, which then
+ * prefers the nested loop's earlier first row: the plan would flip with
+ * the estimate.  As the node never does more work, it is costed at most
+ * BATCHJOIN_MAX_COST_SHARE of the plain nested loop over the same paths.
+ * The first row comes once the first batch is read and its first request
+ * started: rows stream back.
  */
+#define BATCHJOIN_MAX_COST_SHARE 0.98
+
 static void
 cost_batched_join(PlannerInfo *root, CustomPath *cpath, Path *outer, Path *inner,
 				  BatchJoinInfo *info, int batch_size)
 {
 	double		outer_rows = Max(outer->rows, 1);
 	double		nbatches = ceil(outer_rows / batch_size);
-	double		distinct = estimate_num_groups(root, info->key_exprs, outer_rows, NULL, NULL);
+	double		batch_rows = outer_rows / nbatches;
+	double		distinct = Max(estimate_num_groups(root, info->key_exprs, outer_rows, NULL, NULL), 1);
 	double		groups = 1;
-	double		calls;
+	double		requests;
 	double		lookups;
 	double		pairs = outer_rows * Max(inner->rows, 1);
 	Cost		inner_run = inner->total_cost - inner->startup_cost;
 	Cost		outer_run = outer->total_cost - outer->startup_cost;
+	Cost		plain;
 	QualCost	quals;
 
 	if (list_length(info->key_exprs) > 1)
 		groups = estimate_num_groups(root, list_delete_first(list_copy(info->key_exprs)),
 									 outer_rows, NULL, NULL);
-	calls = nbatches * Min(groups, batch_size);
-	/* distinct values among a batch's rows, each row drawn from "distinct" */
-	lookups = nbatches * distinct *
-		(1.0 - pow(1.0 - 1.0 / distinct, Min(batch_size, outer_rows)));
-	cost_qual_eval(&quals, list_concat(list_copy(info->join_clauses), info->restrict_clauses), root);
+	requests = Max(1, Min(outer_rows, nbatches * Min(groups, batch_rows)));
+	/*
+	 * Distinct values among a batch's rows: each value has outer/distinct
+	 * rows, and is in a batch unless all of them fall outside it (all the
+	 * values when there is one batch, batch_rows of them when all differ).
+	 */
+	lookups = Min(outer_rows, nbatches * distinct *
+				  (1.0 - pow(1.0 - batch_rows / outer_rows, outer_rows / distinct)));
+	cost_qual_eval(&quals, info->nestloop_clauses, root);
 
 	/*
 	 * Rows: the nested loop's own count of pairs where that is smaller than
-	 * the join rel's estimate, which the unparameterized scan's guess (no
-	 * usable key: "any number of rows") inflates; a Sort above then costs
-	 * what it will sort.
+	 * the join rel's estimate (see fix_join_rows).
 	 */
 	if (info->jointype == JOIN_INNER)
 		cpath->path.rows = Min(cpath->path.parent->rows, pairs);
@@ -297,10 +317,13 @@ cost_batched_join(PlannerInfo *root, CustomPath *cpath, Path *outer, Path *inner
 #endif
 	cpath->path.startup_cost = outer->startup_cost +
 		outer_run * Min(1.0, batch_size / outer_rows) + inner->startup_cost;
+	plain = outer->total_cost + outer_rows * inner->total_cost +
+		pairs * (cpu_tuple_cost + quals.per_tuple) + quals.startup;
 	cpath->path.total_cost = outer->total_cost +
-		calls * inner->startup_cost + lookups * inner_run +
-		outer_rows * cpu_tuple_cost + quals.startup +
-		pairs * quals.per_tuple + cpath->path.rows * cpu_tuple_cost;
+		requests * inner->startup_cost + lookups * inner_run +
+		quals.startup + pairs * (cpu_tuple_cost + quals.per_tuple);
+	cpath->path.total_cost = Min(cpath->path.total_cost, BATCHJOIN_MAX_COST_SHARE * plain);
+	cpath->path.startup_cost = Min(cpath->path.startup_cost, cpath->path.total_cost);
 #if PG_VERSION_NUM < 180000
 	if (!enable_nestloop)		/* before 18: disable_cost, not disabled_nodes */
 	{
@@ -308,6 +331,43 @@ cost_batched_join(PlannerInfo *root, CustomPath *cpath, Path *outer, Path *inner
 		cpath->path.total_cost += disable_cost;
 	}
 #endif
+}
+
+/*
+ * The join rel's row estimate comes from eqjoinsel, which knows nothing of
+ * the inner column (no statistics: 200 distinct values) and multiplies by
+ * the unparameterized scan's guess (get_rel_size: no usable key, "any
+ * number of rows"), giving about a billion rows for any outer size.  Each
+ * key value yields the rows one lookup returns (the parameterized path's
+ * rows), so an inner or left join has at most outer rows times that.  Fix
+ * the estimate here, where the lookup is known, for the paths already built
+ * on it and for those to come and the joins above.
+ */
+static void
+fix_join_rows(RelOptInfo *joinrel, Path *outer, Path *inner, JoinType jointype)
+{
+	double		pairs = Max(outer->rows, 1) * Max(inner->rows, 1);
+	double		old = joinrel->rows;
+	double		rows;
+	ListCell   *lc;
+
+	if (jointype == JOIN_INNER)
+		rows = Min(old, pairs);
+	else if (jointype == JOIN_LEFT)
+		rows = Min(old, Max(outer->rows, pairs));
+	else
+		return;
+	rows = clamp_row_est(rows);
+	if (rows >= old)
+		return;
+	joinrel->rows = rows;
+	foreach(lc, joinrel->pathlist)
+	{
+		Path	   *path = lfirst(lc);
+
+		if (path->param_info == NULL && path->rows == old)
+			path->rows = rows;
+	}
 }
 
 /*
@@ -331,8 +391,7 @@ batchjoin_pathlist_hook(PlannerInfo *root, RelOptInfo *joinrel, RelOptInfo *oute
 	if (prev_join_pathlist_hook)
 		prev_join_pathlist_hook(root, joinrel, outerrel, innerrel, jointype, extra);
 
-	if (join_batch_size <= 0 ||
-		(jointype != JOIN_INNER && jointype != JOIN_LEFT &&
+	if ((jointype != JOIN_INNER && jointype != JOIN_LEFT &&
 		 jointype != JOIN_SEMI && jointype != JOIN_ANTI) ||
 		outer == NULL || outer->param_info != NULL ||
 		!bms_is_subset(innerrel->lateral_relids, outerrel->relids) ||
@@ -368,6 +427,9 @@ batchjoin_pathlist_hook(PlannerInfo *root, RelOptInfo *joinrel, RelOptInfo *oute
 		}
 	}
 	if (best == NULL)
+		return;
+	fix_join_rows(joinrel, outer, best_inner, jointype);
+	if (join_batch_size <= 0)
 		return;
 	best->inner_table = table;
 

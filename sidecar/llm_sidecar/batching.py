@@ -57,6 +57,9 @@ Group = list[tuple[int, EmbeddingResult]]
 # Texts tokenized per step for a large request: its first batch starts after the first chunk,
 # while the next chunk is tokenized during that batch's compute.
 CHUNK = 1024
+# Requests of at most this many texts (the interactive one-row query) are tokenized on the event
+# loop: tens of microseconds, less than handing them to a worker thread and back.
+INLINE_TEXTS = 8
 
 
 @dataclass
@@ -307,13 +310,18 @@ class Batcher:
     # -- waiting and request lifetimes (asyncio) --
 
     async def next(self) -> Batch:
-        """Wait for texts, give a batch that would not be full up to wait_ms to fill, take it."""
+        """Wait for texts and take a batch.  Texts that were waiting already (they came while the
+        engine computed: it is busy) give a batch that would not be full up to wait_ms to fill;
+        a text that wakes an idle engine goes at once, as TEI's router does: waiting would add
+        wait_ms to every one-row query and batch nothing (texts that come while it computes
+        make the next batch)."""
         while True:
+            busy = bool(self._waiting)
             await self._arrived.wait()
             self._arrived.clear()
             if not self._waiting:
                 continue
-            deadline = time.monotonic() + self.wait
+            deadline = time.monotonic() + (self.wait if busy else 0.0)
             while self.pending() < self.max_batch and (left := deadline - time.monotonic()) > 0:
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
@@ -363,6 +371,9 @@ class Batcher:
         tokenized CHUNK texts at a time in a worker thread, so that the first batch runs while
         the rest is tokenized, and yielded as the batches holding them finish."""
         async def feed() -> AsyncIterator[Tokens]:
+            if len(texts) <= INLINE_TEXTS:   # a thread hop would cost more than the tokenizing
+                yield tokenize(texts)
+                return
             for start in range(0, len(texts), CHUNK):
                 yield await asyncio.to_thread(tokenize, texts[start:start + CHUNK])
 

@@ -248,3 +248,27 @@ def test_a_tokenizer_error_reaches_the_caller():
                 pass
 
     asyncio.run(run())
+
+
+def test_an_idle_engine_takes_a_lone_text_at_once_and_a_busy_one_waits_for_more():
+    """batch_wait_ms is spent only where texts queued while the engine computed: a one-row query
+    that wakes an idle engine does not wait (it would add wait_ms to every interactive query)."""
+    async def scenario():
+        b = batcher(max_batch=64, wait_ms=60_000)
+        idle = asyncio.create_task(b.next())
+        await asyncio.sleep(0)                   # next() waits for an arrival: the engine is idle
+        r, t = request([5])
+        b.add(r, t)
+        alone = await asyncio.wait_for(idle, 30)   # not the 60 s wait
+        b.wait = 0.05
+        first, t1 = request([6])
+        b.add(first, t1)                         # queued while the engine computed: it is busy
+        busy = asyncio.create_task(b.next())
+        await asyncio.sleep(0)
+        second, t2 = request([7])
+        b.add(second, t2)                        # arrives during the wait: rides along
+        return alone, await busy
+
+    alone, busy = asyncio.run(scenario())
+    assert members(alone) == [(1, 0)]
+    assert busy.size == 2
