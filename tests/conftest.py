@@ -94,19 +94,20 @@ def sidecar_socket_path(run_dir):
 
 @pytest.fixture(scope="session")
 def session_models_file(work_dir):
-    """The session sidecar's models file: None (the packaged default, whose embedding model runs
-    `dtype: auto`: bfloat16 on a CPU with AVX512-BF16/AMX, float32 elsewhere), or, when
-    LLMFDW_TEST_EMBED_DTYPE is set (`make test EMBED_DTYPE=float32`), a copy of it with every
-    embedding model's dtype set to that value: the same suite on the other numeric path."""
-    dtype = os.environ.get("LLMFDW_TEST_EMBED_DTYPE")
-    if not dtype:
-        return None
+    """The session sidecar's models file: the packaged default (its embedding model runs `dtype:
+    auto`: bfloat16 on a CPU with AVX512-BF16/AMX, float32 elsewhere) with the result cache off, so
+    that a test that asks what an earlier test asked still reaches the engine (it checks compute
+    time, cancels, timeouts); tests/test_result_cache.py runs a sidecar of its own with the cache.
+    LLMFDW_TEST_EMBED_DTYPE (`make test EMBED_DTYPE=float32`) sets every embedding model's dtype:
+    the same suite on the other numeric path."""
     import yaml
     from llm_sidecar.config import DEFAULT_CONFIG
 
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["cache"] = {"max_bytes": 0}
+    dtype = os.environ.get("LLMFDW_TEST_EMBED_DTYPE")
     for model in config["models"]:
-        if model.get("task") == "embed":
+        if dtype and model.get("task") == "embed":
             model["dtype"] = dtype
     path = work_dir / "session-models.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -118,8 +119,8 @@ def session_models_file(work_dir):
 def session_sidecar(sidecar_socket_path, sidecar_log, sidecar_metrics_port, session_models_file):
     from sidecar_process import running_sidecar  # tests/sidecar_process.py
 
-    with running_sidecar(str(sidecar_socket_path), str(session_models_file) if session_models_file else None,
-                         log_path=str(sidecar_log), metrics_port=sidecar_metrics_port) as proc:
+    with running_sidecar(str(sidecar_socket_path), str(session_models_file), log_path=str(sidecar_log),
+                         metrics_port=sidecar_metrics_port) as proc:
         yield proc
 
 

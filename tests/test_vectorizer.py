@@ -498,8 +498,17 @@ def kill_9_when(server, db: str, condition: str, what: str) -> None:
     with psycopg.connect(server.dsn("postgres"), autocommit=True) as c:
         pid = wait_for(lambda: c.execute(f"SELECT pid FROM pg_stat_activity WHERE datname = %s AND state = 'active' "
                                          f"AND {condition}", (db,)).fetchone(), what)[0]
+    restarts = _restarts()
     os.kill(pid, signal.SIGKILL)
+    # A connection made before the postmaster has reacted would be killed by its restart: wait for
+    # the restart itself (its log line), then for the database.
+    wait_for(lambda: _restarts() > restarts, "the postmaster to restart its processes", timeout=120)
     wait_for(lambda: _try_connect(server, db), "Postgres to come back", timeout=120).close()
+
+
+def _restarts() -> int:
+    """How often the module's cluster has restarted its processes after one of them died."""
+    return LOG_FILE.read_text(errors="replace").count("all server processes terminated; reinitializing")
 
 
 def test_kill_9_of_the_worker_mid_batch_loses_nothing(cluster):
@@ -561,7 +570,7 @@ def test_kill_9_of_postgres_mid_batch_loses_nothing(cluster):
     server = embedded.start_cluster(cluster.pgdata, socket_dir=cluster.socket_dir, log_file=LOG_FILE,
                                     port=cluster.port)
     assert server.port == cluster.port
-    with connect(cluster, WORKER_DB) as a:
+    with wait_for(lambda: _try_connect(cluster), "Postgres to take connections after the restart", timeout=120) as a:
         wait_for(lambda: status(a, "crash3") == (0, 0), "the worker to finish the queue after the restart",
                  timeout=300)
         assert_embedded_once_from_current_text(a, "crash3")
