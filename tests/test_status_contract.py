@@ -260,8 +260,9 @@ def test_a_tenant_over_its_limits_gets_resource_exhausted_marked_queue_full(auth
     assert marks(err) == {"llmfdw-rejected": "queue-full"}
     sql = sql_error(err)
     assert sql.sqlstate == errors.TOO_MANY_CONNECTIONS and "at its limit for this tenant" in str(sql)
-    assert sample(scrape(port), "llmfdw_requests_total", rpc="Generate", tenant="solo",
-                  status="RESOURCE_EXHAUSTED") >= 1
+    # counted as the call ends, which may be just after the client has its status
+    wait_for(lambda: sample(scrape(port), "llmfdw_requests_total", rpc="Generate", tenant="solo",
+                            status="RESOURCE_EXHAUSTED") >= 1, 15, "the refusal to be counted")
     # Usage and ListModels take no engine slot: the tenant may still ask while at its limits
     assert stub.Usage(pb.UsageRequest(context=ctx)).since_unix_ns > 0
 
