@@ -308,6 +308,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         in_flight.inc()
         self._active += 1
         self._idle.clear()
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            ended = True
+            in_flight.dec()
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+            self._finish(call, ctx)
+
         try:
             if self.draining and refuse_when_draining:
                 raise Draining("the sidecar is shutting down and takes no new requests; retry shortly")
@@ -318,16 +329,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if isinstance(err, EngineFailed):
                 self.on_engine_failure(err)
             code, details, metadata = status_for(err)
+            end()   # counted before the caller has its status: a scrape after the error sees it
             await context.abort(code, details, trailing_metadata=metadata)   # raises AbortError
         except BaseException as err:   # cancelled, or the stream closed: no status to send
             call.status = _outcome(err, context)
             raise
         finally:
-            in_flight.dec()
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
-            self._finish(call, ctx)
+            if not ended:
+                end()
 
     @contextlib.asynccontextmanager
     async def _slot(self, call: _Call, engine: Engine) -> AsyncIterator[None]:
