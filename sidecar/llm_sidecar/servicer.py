@@ -284,6 +284,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                               f"(max_input_bytes in the sidecar config): split it into smaller pieces "
                               f"or shorten it, or raise max_input_bytes")
 
+    def _checked_inputs(self, inputs) -> list[str]:
+        """An Embed or Chunk request's inputs: at least one, each within max_input_bytes
+        (INVALID_ARGUMENT naming the input otherwise)."""
+        texts = list(inputs)
+        if not texts:
+            raise BadArgument("inputs must not be empty")
+        for i, text in enumerate(texts):
+            self._check_size(text, f"inputs[{i}] (0-based)")
+        return texts
+
     @staticmethod
     def _check_fits(engine: Engine, chars: int) -> None:
         """INVALID_ARGUMENT for a prompt that cannot fit the model's context (see the module docstring)."""
@@ -425,11 +435,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             engine = self._engine(request.model, "embed")
             assert isinstance(engine, EmbeddingEngine)
             call.metered = True
-            inputs = list(request.inputs)
-            if not inputs:
-                raise BadArgument("inputs must not be empty")
-            for i, text in enumerate(inputs):
-                self._check_size(text, f"inputs[{i}] (0-based)")
+            inputs = self._checked_inputs(request.inputs)
             self._track(call, request.context, len(inputs), embeds=True)
             u = call.usage
             keys = self._embedding_keys(call, engine, request)
@@ -532,11 +538,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async with self._serving("Chunk", request.model, request.context, context) as call:
             engine = self._engine(request.model, "embed")
             call.metered = True
-            inputs = list(request.inputs)
-            if not inputs:
-                raise BadArgument("inputs must not be empty")
-            for i, text in enumerate(inputs):
-                self._check_size(text, f"inputs[{i}] (0-based)")
+            inputs = self._checked_inputs(request.inputs)
             self._track(call, request.context, len(inputs), embeds=True)
             started = time.monotonic_ns()
             if request.mode == pb.CHUNK_MODE_CHARACTERS:
