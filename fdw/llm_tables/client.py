@@ -228,6 +228,9 @@ class SidecarClient:
     def progress(self, request: pb.ProgressRequest) -> pb.ProgressResponse:
         return self._unary(self.stub.Progress, request)
 
+    def rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+        return self._unary(self.stub.Rerank, request)
+
     def _unary(self, method, request):
         for response in self._stream(method, request, unary=True):
             return response

@@ -306,7 +306,7 @@ REQUESTS = TableSpec(
         Column("at", "timestamptz", range=True),   # arrival; WHERE at > ... ships only the rows in range
         Column("tenant", "text"),
         Column("model", "text"),
-        Column("kind", "text"),               # generate | embed | list_models | usage
+        Column("kind", "text"),               # generate | embed | rerank | list_models | usage
         Column("status", "text"),             # OK or the gRPC status code's name
         Column("queue_ms", "double precision"),
         Column("first_token_ms", "double precision"),   # generate only
@@ -360,6 +360,20 @@ CHUNKS = TableSpec(
             "-- or, for many rows at once: WHERE input = ANY(ARRAY(SELECT body FROM docs))",
 )
 
+# ---- llm.rerank: a cross-encoder's score of each document against a query (the Rerank RPC) ----
+
+RERANK = TableSpec(
+    "rerank",
+    (
+        request("query", "text", required=True),
+        request("document", "text", required=True, many=True),   # = ANY(array): one request for all
+        request("model", "text", option=True),                    # a rerank model (llm.models: task rerank)
+        Column("score", "double precision"),                      # higher: more relevant (the model's scale)
+    ),
+    example="SELECT document, score FROM {table} WHERE query = 'what is a cat?' "
+            "AND document = ANY(ARRAY['a cat is an animal', 'Paris is in France']) ORDER BY score DESC;",
+)
+
 # ---- llm.progress: how far each running statement of this tenant is (the sidecar's Progress RPC) ----
 
 PROGRESS = TableSpec(
@@ -388,4 +402,4 @@ PROGRESS = TableSpec(
 )
 
 SPECS: dict[str, TableSpec] = {s.name: s for s in (COMPLETIONS, EMBEDDINGS, MODELS, USAGE, REQUESTS, CHUNKS,
-                                                   PROGRESS)}
+                                                   PROGRESS, RERANK)}

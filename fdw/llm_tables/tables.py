@@ -587,10 +587,11 @@ class RequestsTable(SidecarTable):
 
 from llm_tables.chunks import ChunksTable  # noqa: E402  (a SidecarTable: imported once that is defined)
 from llm_tables.progress import ProgressTable  # noqa: E402  (likewise)
+from llm_tables.rerank import RerankTable  # noqa: E402  (likewise)
 
 TABLES: dict[str, type[SidecarTable]] = {cls.spec.name: cls for cls in
                                          (CompletionsTable, EmbeddingsTable, ModelsTable, UsageTable,
-                                          RequestsTable, ChunksTable, ProgressTable)}
+                                          RequestsTable, ChunksTable, ProgressTable, RerankTable)}
 assert TABLES.keys() == SPECS.keys(), "every declared table has its class"
 
 
@@ -624,9 +625,9 @@ class SidecarTables:
         conn, _ = parse_options(USAGE, srv_options)
         models = _client(conn, "your_server").list_models(pb.ListModelsRequest(context=_context(conn))).models
         first = {task: next((m for m in models if m.task == task), None)
-                 for task in (pb.TASK_GENERATE, pb.TASK_EMBED)}
+                 for task in (pb.TASK_GENERATE, pb.TASK_EMBED, pb.TASK_RERANK)}
         defaults = {COMPLETIONS.name: first[pb.TASK_GENERATE], EMBEDDINGS.name: first[pb.TASK_EMBED],
-                    "chunks": first[pb.TASK_EMBED]}
+                    "chunks": first[pb.TASK_EMBED], "rerank": first[pb.TASK_RERANK]}
         tables = []
         for spec in SPECS.values():
             model = defaults.get(spec.name)

@@ -50,6 +50,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import numpy as np
 
+from llm_sidecar import hops
 from llm_sidecar.engines.base import EmbeddingResult, readable_part
 from llm_sidecar.metering import Metered
 
@@ -147,6 +148,7 @@ class Request:
     started: bool = False              # a batch with its texts has started
     results: asyncio.Queue = field(default_factory=asyncio.Queue)   # Group or Exception
     inflight: set = field(default_factory=set)   # engine tasks computing its texts (cancelled if it leaves)
+    marks: hops.Marks | None = None    # its call's per-hop timestamps (hops.py; None unless LLMFDW_HOPS=1)
 
     @property
     def ready(self) -> int:
@@ -211,6 +213,7 @@ class Batch:
         """The engine starts on this batch: a request's queue time ends at its first batch."""
         now = time.monotonic_ns()
         for request, _ in self.parts:
+            hops.mark(request.marks, "batch_formed")
             if not request.started:
                 request.started = True
                 request.usage.queue_ns += now - request.arrived_ns
@@ -232,8 +235,16 @@ class Batch:
         share = elapsed_ns // max(1, self.size)
         row = 0
         for request, idx in self.parts:
+            hops.mark(request.marks, "batch_delivered")
             request.results.put_nowait(self.results(request, idx, vectors[row:row + len(idx)], share))
             row += len(idx)
+
+    def mark(self, name: str) -> None:
+        """Hop `name` (hops.py) for every request in the batch."""
+        if not hops.ENABLED:
+            return
+        for request, _ in self.parts:
+            hops.mark(request.marks, name)
 
     def fail(self, err: BaseException) -> None:
         for request, _ in self.parts:
@@ -256,6 +267,7 @@ class Batcher:
     def add(self, request: Request, tokens: Tokens) -> None:
         """Queue (more of) a request's texts."""
         request.extend(tokens)
+        hops.mark(request.marks, "queued")
         if request not in self._waiting:
             self._waiting.append(request)
         if self._depth is not None:
@@ -334,33 +346,38 @@ class Batcher:
             if batch is not None:
                 return batch
 
-    async def stream(self, request: Request, feed: AsyncIterator[Tokens]) -> AsyncIterator[Group]:
+    async def stream(self, request: Request, feed: AsyncIterator[Tokens] | None) -> AsyncIterator[Group]:
         """Queue a request's texts as `feed` tokenizes them (chunk by chunk), and yield its
-        results as the batches holding them finish.  When the caller goes away, its untaken
-        texts are dropped and the engine tasks computing its texts are cancelled."""
+        results as the batches holding them finish.  With no feed the request's texts are queued
+        already (Batcher.add): its results are awaited with no feeder task beside them, one
+        asyncio hand-off less per batch (the one-row query's path).  When the caller goes away,
+        its untaken texts are dropped and the engine tasks computing its texts are cancelled."""
         async def feeding() -> None:
             async for tokens in feed:
                 self.add(request, tokens)
 
-        feeder = asyncio.create_task(feeding())
+        feeder = asyncio.create_task(feeding()) if feed is not None else None
         delivered = 0
         try:
             while delivered < request.total:
-                getter = asyncio.ensure_future(request.results.get())
-                await asyncio.wait({getter, feeder} if not feeder.done() else {getter},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    if feeder.exception() is not None:   # tokenizing failed
+                if feeder is None or feeder.done():
+                    if feeder is not None and feeder.exception() is not None:   # tokenizing failed
                         raise feeder.exception()
-                    continue
-                group = getter.result()
+                    group = await request.results.get()
+                else:
+                    getter = asyncio.ensure_future(request.results.get())
+                    await asyncio.wait({getter, feeder}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        continue
+                    group = getter.result()
                 if isinstance(group, BaseException):
                     raise group
                 delivered += len(group)
                 yield group
         finally:
-            feeder.cancel()
+            if feeder is not None:
+                feeder.cancel()
             self.drop(request)
             for task in list(request.inflight):
                 task.cancel()
@@ -369,15 +386,18 @@ class Batcher:
                     tokenize: Callable[[list[str]], Tokens]) -> AsyncIterator[Group]:
         """One caller's texts through the queue (what every embedding engine's embed() is):
         tokenized CHUNK texts at a time in a worker thread, so that the first batch runs while
-        the rest is tokenized, and yielded as the batches holding them finish."""
-        async def feed() -> AsyncIterator[Tokens]:
-            if len(texts) <= INLINE_TEXTS:   # a thread hop would cost more than the tokenizing
-                yield tokenize(texts)
-                return
-            for start in range(0, len(texts), CHUNK):
-                yield await asyncio.to_thread(tokenize, texts[start:start + CHUNK])
-
-        stream = self.stream(Request(len(texts), usage), feed())
+        the rest is tokenized, and yielded as the batches holding them finish.  A request of at
+        most INLINE_TEXTS texts is tokenized and queued here, on the event loop: a thread hop
+        and a feeder task would cost more than the tokenizing."""
+        request = Request(len(texts), usage, marks=hops.current())
+        if len(texts) <= INLINE_TEXTS:
+            self.add(request, tokenize(texts))
+            stream = self.stream(request, None)
+        else:
+            async def feed() -> AsyncIterator[Tokens]:
+                for start in range(0, len(texts), CHUNK):
+                    yield await asyncio.to_thread(tokenize, texts[start:start + CHUNK])
+            stream = self.stream(request, feed())
         try:
             async for group in stream:
                 yield group

@@ -14,7 +14,7 @@ default or reaches an engine as a string (llama.cpp once got n_ctx "204820482048
                                # a window per tenant, at most max_tenants windows (history.py)
     cache: {max_bytes: 67108864}   # the result cache of deterministic answers (cache.py); 0: off
     models:
-      - {name: ..., task: generate | embed, engine: ..., source: {...}, ...}
+      - {name: ..., task: generate | embed | rerank, engine: ..., source: {...}, ...}
 
 A generation model's `session_reserve` is how many of its `parallel` slots one session can
 never take (default max(1, parallel // 8), 0 when parallel is 1): see tenants.py for why.  Its
@@ -88,8 +88,8 @@ RequestDefaults = create_model(
 
 class ModelConfig(_Strict):
     name: Annotated[str, Field(min_length=1)]
-    task: Literal["generate", "embed"]
-    engine: Literal["llama_cpp", "sentence_transformers", "vllm"]
+    task: Literal["generate", "embed", "rerank"]   # rerank: a cross-encoder scoring (query, document) pairs
+    engine: Literal["llama_cpp", "sentence_transformers", "cross_encoder", "vllm"]
     source: dict[str, str]      # {path: ...} or {package: ..., path: ...}: see path()
     context_length: PositiveInt = 2048
     parallel: PositiveInt = 4          # concurrent sequences (llama.cpp slots, vLLM max_num_seqs)

@@ -57,7 +57,7 @@ DEFAULT_MAX_ROWS = 10_000
 DEFAULT_MAX_AGE_SECONDS = 3600.0
 DEFAULT_MAX_TENANTS = 32
 METADATA_ROWS = 100            # per tenant: its last list_models and usage calls
-MODEL_KINDS = frozenset({"generate", "embed"})   # the kinds in the max_rows lane
+MODEL_KINDS = frozenset({"generate", "embed", "rerank"})   # the kinds in the max_rows lane
 
 
 @dataclass(frozen=True, slots=True)

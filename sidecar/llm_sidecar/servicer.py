@@ -60,13 +60,14 @@ from typing import AsyncIterator, Callable
 import grpc
 import numpy as np
 
-from llm_sidecar import metrics
+from llm_sidecar import hops, metrics
 from llm_sidecar.cache import CachedEmbedding, CachedGeneration, ResultCache, embedding_keys, generation_key
 from llm_sidecar.chunking import (DEFAULT_MAX_CHARS, DEFAULT_SEPARATORS, Chunk as TextPiece, TokenChunker,
                                   character_chunks)
 from llm_sidecar.config import SidecarConfig
 from llm_sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
-                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine)
+                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine,
+                                         RerankEngine)
 from llm_sidecar.history import Bounds, History, Record
 from llm_sidecar.metering import Metered, UsageBook
 from llm_sidecar.progress import Key as ProgressKey, ProgressBook
@@ -78,13 +79,16 @@ from llm_inference.v1.params import PARAMS
 
 log = logging.getLogger("llm_sidecar")
 
-_TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED}
+_TASKS = {"generate": pb.TASK_GENERATE, "embed": pb.TASK_EMBED, "rerank": pb.TASK_RERANK}
 _STATES = {"loading": pb.MODEL_STATE_LOADING, READY: pb.MODEL_STATE_READY, FAILED: pb.MODEL_STATE_FAILED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "stop_string": pb.FINISH_REASON_STOP_STRING, "cancelled": pb.FINISH_REASON_CANCELLED}
 # RPC -> the `kind` of its records in the recent-requests window (history.py; list_models and usage
 # go in a lane of their own, so they cannot push out model requests); Requests is not recorded
-_KINDS = {"Generate": "generate", "Embed": "embed", "ListModels": "list_models", "Usage": "usage"}
+_KINDS = {"Generate": "generate", "Embed": "embed", "Rerank": "rerank", "ListModels": "list_models", "Usage": "usage"}
+# Documents one Rerank request may score: a cross-encoder reads each with the query, so a long list
+# is a mistake (rerank the top candidates of a cheaper retrieval); the FDW sends at most this many.
+MAX_RERANK_DOCUMENTS = 10_000
 
 # Trailing metadata: the sidecar's marks (see the status section of the proto).
 # RESOURCE_EXHAUSTED that admission sent: the tenant's queue is full, back off and retry.
@@ -179,6 +183,7 @@ class _Call:
     status: str = "OK"
     usage: Metered = field(default_factory=Metered)
     progress: ProgressKey | None = None   # its statement in the progress book (progress.py), if tracked
+    marks: hops.Marks | None = None       # per-hop timestamps when LLMFDW_HOPS=1 (hops.py), else None
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -284,14 +289,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                               f"(max_input_bytes in the sidecar config): split it into smaller pieces "
                               f"or shorten it, or raise max_input_bytes")
 
-    def _checked_inputs(self, inputs) -> list[str]:
-        """An Embed or Chunk request's inputs: at least one, each within max_input_bytes
-        (INVALID_ARGUMENT naming the input otherwise)."""
+    def _checked_inputs(self, inputs, field: str = "inputs") -> list[str]:
+        """An Embed or Chunk request's inputs (a Rerank request's documents: `field`): at least
+        one, each within max_input_bytes (INVALID_ARGUMENT naming the input otherwise)."""
         texts = list(inputs)
         if not texts:
-            raise BadArgument("inputs must not be empty")
+            raise BadArgument(f"{field} must not be empty")
         for i, text in enumerate(texts):
-            self._check_size(text, f"inputs[{i}] (0-based)")
+            self._check_size(text, f"{field}[{i}] (0-based)")
         return texts
 
     @staticmethod
@@ -313,7 +318,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                        refuse_when_draining: bool = True) -> AsyncIterator[_Call]:
         """The one path of every RPC: refuse while draining (when asked), authenticate; on the way
         out, end a failed call with its status (_STATUS), then usage book, metrics, log line."""
-        call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16], session=ctx.session)
+        call = _Call(rpc, model, ctx.request_id or uuid.uuid4().hex[:16], session=ctx.session, marks=hops.begin())
         in_flight = metrics.IN_FLIGHT.labels(rpc, self._label(model))
         in_flight.inc()
         self._active += 1
@@ -346,7 +351,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         finally:
             if not ended:
+                hops.mark(call.marks, "done")
                 end()
+                if call.marks is not None:   # a successful call: its marks go back with its status
+                    hops.mark(call.marks, "finished")
+                    context.set_trailing_metadata(hops.trailer(call.marks))
 
     @contextlib.asynccontextmanager
     async def _slot(self, call: _Call, engine: Engine) -> AsyncIterator[None]:
@@ -402,7 +411,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 for message in self._cached_generation(call, engine, hit):
                     yield message
                 return
+            hops.mark(call.marks, "validated")
             async with self._slot(call, engine):
+                hops.mark(call.marks, "admitted")
                 metrics.QUEUE_TIME.labels("Generate", engine.name).observe(call.usage.queue_ns / 1e9)
                 stream = engine.generate(request.prompt, request.system, request.raw, params, call.usage)
                 first = True
@@ -410,6 +421,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 try:
                     async for event in stream:
                         if isinstance(event, GenerateFinal):
+                            hops.mark(call.marks, "final")
                             u = call.usage
                             if key is not None and event.finish_reason != "cancelled":
                                 self.cache.put(key, CachedGeneration("".join(parts), event.finish_reason,
@@ -420,6 +432,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                                queue_ns=u.queue_ns, compute_ns=u.compute_ns)))
                         else:
                             if first:
+                                hops.mark(call.marks, "first_token")
                                 call.first_token = time.monotonic() - call.started
                                 metrics.FIRST_TOKEN.labels(engine.name).observe(call.first_token)
                                 first = False
@@ -452,11 +465,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     yield message
             if not todo:
                 return
+            hops.mark(call.marks, "validated")
             async with self._slot(call, engine):
+                hops.mark(call.marks, "admitted")
                 stream = engine.embed([inputs[i] for i in todo], call.usage)
                 first = True
                 try:
                     async for group in stream:
+                        hops.mark(call.marks, "delivered")
                         group = [(todo[j], result) for j, result in group]
                         if keys is not None:
                             for i, result in group:
@@ -470,7 +486,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         u.embedded_inputs += len(message.embeddings)
                         u.input_tokens += message.usage.input_tokens
                         u.compute_ns += message.usage.compute_ns
+                        hops.mark(call.marks, "serialized")
                         yield message
+                        hops.mark(call.marks, "sent")
                 finally:
                     await stream.aclose()
 
@@ -581,6 +599,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not all(separators):
             raise BadArgument("separators must not be empty strings")
         return [character_chunks(text, size, request.overlap_chars, separators) for text in inputs]
+
+    # -- Rerank: a cross-encoder scores (query, document) pairs (engines/cross_encoder.py) --
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        """Each document's score against the query, in the documents' order.  Checked, admitted
+        and metered as Embed is; a cancelled call stops the engine at its next batch."""
+        async with self._serving("Rerank", request.model, request.context, context) as call:
+            engine = self._engine(request.model, "rerank")
+            assert isinstance(engine, RerankEngine)
+            call.metered = True
+            documents = self._checked_inputs(request.documents, "documents")
+            if len(documents) > MAX_RERANK_DOCUMENTS:
+                raise BadArgument(f"documents holds {len(documents):,} texts, over the limit of "
+                                  f"{MAX_RERANK_DOCUMENTS:,} per request: rerank the top candidates of a "
+                                  f"cheaper retrieval (llm.search does), or split the list")
+            if not request.query:
+                raise BadArgument("query must not be empty")
+            self._check_size(request.query, "the query")
+            self._track(call, request.context, len(documents), embeds=False)
+            async with self._slot(call, engine):
+                result = await engine.rerank(request.query, documents, call.usage)
+            u = call.usage
+            return pb.RerankResponse(scores=result.scores, usage=pb.Usage(
+                input_tokens=result.input_tokens, queue_ns=u.queue_ns, compute_ns=u.compute_ns))
 
     # -- Progress (progress.py) and the result cache (cache.py) ------------
 

@@ -15,6 +15,8 @@ _CLASSES = {
     ("sentence_transformers", "embed"): ("llm_sidecar.engines.sentence_transformers", "SentenceTransformersEngine"),
     ("vllm", "generate"): ("llm_sidecar.engines.vllm", "VllmGenerationEngine"),
     ("vllm", "embed"): ("llm_sidecar.engines.vllm", "VllmEmbeddingEngine"),
+    ("cross_encoder", "rerank"): ("llm_sidecar.engines.cross_encoder", "CrossEncoderEngine"),
+    ("vllm", "rerank"): ("llm_sidecar.engines.cross_encoder", "VllmRerankEngine"),
 }
 
 

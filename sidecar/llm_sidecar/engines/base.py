@@ -159,3 +159,16 @@ class EmbeddingEngine(Engine):
         """Yield groups of (index into texts, result) as engine batches finish.
         Add to usage.queue_ns the time the texts waited inside the engine before
         it started on them; per-text tokens and compute travel in the results."""
+
+
+@dataclass
+class RerankResult:
+    scores: list[float]      # one per document, in the order given
+    input_tokens: int        # tokens of every (query, document) pair read
+
+
+class RerankEngine(Engine):
+    @abc.abstractmethod
+    async def rerank(self, query: str, documents: list[str], usage: Metered) -> RerankResult:
+        """Score each document against the query.  Cancelling the awaiting task must stop the
+        work within one engine batch.  Add queue and compute time to `usage` as the work goes."""

@@ -9,7 +9,7 @@ sidecar/llm_sidecar/batching.py, shared with the vLLM engine.  This engine:
   tokenizer, safe from several threads, without the GIL);
 - runs each batch as one forward pass of the model's modules on the padded
   token ids batching.Batch.arrays() builds (no second tokenization inside
-  SentenceTransformer.encode), in a worker thread, one batch at a time;
+  SentenceTransformer.encode), in a thread of its own, one batch at a time;
 - returns the batch's vectors as one float32 array; each text's result is a
   row of it.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import numpy as np
@@ -50,6 +51,12 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self.dtype = check_dtype(self.name, self.config.dtype)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        # Every forward pass runs in this one thread, kept for the engine's life (one batch runs at a
+        # time): a hand-off to it costs less than one to asyncio's shared pool (bench/bench_hops.py),
+        # and torch's thread count, an OpenMP setting of the calling thread, is set there once.
+        threads = self.config.threads or torch.get_num_threads()
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-forward",
+                                           initializer=torch.set_num_threads, initargs=(threads,))
         kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if self.dtype == "bfloat16" else {}
         self._model = await asyncio.to_thread(SentenceTransformer, self.config.path(), device="cpu", **kwargs)
         self._model.eval()
@@ -63,27 +70,31 @@ class SentenceTransformersEngine(EmbeddingEngine):
         # warm-up: the first forward pass sets up oneDNN's kernels (bf16 ones take a while)
         warm = Request(1, Metered())
         warm.extend(self._tokenize(["warm up"]))
-        await asyncio.to_thread(self._forward, Batch([(warm, np.array([0]))], self.max_tokens, self._tokenize.tail))
+        batch = Batch([(warm, np.array([0]))], self.max_tokens, self._tokenize.tail)
+        await asyncio.get_running_loop().run_in_executor(self._compute, self._forward, batch)
         self._worker = asyncio.create_task(self._run(), name=f"{self.name}-batcher")
         self.state = READY
 
     async def close(self) -> None:
         self._worker.cancel()
+        self._compute.shutdown(wait=False)
 
     def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
         return self._batcher.embed(texts, usage, self._tokenize)
 
     async def _run(self) -> None:
         """Take a batch, run it, deliver; the next request's tokenizing overlaps the compute."""
+        loop = asyncio.get_running_loop()
         while True:
             batch = await self._batcher.next()
             batch.start()
             metrics.BATCH_SIZE.labels(self.name).observe(batch.size)
             try:
-                vectors, elapsed = await asyncio.to_thread(self._forward, batch)
+                vectors, elapsed = await loop.run_in_executor(self._compute, self._forward, batch)
             except Exception as err:
                 batch.fail(err)
                 continue
+            batch.mark("forward_returned")
             batch.deliver(vectors, elapsed)
 
     def _forward(self, batch: Batch) -> tuple[np.ndarray, int]:
@@ -91,8 +102,10 @@ class SentenceTransformersEngine(EmbeddingEngine):
         import torch
 
         started = time.monotonic_ns()
+        batch.mark("forward_start")
         ids, mask = batch.arrays()
         with torch.inference_mode():
             out = self._model({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
         vectors = out["sentence_embedding"].float().numpy()
+        batch.mark("forward_end")
         return vectors, time.monotonic_ns() - started
