@@ -44,7 +44,7 @@ PACKAGE_SOURCES := setup.py pyproject.toml $(shell find proto sidecar fdw/llm_ta
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help install sysdeps prometheus docs ext multicorn2 pg15 up down status uri test test-unit test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-vectorizer bench-cancel bench-cache clean distclean
+.PHONY: help install sysdeps prometheus postgres-exporter docs ext multicorn2 pg15 up down status uri test test-unit test-vllm bench bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-vectorizer bench-cancel bench-cache clean distclean
 
 help:
 	@sed -n '3,13s/^# //p' Makefile
@@ -131,19 +131,29 @@ prometheus:
 	  apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
 	fi
 
+# Debian's postgres_exporter, for tests/test_vectorizer_metrics.py and tests/test_prometheus.py (it
+# serves the vectorizer metrics of dashboards/postgres_exporter_queries.yaml).
+postgres-exporter:
+	@if ! command -v prometheus-postgres-exporter >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "llmfdw: install prometheus-postgres-exporter (as root: apt-get install -y prometheus-postgres-exporter)" >&2; exit 1; fi; \
+	  echo "llmfdw: installing prometheus-postgres-exporter with apt-get"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq && apt-get install -y -qq prometheus-postgres-exporter >/dev/null; \
+	fi
+
 # tests/unit: no Postgres, no sidecar, no model (seconds).
 test-unit: $(STAMP)-package
 	$(PY) -m pytest tests/unit -q
 
 # EMBED_DTYPE=float32 (or bfloat16) runs the session sidecar's embedding model in that dtype
 # instead of `auto` (tests/conftest.py session_models_file).
-test: install multicorn2 pg15 $(STAMP)-deploy-tools prometheus
+test: install multicorn2 pg15 $(STAMP)-deploy-tools prometheus postgres-exporter
 	LLMFDW_TEST_EMBED_DTYPE=$(EMBED_DTYPE) $(PY) -m pytest tests
 
 # docs/*.png: the dashboards drawn from the test cluster's real results (tests/test_prometheus.py,
 # with dashboards/render_png.py). matplotlib (requirements-docs.txt) only here, not for `make test`.
 # TRAFFIC_MINUTES (default 3) of requests first, so that the charts have a few points.
-docs: install prometheus
+docs: install prometheus postgres-exporter
 	$(UMASK) $(PY) -m pip install -q -r requirements-docs.txt
 	LLMFDW_RENDER_DOCS=docs LLMFDW_RENDER_TRAFFIC_MINUTES=$(or $(TRAFFIC_MINUTES),3) \
 	  $(PY) -m pytest tests/test_prometheus.py -q
@@ -152,7 +162,8 @@ docs: install prometheus
 # deploy/vllm_env.py builds what is missing (minutes the first time) and prints its python.
 test-vllm: install
 	py=$$($(UMASK) $(PYTHON) -m deploy.vllm_env --python $(PYTHON)); \
-	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py
+	LLMFDW_VLLM_PYTHON="$$py" $(PY) -m pytest tests/test_vllm.py \
+	  tests/test_rerank.py::test_the_vllm_engine_scores_as_the_cross_encoder_does
 
 bench: bench-sidecar bench-fdw bench-embed bench-tls bench-update bench-cancel
 
@@ -196,6 +207,12 @@ bench-cache: install
 .PHONY: bench-interactive
 bench-interactive: install
 	$(PY) bench/bench_interactive.py
+
+# One request's time in the sidecar, hop by hop (one-text Embed, 8-token Generate; LLMFDW_HOPS=1
+# marks), vs the model in-process, and a new backend's first query step by step: bench/results/hops.json
+.PHONY: bench-hops
+bench-hops: install
+	$(PY) bench/bench_hops.py
 
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak

@@ -2,7 +2,8 @@
 # and its Python half runs from /opt/llmfdw/venv, set as llmfdw.python_path).
 #   docker build -f docker/postgres.Dockerfile -t llmfdw/postgres:0.3.0 .   (repository root)
 # Built on the official image (Debian bookworm, user postgres uid/gid 999). Also holds
-# sql/llm_schema.sql at /usr/share/llmfdw/llm_schema.sql, which the chart's DDL Job runs.
+# sql/llm_schema.sql at /usr/share/llmfdw/llm_schema.sql, which the chart's DDL Job runs, and
+# Debian's prometheus-postgres-exporter with the vectorizer queries (helm: postgres.exporter).
 FROM postgres:18.1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential postgresql-server-dev-18 \
@@ -29,10 +30,13 @@ RUN python3.11 -m venv /opt/llmfdw/venv \
 FROM postgres:18.1-bookworm
 RUN apt-get update \
  && apt-get install -y --no-install-recommends postgresql-18-pgvector libpython3.11 python3.11 \
+      prometheus-postgres-exporter \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /
 COPY --from=build /opt/llmfdw /opt/llmfdw
 COPY sql/llm_schema.sql /usr/share/llmfdw/llm_schema.sql
+# postgres_exporter's vectorizer queries (the chart's optional exporter container: postgres.exporter)
+COPY dashboards/postgres_exporter_queries.yaml /usr/share/llmfdw/postgres_exporter_queries.yaml
 RUN echo "llmfdw.python_path = '/opt/llmfdw/venv/lib/python3.11/site-packages'" \
       >> /usr/share/postgresql/postgresql.conf.sample
 # The vectorizer's background worker (fdw/src/vectorizer.c) drains database llmfdw's queues.

@@ -38,9 +38,11 @@ CREATE TABLE llm.vectorizer_config (
   overlap_chars   integer,
   separators      text[],
   ts_config       regconfig NOT NULL,
-  chunk_table     regclass NOT NULL,
+  chunk_table     regclass,               -- destination 'table'; NULL for 'column'
   queue_table     regclass NOT NULL,
   view            regclass NOT NULL,
+  destination     text NOT NULL DEFAULT 'table' CHECK (destination IN ('table', 'column')),
+  embedding_column name,                  -- destination 'column': the source's vector(N) column
   created_at      timestamptz NOT NULL DEFAULT now(),
   last_success    timestamptz,            -- the end of the last batch that embedded rows
   last_run_at     timestamptz,
@@ -170,11 +172,14 @@ $fn$;
 CREATE FUNCTION llm._drop_triggers(v llm.vectorizer_config) RETURNS void
 LANGUAGE plpgsql AS $fn$
 DECLARE
-  t name;
+  f regprocedure;
 BEGIN
-  FOR t IN SELECT tgname FROM pg_trigger WHERE tgrelid = v.source
+  -- Dropping the trigger function drops its triggers with it (they depend on it): that needs only
+  -- the function's ownership, where DROP TRIGGER needs the table's, which a role that made its
+  -- vectorizer with the TRIGGER right alone does not have.
+  FOR f IN SELECT DISTINCT tgfoid::regprocedure FROM pg_trigger WHERE tgrelid = v.source
             AND tgname IN (v.name || '_enqueue', v.name || '_enqueue_update', v.name || '_enqueue_truncate') LOOP
-    EXECUTE format('DROP TRIGGER %I ON %s', t, v.source);
+    EXECUTE format('DROP FUNCTION %s CASCADE', f);
   END LOOP;
 END
 $fn$;
@@ -187,12 +192,13 @@ DECLARE
   keys text := array_to_string(ARRAY(SELECT quote_ident(k) FROM unnest(v.key_columns) k), ', ');
   watched text;
 BEGIN
+  PERFORM llm._drop_triggers(v);
   EXECUTE format($f$
     CREATE OR REPLACE FUNCTION %1$s() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
     BEGIN
       IF TG_OP = 'TRUNCATE' THEN
-        TRUNCATE %2$s, %3$s;
+        TRUNCATE %2$s;
         RETURN NULL;
       END IF;
       -- a key already queued keeps its entry (the drain reads the row's text when it runs);
@@ -207,14 +213,14 @@ BEGIN
       END IF;
       RETURN NULL;
     END
-    $body$ $f$, fn, llm._qualified(v.chunk_table), llm._qualified(v.queue_table), keys,
+    $body$ $f$, fn, concat_ws(', ', llm._qualified(v.chunk_table), llm._qualified(v.queue_table)),
+    llm._qualified(v.queue_table), keys,
     array_to_string(ARRAY(SELECT 'OLD.' || quote_ident(k) FROM unnest(v.key_columns) k), ', '),
     array_to_string(ARRAY(SELECT 'NEW.' || quote_ident(k) FROM unnest(v.key_columns) k), ', '));
   EXECUTE format('REVOKE ALL ON FUNCTION %s() FROM PUBLIC', fn);
   -- an UPDATE that leaves the text and the key as they were queues nothing
   SELECT string_agg(format('OLD.%1$I IS DISTINCT FROM NEW.%1$I', c), ' OR ') INTO watched
     FROM (SELECT DISTINCT c FROM unnest(v.columns || v.key_columns) c) w;
-  PERFORM llm._drop_triggers(v);
   EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()',
                  v.name || '_enqueue', v.source, fn);
   EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s FOR EACH ROW WHEN (%s) EXECUTE FUNCTION %s()',
@@ -248,14 +254,16 @@ CREATE FUNCTION llm.create_vectorizer(
   name text DEFAULT NULL,                 -- default: the source table's name
   model text DEFAULT NULL,                -- default: the sidecar's first embedding model
   format text DEFAULT NULL,               -- several columns: '{title}: {body}'
-  chunking text DEFAULT 'tokens',         -- tokens | characters | none
+  chunking text DEFAULT NULL,             -- tokens | characters | none; NULL: tokens (none for a column)
   max_tokens integer DEFAULT NULL,        -- tokens: per chunk; NULL: all the model reads
   overlap_tokens integer DEFAULT NULL,    -- tokens: shared by neighbours; NULL: max_tokens / 8
   max_chars integer DEFAULT 1000,         -- characters: per chunk
   overlap_chars integer DEFAULT 100,
   separators text[] DEFAULT NULL,         -- characters: where to cut, most preferred first
   text_search_config regconfig DEFAULT 'english',
-  hnsw boolean DEFAULT true)              -- an HNSW index (cosine) on the chunks' embeddings
+  hnsw boolean DEFAULT true,              -- an HNSW index (cosine) on the chunks' embeddings
+  destination text DEFAULT 'table',       -- table: a chunk table; column: a vector column of the source
+  embedding_column name DEFAULT 'embedding')  -- destination column: its name (added if missing)
 RETURNS regclass
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
@@ -314,45 +322,51 @@ BEGIN
   PERFORM llm._set_model(v, model);   -- raises when it is not an embedding model
   SELECT m.name, m.dimensions INTO v.model, v.dimensions FROM llm.models m
    WHERE m.task = 'embed' AND (create_vectorizer.model IS NULL OR m.name = create_vectorizer.model) LIMIT 1;
-  v := llm._set_chunking(v, chunking, max_tokens, overlap_tokens, max_chars, overlap_chars, separators);
+  v := llm._set_destination(v, destination, embedding_column, chunking);
+  v := llm._set_chunking(v, coalesce(chunking, CASE v.destination WHEN 'column' THEN 'none' ELSE 'tokens' END),
+                         max_tokens, overlap_tokens, max_chars, overlap_chars, separators);
   v.ts_config := text_search_config;
   v.owner := to_regrole(current_user);
   v.created_at := now();
   v.rows_embedded := 0;
 
-  EXECUTE format('CREATE TABLE %I.%I (%s, chunk_seq integer NOT NULL, chunk text NOT NULL, '
-                 'embedding %I.vector(%s) NOT NULL, '
-                 'chunk_tsv tsvector GENERATED ALWAYS AS (to_tsvector(%L::regconfig, chunk)) STORED, '
-                 'PRIMARY KEY (%s, chunk_seq))',
-                 nsp, v.name || '_chunks', key_defs, vs, v.dimensions, v.ts_config::text,
-                 array_to_string(ARRAY(SELECT quote_ident(k) FROM unnest(v.key_columns) k), ', '));
-  v.chunk_table := format('%I.%I', nsp, v.name || '_chunks')::regclass;
-  EXECUTE format('COMMENT ON TABLE %s IS %L', v.chunk_table,
-                 format('Chunks and embeddings of %s (vectorizer %s): written by the drain', source, v.name));
-  EXECUTE format('CREATE INDEX ON %s USING gin (chunk_tsv)', v.chunk_table);
-  IF hnsw THEN
-    EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', v.chunk_table, vs);
-  END IF;
   EXECUTE format('CREATE TABLE %I.%I (%s, queued_at timestamptz NOT NULL DEFAULT now(), '
                  'attempts integer NOT NULL DEFAULT 0, next_try timestamptz NOT NULL DEFAULT now(), error text, '
                  'PRIMARY KEY (%s))', nsp, v.name || '_queue', key_defs,
                  array_to_string(ARRAY(SELECT quote_ident(k) FROM unnest(v.key_columns) k), ', '));
   v.queue_table := format('%I.%I', nsp, v.name || '_queue')::regclass;
   EXECUTE format('CREATE INDEX ON %s (queued_at)', v.queue_table);
-  -- every column of the source, then the chunk's; a source column of the same name as one of
-  -- those (an old `embedding` column, say) is left out of the view, with a notice
-  SELECT string_agg(format('s.%I', a.attname), ', ' ORDER BY a.attnum)
-           FILTER (WHERE a.attname NOT IN ('chunk_seq', 'chunk', 'embedding')),
-         string_agg(a.attname, ', ') FILTER (WHERE a.attname IN ('chunk_seq', 'chunk', 'embedding'))
-    INTO source_columns, shadowed
-    FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
-  IF shadowed IS NOT NULL THEN
-    RAISE NOTICE 'view %: column % of % is left out (the chunk''s column of that name is there)',
-                 v.name || '_embeddings', shadowed, source;
+  IF v.destination = 'column' THEN
+    v.view := llm._make_column_destination(v, hnsw);
+  ELSE
+    EXECUTE format('CREATE TABLE %I.%I (%s, chunk_seq integer NOT NULL, chunk text NOT NULL, '
+                   'embedding %I.vector(%s) NOT NULL, '
+                   'chunk_tsv tsvector GENERATED ALWAYS AS (to_tsvector(%L::regconfig, chunk)) STORED, '
+                   'PRIMARY KEY (%s, chunk_seq))',
+                   nsp, v.name || '_chunks', key_defs, vs, v.dimensions, v.ts_config::text,
+                   array_to_string(ARRAY(SELECT quote_ident(k) FROM unnest(v.key_columns) k), ', '));
+    v.chunk_table := format('%I.%I', nsp, v.name || '_chunks')::regclass;
+    EXECUTE format('COMMENT ON TABLE %s IS %L', v.chunk_table,
+                   format('Chunks and embeddings of %s (vectorizer %s): written by the drain', source, v.name));
+    EXECUTE format('CREATE INDEX ON %s USING gin (chunk_tsv)', v.chunk_table);
+    IF hnsw THEN
+      EXECUTE format('CREATE INDEX ON %s USING hnsw (embedding %I.vector_cosine_ops)', v.chunk_table, vs);
+    END IF;
+    -- every column of the source, then the chunk's; a source column of the same name as one of
+    -- those (an old `embedding` column, say) is left out of the view, with a notice
+    SELECT string_agg(format('s.%I', a.attname), ', ' ORDER BY a.attnum)
+             FILTER (WHERE a.attname NOT IN ('chunk_seq', 'chunk', 'embedding')),
+           string_agg(a.attname, ', ') FILTER (WHERE a.attname IN ('chunk_seq', 'chunk', 'embedding'))
+      INTO source_columns, shadowed
+      FROM pg_attribute a WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped;
+    IF shadowed IS NOT NULL THEN
+      RAISE NOTICE 'view %: column % of % is left out (the chunk''s column of that name is there)',
+                   v.name || '_embeddings', shadowed, source;
+    END IF;
+    EXECUTE format('CREATE VIEW %I.%I AS SELECT %s, c.chunk_seq, c.chunk, c.embedding FROM %s s JOIN %s c ON %s',
+                   nsp, v.name || '_embeddings', source_columns, source, v.chunk_table, llm._key_join(v, 's', 'c'));
+    v.view := format('%I.%I', nsp, v.name || '_embeddings')::regclass;
   END IF;
-  EXECUTE format('CREATE VIEW %I.%I AS SELECT %s, c.chunk_seq, c.chunk, c.embedding FROM %s s JOIN %s c ON %s',
-                 nsp, v.name || '_embeddings', source_columns, source, v.chunk_table, llm._key_join(v, 's', 'c'));
-  v.view := format('%I.%I', nsp, v.name || '_embeddings')::regclass;
   INSERT INTO llm.vectorizer_config SELECT v.*;
   PERFORM llm._make_triggers(v);
   queued := llm._queue_all(v);
@@ -366,6 +380,229 @@ END
 $fn$;
 COMMENT ON FUNCTION llm.create_vectorizer IS
   'Keep embeddings of a table''s text current: chunk table, queue, triggers, view (returned); rows are queued now';
+
+-- ---------------------------------------------------------------------------
+-- Destination 'column': one vector per row, in a vector(N) column of the source itself (no chunk
+-- table; chunking 'none').  The drain writes it with an UPDATE of that column alone, as the
+-- owner: the vectorizer's own UPDATE trigger watches the text and key columns only, so it does
+-- not queue the row again; the table's other UPDATE triggers fire as on any UPDATE (give them
+-- `UPDATE OF body` or a WHEN clause to ignore it).
+
+CREATE FUNCTION llm._set_destination(v llm.vectorizer_config, destination text, embedding_column name,
+                                     chunking text)
+RETURNS llm.vectorizer_config LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF destination IS NULL OR destination NOT IN ('table', 'column') THEN
+    RAISE EXCEPTION 'llm.create_vectorizer: destination must be table or column, got %',
+                    coalesce(quote_literal(destination), 'NULL')
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'table: a chunk table of its own; column: one vector per row in a column of the source (chunking none).';
+  END IF;
+  v.destination := destination;
+  IF destination = 'column' THEN
+    IF embedding_column IS NULL THEN
+      RAISE EXCEPTION 'llm.create_vectorizer: destination column needs an embedding_column'
+        USING ERRCODE = 'invalid_parameter_value', HINT = 'embedding_column => ''embedding'' (added if missing).';
+    END IF;
+    v.embedding_column := embedding_column;
+    v.chunking := coalesce(chunking, 'none');
+    PERFORM llm._check_column_destination(v);
+  END IF;
+  RETURN v;
+END
+$fn$;
+
+-- A column vectorizer stores one vector per row: no chunking, and the vector column is none of the
+-- columns the text is made of or the key.
+CREATE FUNCTION llm._check_column_destination(v llm.vectorizer_config) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+  IF v.destination <> 'column' THEN
+    RETURN;
+  END IF;
+  IF v.chunking <> 'none' THEN
+    RAISE EXCEPTION 'vectorizer %: destination column holds one vector per row, so chunking must be none, got %',
+                    quote_literal(v.name), quote_literal(v.chunking)
+      USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Chunks need a table of their own: make a vectorizer with destination => ''table'' (the default).';
+  END IF;
+  IF v.embedding_column = ANY(v.columns || v.key_columns) THEN
+    RAISE EXCEPTION 'vectorizer %: embedding_column % is a column of the text or the key', quote_literal(v.name),
+                    quote_ident(v.embedding_column)
+      USING ERRCODE = 'invalid_parameter_value', HINT = 'Name another column: embedding_column => ''embedding''.';
+  END IF;
+END
+$fn$;
+
+-- Whether the current role owns the table (as ALTER TABLE and CREATE INDEX require).
+CREATE FUNCTION llm._owns(rel regclass) RETURNS boolean
+LANGUAGE sql STABLE AS $fn$
+  SELECT pg_has_role(c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = rel
+$fn$;
+
+-- The source's vector(N) column (added when missing; one of another type or size is refused), the
+-- rights to write it, its HNSW index, the full-text index of llm.search, and the view; returns it.
+CREATE FUNCTION llm._make_column_destination(v llm.vectorizer_config, hnsw boolean) RETURNS regclass
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  vs name := llm._vector_schema();
+  col pg_attribute;
+  wanted text := format('%I.vector(%s)', vs, v.dimensions);
+BEGIN
+  SELECT * INTO col FROM pg_attribute a
+   WHERE a.attrelid = v.source AND a.attname = v.embedding_column AND a.attnum > 0 AND NOT a.attisdropped;
+  IF NOT FOUND THEN
+    IF NOT llm._owns(v.source) THEN
+      RAISE EXCEPTION 'llm.create_vectorizer: table % has no column % and only its owner can add it', v.source,
+                      quote_ident(v.embedding_column)
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = format('Ask its owner: ALTER TABLE %s ADD COLUMN %I %s; GRANT UPDATE (%2$I) ON %1$s TO %I;',
+                            v.source, v.embedding_column, wanted, current_user);
+    END IF;
+    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', v.source, v.embedding_column, wanted);
+  ELSIF col.atttypid <> format('%I.vector', vs)::regtype OR col.atttypmod <> v.dimensions THEN
+    RAISE EXCEPTION 'llm.create_vectorizer: column % of % is %, not %', quote_ident(v.embedding_column), v.source,
+                    format_type(col.atttypid, col.atttypmod), wanted
+      USING ERRCODE = 'datatype_mismatch',
+            HINT = format('Model %s makes %s-dimensional vectors: name another column (embedding_column => ...; '
+                          'it is added), or change this one''s type.', v.model, v.dimensions);
+  END IF;
+  IF NOT has_column_privilege(v.source, v.embedding_column, 'UPDATE') THEN
+    RAISE EXCEPTION 'llm.create_vectorizer: permission denied to update column % of table %',
+                    quote_ident(v.embedding_column), v.source
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = format('The drain writes each row''s vector there with your rights: its owner can '
+                          'GRANT UPDATE (%I) ON %s TO %I;', v.embedding_column, v.source, current_user);
+  END IF;
+  PERFORM llm._make_column_indexes(v, hnsw);
+  RETURN llm._make_column_view(v);
+END
+$fn$;
+
+-- The HNSW index of the vector column (unless one is there), and, for the keyword side of
+-- llm.search, a GIN index on the text's tsvector when the text is one column whose text form is
+-- immutable (a format's concat() is not: the search then computes the tsvector row by row).
+CREATE FUNCTION llm._make_column_indexes(v llm.vectorizer_config, hnsw boolean) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  vs name := llm._vector_schema();
+BEGIN
+  IF hnsw AND NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                            JOIN pg_am am ON am.oid = i.relam JOIN pg_attribute a ON a.attrelid = x.indrelid
+                           WHERE x.indrelid = v.source AND am.amname = 'hnsw' AND a.attname = v.embedding_column
+                             AND a.attnum = ANY(x.indkey)) THEN
+    IF NOT llm._owns(v.source) THEN
+      RAISE EXCEPTION 'llm.create_vectorizer: only the owner of table % can index it', v.source
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = format('hnsw => false, or ask its owner: CREATE INDEX ON %s USING hnsw (%I %I.vector_cosine_ops);',
+                            v.source, v.embedding_column, vs);
+    END IF;
+    EXECUTE format('CREATE INDEX ON %s USING hnsw (%I %I.vector_cosine_ops)', v.source, v.embedding_column, vs);
+  END IF;
+  IF v.format IS NULL AND llm._owns(v.source) THEN
+    BEGIN
+      EXECUTE format('CREATE INDEX %I ON %s USING gin (to_tsvector(%L::regconfig, %I::text))',
+                     v.name || '_tsv', v.source, v.ts_config::text, v.columns[1]);
+    EXCEPTION WHEN invalid_object_definition THEN   -- the column's text form is not immutable
+      RAISE NOTICE 'vectorizer %: no full-text index on %', v.name, quote_ident(v.columns[1])
+        USING DETAIL = SQLERRM;
+    END;
+  END IF;
+END
+$fn$;
+
+-- Drop the full-text index _make_column_indexes made (llm.search's alone), if it is there.
+CREATE FUNCTION llm._drop_column_tsv_index(v llm.vectorizer_config) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  idx regclass;
+BEGIN
+  SELECT x.indexrelid INTO idx FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+   WHERE x.indrelid = v.source AND i.relname = v.name || '_tsv';
+  IF idx IS NOT NULL THEN
+    EXECUTE format('DROP INDEX %s', idx);
+  END IF;
+END
+$fn$;
+
+-- The view <name>_embeddings over the source: its columns (those the view already has, when it
+-- is replaced after a change of text), chunk_seq 0, the text as chunk, and the vector as
+-- embedding, for the rows that have one.
+CREATE FUNCTION llm._make_column_view(v llm.vectorizer_config) RETURNS regclass
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  nsp name := (SELECT relnamespace::regnamespace::name FROM pg_class WHERE oid = v.source);
+  source_columns text;
+  shadowed text;
+BEGIN
+  IF v.view IS NULL THEN
+    SELECT string_agg(format('s.%I', a.attname), ', ' ORDER BY a.attnum)
+             FILTER (WHERE a.attname NOT IN ('chunk_seq', 'chunk', 'embedding')),
+           string_agg(a.attname, ', ') FILTER (WHERE a.attname IN ('chunk_seq', 'chunk'))
+      INTO source_columns, shadowed
+      FROM pg_attribute a WHERE a.attrelid = v.source AND a.attnum > 0 AND NOT a.attisdropped;
+    IF shadowed IS NOT NULL THEN
+      RAISE NOTICE 'view %: column % of % is left out (the view''s own column of that name is there)',
+                   v.name || '_embeddings', shadowed, v.source;
+    END IF;
+  ELSE
+    SELECT string_agg(format('s.%I', a.attname), ', ' ORDER BY a.attnum) INTO source_columns
+      FROM pg_attribute a WHERE a.attrelid = v.view AND a.attnum > 0
+       AND a.attname NOT IN ('chunk_seq', 'chunk', 'embedding');
+  END IF;
+  EXECUTE format('CREATE OR REPLACE VIEW %I.%I AS SELECT %s, 0 AS chunk_seq, %s AS chunk, s.%I AS embedding '
+                 'FROM %s s WHERE s.%5$I IS NOT NULL',
+                 nsp, v.name || '_embeddings', source_columns, llm._document(v), v.embedding_column, v.source);
+  RETURN format('%I.%I', nsp, v.name || '_embeddings')::regclass;
+END
+$fn$;
+
+-- Write the vectors of the rows of `keys` into the source's column, in the batch's transaction.
+-- The rows are locked as they are read, skipping those a writer holds: that writer's change
+-- queues the row again, and waiting for it while this batch holds the row's queue entry, which
+-- the writer's trigger waits for, would deadlock.  Such a row keeps its entry for a next batch.
+-- A row whose text is NULL or empty gets a NULL vector; a row that is gone needs nothing.
+CREATE FUNCTION llm._embed_into_column(v llm.vectorizer_config, keys jsonb[]) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+  locked jsonb[];
+  doc_keys jsonb[];
+  docs text[];
+  empty_keys jsonb[];
+  vs name := llm._vector_schema();
+  row_of text := format('CROSS JOIN LATERAL jsonb_populate_record(NULL::%s, u.j) r', v.source);
+BEGIN
+  EXECUTE format('SELECT array_agg(k.j), array_agg(k.j) FILTER (WHERE k.doc <> %5$L), '
+                 'array_agg(k.doc) FILTER (WHERE k.doc <> %5$L), '
+                 'array_agg(k.j) FILTER (WHERE coalesce(k.doc, %5$L) = %5$L) '
+                 'FROM (SELECT u.j, %1$s AS doc FROM unnest($1) u(j) %2$s JOIN %3$s s ON %4$s '
+                 'FOR NO KEY UPDATE OF s SKIP LOCKED) k',
+                 llm._document(v), row_of, v.source, llm._key_join(v, 's', 'r'), '')
+     INTO locked, doc_keys, docs, empty_keys USING keys;
+  IF docs IS NOT NULL THEN
+    EXECUTE format('WITH e AS MATERIALIZED (SELECT input, embedding FROM llm.embeddings '
+                   'WHERE input = ANY($2) AND model = $3) '
+                   'UPDATE %1$s s SET %2$I = e.embedding::%3$I.vector FROM unnest($1, $2) u(j, doc) %4$s '
+                   'JOIN e ON e.input = u.doc WHERE %5$s',
+                   v.source, v.embedding_column, vs, row_of, llm._key_join(v, 's', 'r'))
+      USING doc_keys, docs, v.model;
+  END IF;
+  IF empty_keys IS NOT NULL THEN
+    EXECUTE format('UPDATE %1$s s SET %2$I = NULL FROM unnest($1) u(j) %3$s WHERE %4$s AND s.%2$I IS NOT NULL',
+                   v.source, v.embedding_column, row_of, llm._key_join(v, 's', 'r'))
+      USING empty_keys;
+  END IF;
+  -- done: the rows written, and those that are gone
+  EXECUTE format('DELETE FROM %1$s q USING unnest($1) u(j) %2$s WHERE %3$s AND (u.j = ANY($2) OR NOT EXISTS '
+                 '(SELECT FROM %4$s s WHERE %5$s))', v.queue_table, row_of, llm._key_join(v, 'q', 'r'), v.source,
+                 llm._key_join(v, 's', 'r'))
+    USING keys, coalesce(locked, '{}');
+  -- skipped (a writer holds the row): due again in a second, not at once (a drain loop would spin)
+  EXECUTE format('UPDATE %1$s q SET next_try = now() + interval ''1 second'' FROM unnest($1) u(j) %2$s WHERE %3$s',
+                 v.queue_table, row_of, llm._key_join(v, 'q', 'r'))
+    USING keys;
+END
+$fn$;
 
 -- The model (default: the first embedding model), checked against llm.models.
 CREATE FUNCTION llm._set_model(v llm.vectorizer_config, model text) RETURNS void
@@ -463,6 +700,12 @@ BEGIN
                            coalesce(max_chars, v.max_chars), coalesce(overlap_chars, v.overlap_chars),
                            coalesce(separators, v.separators));
   END IF;
+  PERFORM llm._check_column_destination(v);
+  IF v.destination = 'column' AND (format IS NOT NULL OR column_name IS NOT NULL) THEN
+    PERFORM llm._make_column_view(v);           -- its chunk is the text: the new one
+    PERFORM llm._drop_column_tsv_index(v);
+    PERFORM llm._make_column_indexes(v, false);
+  END IF;
   UPDATE llm.vectorizer_config c SET model = v.model, format = v.format, columns = v.columns, chunking = v.chunking,
          max_tokens = v.max_tokens, overlap_tokens = v.overlap_tokens, max_chars = v.max_chars,
          overlap_chars = v.overlap_chars, separators = v.separators
@@ -480,19 +723,32 @@ DECLARE
   v llm.vectorizer_config := llm._vectorizer(name);
   nsp name := (SELECT relnamespace::regnamespace::name FROM pg_class WHERE oid = v.source);
 BEGIN
+  IF drop_data AND v.destination = 'column' AND NOT llm._owns(v.source) THEN
+    RAISE EXCEPTION 'llm.drop_vectorizer: only the owner of table % can drop its column %', v.source,
+                    quote_ident(v.embedding_column)
+      USING ERRCODE = 'insufficient_privilege',
+            HINT = 'llm.drop_vectorizer(name) without drop_data keeps the column (and the view) and stops the rest.';
+  END IF;
   EXECUTE format('LOCK TABLE %s IN EXCLUSIVE MODE', v.queue_table);   -- as alter_vectorizer
   PERFORM llm._drop_triggers(v);
   EXECUTE format('DROP FUNCTION IF EXISTS %I.%I()', nsp, v.name || '_enqueue');
   EXECUTE format('DROP TABLE %s', v.queue_table);
+  IF v.destination = 'column' THEN
+    PERFORM llm._drop_column_tsv_index(v);     -- llm.search's alone
+  END IF;
   IF drop_data THEN
     EXECUTE format('DROP VIEW IF EXISTS %s', v.view);
-    EXECUTE format('DROP TABLE IF EXISTS %s', v.chunk_table);
+    IF v.destination = 'column' THEN
+      EXECUTE format('ALTER TABLE %s DROP COLUMN IF EXISTS %I', v.source, v.embedding_column);
+    ELSE
+      EXECUTE format('DROP TABLE IF EXISTS %s', v.chunk_table);
+    END IF;
   END IF;
   DELETE FROM llm.vectorizer_config c WHERE c.name = v.name;
 END
 $fn$;
 COMMENT ON FUNCTION llm.drop_vectorizer IS
-  'Stop a vectorizer (triggers, queue); its chunk table and view stay unless drop_data => true';
+  'Stop a vectorizer (triggers, queue); its chunk table (or vector column) and view stay unless drop_data => true';
 
 -- ---------------------------------------------------------------------------
 -- The drain
@@ -596,6 +852,10 @@ DECLARE
   q text;
   vs name := llm._vector_schema();
 BEGIN
+  IF v.destination = 'column' THEN
+    PERFORM llm._embed_into_column(v, keys);
+    RETURN;
+  END IF;
   EXECUTE format('SELECT array_agg(k.j), array_agg(k.doc) FROM (SELECT u.j, %s AS doc FROM unnest($1) u(j) '
                  'CROSS JOIN LATERAL jsonb_populate_record(NULL::%s, u.j) r JOIN %2$s s ON %s) k '
                  'WHERE k.doc IS NOT NULL', llm._document(v), v.source, llm._key_join(v, 's', 'r'))
@@ -668,6 +928,12 @@ CREATE FUNCTION llm._queue_stats(v llm.vectorizer_config,
                                  OUT pending bigint, OUT failed bigint, OUT lag interval, OUT errors text[])
 LANGUAGE plpgsql STABLE AS $fn$
 BEGIN
+  -- The reader may be a superuser, whom row security does not confine to its own rows: read
+  -- only a real queue table of the owner (a view of the owner's would run its code as the reader).
+  IF NOT llm._is_queue(v) THEN
+    errors := ARRAY['its catalog row names no queue table of its owner: drop and create the vectorizer again'];
+    RETURN;
+  END IF;
   EXECUTE format('SELECT count(*) FILTER (WHERE error IS NULL), count(*) FILTER (WHERE error IS NOT NULL), '
                  'now() - min(queued_at) FILTER (WHERE error IS NULL), '
                  '(array_agg(DISTINCT error) FILTER (WHERE error IS NOT NULL))[1:3] FROM %s', v.queue_table)
@@ -683,13 +949,69 @@ CREATE VIEW llm.vectorizers WITH (security_invoker = true) AS
 COMMENT ON VIEW llm.vectorizers IS
   'Your vectorizers: pending and failed queue entries (errors: a sample), lag (oldest pending), last success, rows/s';
 
+-- ===========================================================================
+-- BEGIN vectorizer metrics (issue 19: lag as a Prometheus metric, through postgres_exporter)
+-- ===========================================================================
+-- llm.vectorizers shows each role its own vectorizers only.  A monitor (postgres_exporter with
+-- dashboards/postgres_exporter_queries.yaml, logged in as a role with llm_dashboard) needs every
+-- vectorizer of the database and nothing more: numbers and ages, never a text, a key or an error
+-- message (a row's error may quote the row).  So this one function, the extension owner's, reads
+-- them for it; sql/llm_schema.sql grants it to llm_dashboard.
+
+-- Whether v's queue_table is one the status function may read with its rights.  An owner may edit
+-- its own catalog row (row-level security lets it), so queue_table may name anything: a table of
+-- someone else (its count would leak), or a view of the owner's whose functions would run with
+-- the reader's rights, a superuser's here.  Only a plain table of the vectorizer's owner with the
+-- queue's column types and no child tables passes (reading one runs no code of its owner).
+CREATE FUNCTION llm._is_queue(v llm.vectorizer_config) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT EXISTS (SELECT 1 FROM pg_class r WHERE r.oid = v.queue_table AND r.relkind = 'r' AND r.relowner = v.owner)
+     AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = v.queue_table)
+     AND (SELECT count(*) FROM pg_attribute a
+           WHERE a.attrelid = v.queue_table AND NOT a.attisdropped
+             AND (a.attname, a.atttypid) IN (('queued_at', 'timestamptz'::regtype), ('error', 'text'::regtype))) = 2
+$fn$;
+-- Every reader of llm.vectorizers calls it (through llm._queue_stats): it reads only catalogs.
+
+CREATE FUNCTION llm.vectorizer_status()
+RETURNS TABLE (vectorizer text, model text, pending bigint, failed bigint, lag_seconds double precision,
+               last_success_age_seconds double precision, rows_per_second double precision,
+               rows_embedded bigint, last_run_failed boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+  c llm.vectorizer_config;
+  lag interval;
+BEGIN
+  FOR c IN SELECT * FROM llm.vectorizer_config v WHERE llm._is_queue(v) ORDER BY v.name LOOP
+    SELECT s.pending, s.failed, s.lag INTO pending, failed, lag FROM llm._queue_stats(c) s;
+    vectorizer := c.name;
+    model := c.model;
+    lag_seconds := coalesce(extract(epoch FROM lag), 0);   -- an empty queue lags by nothing
+    last_success_age_seconds := extract(epoch FROM now() - c.last_success);
+    rows_per_second := CASE WHEN c.last_run_seconds > 0 THEN c.last_run_rows / c.last_run_seconds END;
+    rows_embedded := c.rows_embedded;
+    last_run_failed := c.last_error IS NOT NULL;
+    RETURN NEXT;
+  END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION llm.vectorizer_status() IS
+  'Every vectorizer of this database, numbers only (for monitoring: postgres_exporter): queue, lag, last success, rows/s';
+REVOKE ALL ON FUNCTION llm.vectorizer_status() FROM PUBLIC;
+-- ===========================================================================
+-- END vectorizer metrics
+-- ===========================================================================
+
 -- ---------------------------------------------------------------------------
 -- Retrieval
 
 -- Hybrid search over a vectorizer's chunks: the top candidates by cosine distance (HNSW)
 -- and by full-text rank (websearch_to_tsquery), fused by reciprocal rank (60 + rank).
 -- `filter` keeps the chunks whose source row contains it (to_jsonb(row) @> filter).
-CREATE FUNCTION llm.search(query text, vectorizer text, k integer DEFAULT 10, filter jsonb DEFAULT NULL)
+-- `rerank_model` (a rerank model of llm.models): the fusion's top 4 * k go to llm.rerank in one
+-- request and the k best by its cross-encoder score come back, `score` being that score.
+CREATE FUNCTION llm.search(query text, vectorizer text, k integer DEFAULT 10, filter jsonb DEFAULT NULL,
+                           rerank_model text DEFAULT NULL)
 RETURNS TABLE (source_key jsonb, chunk_seq integer, chunk text, score double precision,
                vector_rank integer, keyword_rank integer)
 LANGUAGE plpgsql VOLATILE
@@ -702,7 +1024,29 @@ DECLARE
   qv text;
   candidates integer;
   where_filter text := CASE WHEN filter IS NULL THEN '' ELSE ' AND to_jsonb(s) @> $4' END;
+  -- where the chunks are: the chunk table (c) joined to the source (s), or the source alone
+  -- (destination column: one chunk per row, the row's text, with its vector if it has one)
+  from_rel text := format('%s c JOIN %s s ON %s', v.chunk_table, v.source, llm._key_join(v, 'c', 's'));
+  seq_expr text := 'c.chunk_seq';
+  chunk_expr text := 'c.chunk';
+  emb_expr text := 'c.embedding';
+  tsv_expr text := 'c.chunk_tsv';
+  -- the fused candidates as they are, or reordered by the cross-encoder (MATERIALIZED: the
+  -- llm.rerank scan gets the whole list as one document = ANY(...) request)
+  finish text := CASE WHEN rerank_model IS NULL THEN 'SELECT * FROM fused ORDER BY 4 DESC, 1, 2' ELSE
+    ', rr AS MATERIALIZED (SELECT document, score FROM llm.rerank WHERE query = $3 AND model = $6'
+    '  AND document = ANY(ARRAY(SELECT chunk FROM fused))) '
+    'SELECT f.key, f.seq, f.chunk, rr.score, f.vr, f.kr FROM fused f JOIN rr ON rr.document = f.chunk '
+    'ORDER BY 4 DESC, 1, 2 LIMIT $7' END;
 BEGIN
+  IF v.destination = 'column' THEN
+    from_rel := format('%s s', v.source);
+    seq_expr := '0';
+    chunk_expr := llm._document(v);
+    emb_expr := format('s.%I', v.embedding_column);
+    where_filter := format(' AND %s IS NOT NULL', emb_expr) || where_filter;
+    tsv_expr := format('to_tsvector(%L::regconfig, %s)', v.ts_config::text, chunk_expr);  -- its index's expression
+  END IF;
   IF k IS NULL OR k < 1 OR k > 10000 THEN
     RAISE EXCEPTION 'llm.search: k must be from 1 to 10,000, got %', coalesce(k::text, 'NULL')
       USING ERRCODE = 'invalid_parameter_value';
@@ -714,17 +1058,19 @@ BEGIN
   EXECUTE 'SELECT embedding::text FROM llm.embeddings WHERE input = $1 AND model = $2' INTO qv USING query, v.model;
   RETURN QUERY EXECUTE format(
     'WITH vec AS (SELECT key, seq, chunk, row_number() OVER (ORDER BY d)::integer AS r FROM ('
-    '  SELECT %1$s AS key, c.chunk_seq AS seq, c.chunk, c.embedding OPERATOR(%2$I.<=>) $1::%2$I.vector AS d'
-    '  FROM %3$s c JOIN %4$s s ON %5$s WHERE true%6$s ORDER BY d LIMIT $2) x), '
+    '  SELECT %1$s AS key, %4$s AS seq, %5$s AS chunk, %8$s OPERATOR(%2$I.<=>) $1::%2$I.vector AS d'
+    '  FROM %3$s WHERE true%6$s ORDER BY d LIMIT $2) x), '
     'kw AS (SELECT key, seq, chunk, row_number() OVER (ORDER BY rank DESC)::integer AS r FROM ('
-    '  SELECT %1$s AS key, c.chunk_seq AS seq, c.chunk, ts_rank_cd(c.chunk_tsv, t) AS rank'
-    '  FROM %3$s c JOIN %4$s s ON %5$s, websearch_to_tsquery(%7$L::regconfig, $3) t'
-    '  WHERE c.chunk_tsv @@ t%6$s ORDER BY rank DESC LIMIT $2) y) '
-    'SELECT coalesce(vec.key, kw.key), coalesce(vec.seq, kw.seq), coalesce(vec.chunk, kw.chunk), '
-    '  coalesce(1.0::float8 / (60 + vec.r), 0) + coalesce(1.0::float8 / (60 + kw.r), 0), vec.r, kw.r '
-    'FROM vec FULL JOIN kw ON vec.key = kw.key AND vec.seq = kw.seq ORDER BY 4 DESC, 1, 2 LIMIT $5',
-    llm._key_json(v, 'c'), vs, v.chunk_table, v.source, llm._key_join(v, 'c', 's'), where_filter, v.ts_config::text)
-    USING qv, candidates, query, filter, k;
+    '  SELECT %1$s AS key, %4$s AS seq, %5$s AS chunk, ts_rank_cd(%9$s, t) AS rank'
+    '  FROM %3$s, websearch_to_tsquery(%7$L::regconfig, $3) t'
+    '  WHERE %9$s @@ t%6$s ORDER BY rank DESC LIMIT $2) y), '
+    'fused AS (SELECT coalesce(vec.key, kw.key) AS key, coalesce(vec.seq, kw.seq) AS seq, '
+    '  coalesce(vec.chunk, kw.chunk) AS chunk, '
+    '  coalesce(1.0::float8 / (60 + vec.r), 0) + coalesce(1.0::float8 / (60 + kw.r), 0) AS score, vec.r AS vr, kw.r AS kr '
+    'FROM vec FULL JOIN kw ON vec.key = kw.key AND vec.seq = kw.seq ORDER BY 4 DESC, 1, 2 LIMIT $5) %10$s',
+    llm._key_json(v, 's'), vs, from_rel, seq_expr, chunk_expr, where_filter, v.ts_config::text, emb_expr, tsv_expr,
+    finish)
+    USING qv, candidates, query, filter, CASE WHEN rerank_model IS NULL THEN k ELSE 4 * k END, rerank_model, k;
 END
 $fn$;
 COMMENT ON FUNCTION llm.search IS
@@ -733,10 +1079,13 @@ COMMENT ON FUNCTION llm.search IS
 -- llm.rag, now hybrid: a corpus with a vectorizer of the caller's is searched with
 -- llm.search (sources: the chunks used, each prefixed with its row's key); any other
 -- corpus as before (nearest rows by the embedding column).
-CREATE OR REPLACE FUNCTION llm.rag(question text, corpus regclass, k integer DEFAULT 3,
-                                   text_column name DEFAULT 'body',
-                                   embedding_column name DEFAULT 'embedding',
-                                   model text DEFAULT NULL, max_tokens integer DEFAULT 128)
+-- rerank_model: passed to llm.search (a corpus without a vectorizer ignores it).
+DROP FUNCTION llm.rag(text, regclass, integer, name, name, text, integer);   -- 0.2.0's, without rerank_model
+CREATE FUNCTION llm.rag(question text, corpus regclass, k integer DEFAULT 3,
+                        text_column name DEFAULT 'body',
+                        embedding_column name DEFAULT 'embedding',
+                        model text DEFAULT NULL, max_tokens integer DEFAULT 128,
+                        rerank_model text DEFAULT NULL)
 RETURNS TABLE (answer text, sources text[])
 LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE AS $fn$
 DECLARE
@@ -757,7 +1106,7 @@ BEGIN
    WHERE c.source = corpus AND c.owner = to_regrole(current_user) ORDER BY c.name LIMIT 1;
   IF vz IS NOT NULL THEN
     SELECT array_agg(s.chunk ORDER BY s.score DESC), array_agg(s.source_key::text || ' ' || s.chunk ORDER BY s.score DESC)
-      INTO context, sources FROM llm.search(question, vz, k) s;
+      INTO context, sources FROM llm.search(question, vz, k, rerank_model => rerank_model) s;
   ELSE
     q := llm.embed(question);
     EXECUTE format('SELECT array_agg(t) FROM (SELECT %1$I AS t FROM %3$s ORDER BY %2$I <=> $1 LIMIT $2) s',
@@ -776,13 +1125,14 @@ COMMENT ON FUNCTION llm.rag IS
 
 -- Granted to no one by default: sql/llm_schema.sql grants them to llm_user.
 REVOKE ALL ON FUNCTION llm.create_vectorizer(regclass, name, text, text, text, text, integer, integer, integer,
-                                             integer, text[], regconfig, boolean) FROM PUBLIC;
+                                             integer, text[], regconfig, boolean, text, name) FROM PUBLIC;
 REVOKE ALL ON FUNCTION llm.alter_vectorizer(text, text, name, text, text, integer, integer, integer, integer,
                                             text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION llm.drop_vectorizer(text, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION llm.run_vectorizer_batch(text, integer) FROM PUBLIC;
 REVOKE ALL ON PROCEDURE llm.run_vectorizer(text, integer) FROM PUBLIC;
-REVOKE ALL ON FUNCTION llm.search(text, text, integer, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION llm.search(text, text, integer, jsonb, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION llm.rag(text, regclass, integer, name, name, text, integer, text) FROM PUBLIC;
 
 -- ===========================================================================
 -- BEGIN typed answers (issue 21: constrained output, warehouse-style functions, per-row errors)

@@ -33,7 +33,7 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'llm_dashboard') AS ne
 \if :need_dashboard_role
   CREATE ROLE llm_dashboard NOLOGIN;
 \endif
-COMMENT ON ROLE llm_dashboard IS 'May read llm.requests, llm.usage, llm.models and llm.progress (dashboards): GRANT llm_dashboard TO grafana';
+COMMENT ON ROLE llm_dashboard IS 'May read llm.requests, llm.usage, llm.models, llm.progress and llm.vectorizer_status() (dashboards, monitoring): GRANT llm_dashboard TO grafana';
 
 SELECT NOT EXISTS (SELECT 1 FROM pg_foreign_server WHERE srvname = 'llm_sidecar') AS need_server \gset
 \if :need_server
@@ -142,19 +142,22 @@ ALTER EXTENSION llmfdw UPDATE;
 -- The helper functions, and not the FDW's handler and validator, which live here too.
 GRANT EXECUTE ON FUNCTION llm.complete(text, text, integer, double precision, text), llm.embed(text, text),
                           llm.embed_batch(text[], text),
-                          llm.rag(text, regclass, integer, name, name, text, integer) TO llm_user;
+                          llm.rag(text, regclass, integer, name, name, text, integer, text) TO llm_user;
 
 -- Vectorizers (0.3.0): roles of llm_user declare, drain and search their own; the catalog's
 -- row-level security shows and lets each change only its own rows.
 GRANT EXECUTE ON FUNCTION llm.create_vectorizer(regclass, name, text, text, text, text, integer, integer, integer,
-                                                integer, text[], regconfig, boolean),
+                                                integer, text[], regconfig, boolean, text, name),
                           llm.alter_vectorizer(text, text, name, text, text, integer, integer, integer, integer,
                                                text[]),
                           llm.drop_vectorizer(text, boolean), llm.run_vectorizer_batch(text, integer),
-                          llm.search(text, text, integer, jsonb) TO llm_user;
+                          llm.search(text, text, integer, jsonb, text) TO llm_user;
 GRANT EXECUTE ON PROCEDURE llm.run_vectorizer(text, integer) TO llm_user;
 GRANT SELECT, INSERT, UPDATE, DELETE ON llm.vectorizer_config TO llm_user;
 GRANT SELECT ON llm.vectorizers TO llm_user;
+-- Monitoring (postgres_exporter, dashboards/postgres_exporter_queries.yaml): every vectorizer's
+-- queue counts and ages, no texts and no errors.
+GRANT EXECUTE ON FUNCTION llm.vectorizer_status() TO llm_dashboard;
 
 -- Typed answers (0.3.0): constrained output through llm.completions (json_schema, choices,
 -- on_error) and the warehouse-style functions over it.

@@ -360,12 +360,39 @@ def test_colocated_shape(rendered):
         assert {"name": "socket", "mountPath": "/var/run/llmfdw"} in c["volumeMounts"]
     # no pod reaches the sidecar's TCP port (it is there for the kubelet's grpc probes)
     policy = _kind(docs, "NetworkPolicy")[0]
-    assert {r["ports"][0]["port"] for r in policy["spec"]["ingress"]} == {5432, 9090}
+    assert {p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]} == {5432, 9090, 9187}
+    assert [r["ports"] for r in policy["spec"]["ingress"] if "from" not in r] == [
+        [{"port": 9090, "protocol": "TCP"}, {"port": 9187, "protocol": "TCP"}]]
     job = _kind(docs, "Job")[0]
     script = _containers(job)["ddl"]["command"][-1]
     assert "-v sidecar_address='unix:///var/run/llmfdw/sidecar.sock'" in script
     assert f"host={RELEASE}-llmfdw-postgres port=5432 dbname=llmfdw" in script
     assert len(_kind(docs, "Secret")) == 1
+
+
+def test_colocated_exporter_serves_vectorizer_metrics_as_a_monitoring_role(rendered, chart):
+    """postgres.exporter (on in colocated-values.yaml): the postgres image's postgres_exporter with
+    the vectorizer queries, logged in as the monitoring role, never as the superuser."""
+    docs = rendered["colocated-values.yaml"]
+    statefulset = _kind(docs, "StatefulSet", "postgres")[0]
+    exporter = _containers(statefulset)["exporter"]
+    assert exporter["image"] == _containers(statefulset)["postgres"]["image"]
+    assert exporter["command"] == ["prometheus-postgres-exporter"]
+    assert "--extend.query-path=/usr/share/llmfdw/postgres_exporter_queries.yaml" in exporter["args"]
+    env = {e["name"]: e["value"] for e in exporter["env"]}
+    assert env["DATA_SOURCE_USER"] == "llm_monitor" and env["DATA_SOURCE_URI"].startswith("127.0.0.1:5432/llmfdw?")
+    assert "DATA_SOURCE_NAME" not in env and "DATA_SOURCE_PASS" not in env
+    secret = [v for v in statefulset["spec"]["template"]["spec"]["volumes"] if v["name"] == "exporter-password"]
+    assert secret[0]["secret"]["secretName"] == "llm-monitor"
+    service = _kind(docs, "Service", "postgres")[0]
+    assert {"name": "exporter", "port": 9187, "targetPort": "exporter", "protocol": "TCP"} in service["spec"]["ports"]
+    dockerfile = (DOCKER / "postgres.Dockerfile").read_text()
+    assert "prometheus-postgres-exporter" in dockerfile and "dashboards/postgres_exporter_queries.yaml" in dockerfile
+    # off by default; on without a password Secret, refused
+    default = _render(chart, {"mode": "colocated", "postgres": {"auth": {"password": "x"}}})
+    assert "exporter" not in _containers(_kind(default, "StatefulSet", "postgres")[0])
+    with pytest.raises(Exception, match="passwordSecret"):
+        _render(chart, {"mode": "colocated", "postgres": {"auth": {"password": "x"}, "exporter": {"enabled": True}}})
 
 
 def test_default_models_are_the_sidecars(chart):

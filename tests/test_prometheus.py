@@ -2,10 +2,12 @@
 
 Prometheus is Debian's package (`make prometheus` installs it; `make test` depends on that).  The
 test starts one with a config of its own in a temporary directory: it scrapes the session
-sidecar's metrics port on 127.0.0.1 every second and serves its HTTP API on a free port.  After
-real traffic through SQL (completions, some of which wait for a slot, embeddings, a failing
-request), every PromQL expression of the dashboard, with its variables and $__rate_interval
-expanded as Grafana would (dashboards/grafana.py), must return data through /api/v1/query.
+sidecar's metrics port on 127.0.0.1 every second, and a real postgres_exporter
+(tests/postgres_exporter.py) that serves the vectorizer metrics of a database with a vectorizer
+whose rows wait, and serves its HTTP API on a free port.  After real traffic through SQL
+(completions, some of which wait for a slot, embeddings, a failing request), every PromQL
+expression of the dashboard, with its variables and $__rate_interval expanded as Grafana would
+(dashboards/grafana.py), must return data through /api/v1/query.
 
 With LLMFDW_RENDER_DOCS=<dir> set (`make docs`), the last test also draws both dashboards from
 these real results into <dir>/*.png (dashboards/render_png.py).
@@ -30,10 +32,12 @@ from psycopg.conninfo import make_conninfo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dashboards import grafana  # noqa: E402
 from deploy import embedded  # noqa: E402
+from postgres_exporter import running  # noqa: E402 (tests/postgres_exporter.py)
 
 DASHBOARD = grafana.load("llmfdw-prometheus.json")
 EXPRESSIONS = [(f"{q.panel} [{q.ref}]", q.query) for q in grafana.panel_queries(DASHBOARD)]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+VECTORIZER_DB = "promvec"     # a database with a vectorizer, served by the exporter
 RATE_INTERVAL = "1m"     # Grafana: max(4 x scrape interval, $__interval + scrape interval); 1 m covers the test
 
 
@@ -58,7 +62,33 @@ def sql_traffic(dsn: str, tag: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus(tmp_path_factory, sidecar_metrics_port, sidecar_socket):
+def vectorizer_exporter(pg_server, sidecar_socket, work_dir):
+    """A plain role's vectorizer whose rows wait (nothing drains this database), and a
+    postgres_exporter over it logged in as a monitoring role (llm_dashboard only); yields its port."""
+    embedded.create_database(pg_server, VECTORIZER_DB)
+    embedded.apply_schema(pg_server, VECTORIZER_DB, f"unix://{sidecar_socket}")
+    with psycopg.connect(pg_server.dsn(VECTORIZER_DB), autocommit=True) as c:
+        c.execute("CREATE ROLE prom_owner LOGIN IN ROLE llm_user")
+        c.execute("CREATE ROLE prom_monitor LOGIN PASSWORD 'prom-monitor' IN ROLE llm_dashboard")
+        c.execute("CREATE SCHEMA prom_owner AUTHORIZATION prom_owner")
+    with psycopg.connect(make_conninfo(pg_server.dsn(VECTORIZER_DB), user="prom_owner"), autocommit=True) as c:
+        c.execute("CREATE TABLE prom_owner.notes (id int PRIMARY KEY, body text)")
+        c.execute("INSERT INTO prom_owner.notes SELECT i, 'note ' || i FROM generate_series(1, 5) i")
+        c.execute("SELECT llm.create_vectorizer('prom_owner.notes', 'body', chunking => 'none', hnsw => false)")
+    port = embedded.free_port()
+    dsn = f"postgresql://prom_monitor:prom-monitor@127.0.0.1:{pg_server.port}/{VECTORIZER_DB}?sslmode=disable"
+    try:
+        with running(dsn, [VECTORIZER_DB], port, work_dir / "log" / "prometheus-exporter.log"):
+            yield port
+    finally:
+        with psycopg.connect(pg_server.dsn("postgres"), autocommit=True) as c:
+            c.execute(f"DROP DATABASE {VECTORIZER_DB} WITH (FORCE)")
+            c.execute("DROP ROLE prom_owner")
+            c.execute("DROP ROLE prom_monitor")
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, sidecar_metrics_port, sidecar_socket, vectorizer_exporter):
     if not os.access(PROMETHEUS, os.X_OK):
         pytest.fail("prometheus is not installed: run `make prometheus` (apt-get install prometheus)")
     work = tmp_path_factory.mktemp("prometheus")
@@ -66,7 +96,9 @@ def prometheus(tmp_path_factory, sidecar_metrics_port, sidecar_socket):
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         "  - job_name: llmfdw-sidecar\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{sidecar_metrics_port}']}}]\n")
+        f"    static_configs: [{{targets: ['127.0.0.1:{sidecar_metrics_port}']}}]\n"
+        "  - job_name: llmfdw-vectorizers\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{vectorizer_exporter}']}}]\n")
     port = embedded.free_port()
     log = open(work / "prometheus.log", "wb")
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
@@ -96,13 +128,13 @@ def prometheus(tmp_path_factory, sidecar_metrics_port, sidecar_socket):
 
 
 def wait_scraped(url: str, timeout: float = 30) -> None:
-    """Until Prometheus has scraped the sidecar, then once more."""
+    """Until Prometheus has scraped the sidecar and the exporter, then once more."""
     deadline = time.monotonic() + timeout
     while True:
-        up = api(url, "/api/v1/query", query='up{job="llmfdw-sidecar"}')["result"]
-        if up and up[0]["value"][1] == "1":
+        up = api(url, "/api/v1/query", query="up")["result"]
+        if len(up) == 2 and all(u["value"][1] == "1" for u in up):
             break
-        assert time.monotonic() < deadline, f"the sidecar was not scraped: {up}"
+        assert time.monotonic() < deadline, f"the sidecar and the exporter were not scraped: {up}"
         time.sleep(0.5)
     time.sleep(2)
 
@@ -123,9 +155,17 @@ def expand(expr: str, model: str = "$__all") -> str:
     return expr.replace("$__rate_interval", RATE_INTERVAL).replace("$__interval", "15s")
 
 
-def test_the_sidecar_is_scraped(scraped):
+def test_the_sidecar_and_the_exporter_are_scraped(scraped):
     targets = api(scraped, "/api/v1/targets")["activeTargets"]
-    assert [t["health"] for t in targets] == ["up"], targets
+    assert sorted((t["labels"]["job"], t["health"]) for t in targets) == [
+        ("llmfdw-sidecar", "up"), ("llmfdw-vectorizers", "up")], targets
+
+
+def test_the_vectorizer_panels_show_the_waiting_rows(scraped):
+    lag = api(scraped, "/api/v1/query", query=f'llmfdw_vectorizer_lag_seconds{{datname="{VECTORIZER_DB}"}}')["result"]
+    assert [r["metric"]["vectorizer"] for r in lag] == ["notes"] and float(lag[0]["value"][1]) > 0
+    pending = api(scraped, "/api/v1/query", query="llmfdw_vectorizer_pending")["result"]
+    assert [float(r["value"][1]) for r in pending] == [5]
 
 
 def test_the_model_variable_lists_the_models(scraped):

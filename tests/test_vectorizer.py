@@ -32,13 +32,14 @@ LOG_FILE = None     # the cluster's log, quoted when a wait times out
 
 
 @pytest.fixture(scope="module")
-def cluster(work_dir, backend_test_modules, sidecar_socket):
-    """A cluster of this module's own, llmfdw preloaded (embedded.configure), whose worker
-    serves WORKER_DB only, every 200 ms."""
+def cluster(request, work_dir, backend_test_modules, sidecar_socket):
+    """A cluster of the module's own (modules that import this fixture get theirs), llmfdw
+    preloaded (embedded.configure), whose worker serves WORKER_DB only, every 200 ms."""
     global LOG_FILE
-    pgdata, LOG_FILE = work_dir / "vec-pgdata", work_dir / "log" / "vec-postgres.log"
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    pgdata, LOG_FILE = work_dir / f"{name}-pgdata", work_dir / "log" / f"{name}-postgres.log"
     server = embedded.start_cluster(
-        pgdata, socket_dir=work_dir / "vec-run", log_file=LOG_FILE,
+        pgdata, socket_dir=work_dir / f"{name}-run", log_file=LOG_FILE,
         port=embedded.free_port(), python_path=[embedded.site_packages(), backend_test_modules])
     try:
         with psycopg.connect(server.dsn("postgres"), autocommit=True) as c:
