@@ -214,6 +214,12 @@ bench-interactive: install
 bench-hops: install
 	$(PY) bench/bench_hops.py
 
+# The RAG request shape: embed + HNSW top-5 over 100,000 rows + a 32-token answer, at 1 and 16
+# clients, and where the time goes: bench/results/rag.json
+.PHONY: bench-rag
+bench-rag: install
+	$(PY) bench/bench_rag.py
+
 # Sidecar memory under 16 sessions of mixed SQL (MINUTES=20): bench/results/soak.json
 .PHONY: soak
 soak: install
