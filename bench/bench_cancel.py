@@ -15,6 +15,11 @@ random moment 0.2-1.2 s into it:
 The latency is the time from pg_cancel_backend's return to the victim's error (what a user's
 Ctrl-C waits for).  Prints median, p90, p99 and max per load and writes bench/results/cancel.json.
 The goal (issue 18): p99 <= 50 ms at every load.
+
+Where /proc/<pid>/schedstat of the victim backend is readable (the same OS user as the server, or
+root), each cancel's latency is also split into the backend's main thread's time on a CPU and its
+time waiting in the run queue for one: on a machine busier than its cores, the wait for a CPU
+dominates the tail, and the CPU time is what the code after a cancel costs.
 """
 from __future__ import annotations
 
@@ -64,8 +69,18 @@ def load_session(uri: str, stop: threading.Event, texts: list[str], errors: list
             i += 1
 
 
-def cancel_once(uri: str, kind: str, rng: random.Random) -> float:
-    """Run victim `kind`, cancel it at a random moment; seconds from the cancel to the error."""
+def schedstat(pid: int) -> tuple[float, float] | None:
+    """(ms on a CPU, ms waiting in the run queue) of the backend's main thread so far, or None."""
+    try:
+        on_cpu, waiting = open(f"/proc/{pid}/task/{pid}/schedstat").read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(on_cpu) / 1e6, int(waiting) / 1e6
+
+
+def cancel_once(uri: str, kind: str, rng: random.Random) -> tuple[float, tuple[float, float] | None]:
+    """Run victim `kind`, cancel it at a random moment: seconds from the cancel to the error, and
+    the backend's (CPU ms, run-queue ms) over that time, when /proc says."""
     sql, params = VICTIMS[kind]
     with psycopg.connect(uri, autocommit=True) as victim, psycopg.connect(uri, autocommit=True) as other:
         pid = victim.info.backend_pid
@@ -81,12 +96,15 @@ def cancel_once(uri: str, kind: str, rng: random.Random) -> float:
         thread = threading.Thread(target=run)
         thread.start()
         time.sleep(rng.uniform(0.2, 1.2))
+        before = schedstat(pid)
         other.execute("SELECT pg_cancel_backend(%s)", (pid,))
         sent = time.monotonic()
         thread.join(60)
         if "at" not in ended:
             raise RuntimeError(f"{kind}: the query was not cancelled (finished first, or hung)")
-        return ended["at"] - sent
+        after = schedstat(pid)
+        split = (after[0] - before[0], after[1] - before[1]) if before and after else None
+        return ended["at"] - sent, split
 
 
 def main() -> int:
@@ -110,10 +128,14 @@ def main() -> int:
                 w.start()
             time.sleep(2 if load else 0)
             latencies: dict[str, list[float]] = {kind: [] for kind in VICTIMS}
+            splits: list[tuple[float, float]] = []
             try:
                 for i in range(args.cancels):
                     kind = list(VICTIMS)[i % len(VICTIMS)]
-                    latencies[kind].append(cancel_once(uri, kind, rng))
+                    latency, split = cancel_once(uri, kind, rng)
+                    latencies[kind].append(latency)
+                    if split:
+                        splits.append(split)
             finally:
                 stop.set()
                 for w in workers:
@@ -123,11 +145,19 @@ def main() -> int:
                    "p90_ms": percentile(every, 90), "p99_ms": percentile(every, 99), "max_ms": max(every),
                    "max_ms_by_kind": {k: max(v) * 1000 for k, v in latencies.items() if v},
                    "load_errors": len(errors)}
+            if splits:
+                cpu, queue = [c for c, _ in splits], [q for _, q in splits]
+                row.update(cpu_ms_median=statistics.median(cpu), cpu_ms_max=max(cpu),
+                           runqueue_ms_median=statistics.median(queue), runqueue_ms_max=max(queue))
             results["loads"][str(load)] = row
             print(f"{load:>3} loading sessions: {row['cancels']} cancels, median {row['median_ms']:.1f} ms, "
                   f"p90 {row['p90_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, max {row['max_ms']:.1f} ms "
                   f"(by kind: {', '.join(f'{k} {v:.0f}' for k, v in row['max_ms_by_kind'].items())}; "
                   f"load errors {row['load_errors']})", flush=True)
+            if splits:
+                print(f"      backend after the cancel: on a CPU median {row['cpu_ms_median']:.1f} ms, max "
+                      f"{row['cpu_ms_max']:.1f} ms; waiting for a CPU median {row['runqueue_ms_median']:.1f} ms, "
+                      f"max {row['runqueue_ms_max']:.1f} ms", flush=True)
     finally:
         remove(layout)
     save(results, args.out)

@@ -9,6 +9,8 @@ picks the behaviour:
   error      - log_to_postgres(ERROR) with the text below as message, hint and detail
   warning    - log_to_postgres(WARNING) with the text below, then one row
   typeerror  - raises TypeError, an unexpected exception
+  thread     - calls each host function from a Python thread: one row per function, with what the
+               call gave there (a thread must never enter Postgres: the host refuses it)
 
 "The text below" is built from option `codepoints` (decimal code points, comma-separated), so a
 table in a LATIN1 database can still ask for characters that LATIN1 cannot hold.
@@ -56,7 +58,32 @@ class BoundaryFdw(ForeignDataWrapper):
         elif self.mode == "warning":
             log_to_postgres(self.text(), WARNING)
             yield {"name": "warning", "value": self.text()}
+        elif self.mode == "thread":
+            yield from self.from_a_thread()
         elif self.mode == "typeerror":
             yield {"name": "sum", "value": sum(["a", "b"])}  # TypeError: int + str
         else:
             raise ValueError(f"unknown mode {self.mode!r}")
+
+    def from_a_thread(self) -> Iterator[dict[str, Any]]:
+        """Each host function called from another thread: the exception's type and message."""
+        import threading
+
+        import _llmfdw_host as host
+
+        calls = {"log": lambda: host.log(WARNING, "from a thread"), "session": host.session,
+                 "interrupt_pending": host.interrupt_pending, "statement_time_left": host.statement_time_left}
+        outcome: dict[str, str] = {}
+
+        def call_all() -> None:
+            for name, call in calls.items():
+                try:
+                    outcome[name] = f"returned {call()!r}"
+                except Exception as exc:   # what the host raised is the row's value
+                    outcome[name] = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=call_all)
+        thread.start()
+        thread.join()
+        for name in calls:
+            yield {"name": name, "value": outcome[name]}

@@ -26,6 +26,8 @@ def boundary(pg_dsn) -> Iterator[None]:
                   "SERVER boundary OPTIONS (mode 'error', codepoints '110,111')")
         c.execute("CREATE FOREIGN TABLE boundary.columns (name text, value text, zeta text, alpha int) "
                   "SERVER boundary OPTIONS (mode 'columns')")
+        c.execute("CREATE FOREIGN TABLE boundary.thread (name text, value text) "
+                  "SERVER boundary OPTIONS (mode 'thread')")
     yield
     with psycopg.connect(pg_dsn, autocommit=True) as c:
         c.execute("DROP SCHEMA boundary CASCADE")
@@ -78,3 +80,14 @@ def test_server_without_wrapper_option_runs_the_sidecar_tables(conn):
     assert not any(o.startswith("wrapper=") for o in options)
     names = {r[0] for r in conn.execute("SELECT name FROM llm.models")}
     assert "smollm2-135m-instruct" in names
+
+
+def test_a_python_thread_never_enters_postgres(conn, boundary):
+    """Python threads live in a backend (gRPC's; the one that frees a cancelled query's objects,
+    whose finalizers may run FDW code): each host function refuses a call from one, since
+    Postgres is not thread-safe, and the backend goes on."""
+    rows = dict(conn.execute("SELECT name, value FROM boundary.thread").fetchall())
+    assert set(rows) == {"log", "session", "interrupt_pending", "statement_time_left"}
+    for name, value in rows.items():
+        assert value == "RuntimeError: llmfdw: Postgres may only be called from the backend's own thread", name
+    assert conn.execute("SELECT count(*) FROM boundary.thread").fetchone() == (4,)

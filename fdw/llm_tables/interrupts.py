@@ -4,7 +4,8 @@ A cancel (Ctrl-C, pg_cancel_backend, statement_timeout, a client gone away) only
 backend; Postgres acts on it at its next check, and while our Python runs, nothing of Postgres's own
 checks.  So every stretch of Python that may take long asks: the client between gRPC messages
 (client.py), and the loops over a query's values (keycolumns.py, tables.py), which for
-`input = ANY(<200,000 texts>)` take hundreds of milliseconds.  Only the llmfdw host can say:
+`input = ANY(<200,000 texts>)` take hundreds of milliseconds; the host's own conversion of such an
+array to a list asks too, every EVERY items (fdw/src/convert.c).  Only the llmfdw host can say:
 Multicorn2's check_interrupts() longjmps out through the running Python frames (the gRPC call is
 never cancelled and the backend's next statement crashed in tests/test_multicorn2.py), so under it
 this answers False and a call ends only at its deadline (the server's timeout option).

@@ -129,7 +129,7 @@ class KeyColumns:
                 given = qual.value if qual.value is not None else []  # col = ANY(NULL): no row
             else:
                 given = [qual.value]
-            given = [v for v in given if v is not None]
+            given = [v for v in interrupts.checked(given) if v is not None]
             if not given:
                 empty = True
             for v in interrupts.checked(given):   # a long list takes a while: stay cancellable
@@ -199,8 +199,11 @@ def range_hint(quals: Iterable[Qual], column: str, parse: Callable[[Any], Any] =
 def _distinct(values: list[Any]) -> list[Any]:
     """Distinct values in order; values may be unhashable (an array column's lists, which are
     short: a stop list)."""
-    try:
-        return list(dict.fromkeys(values))
+    distinct: dict[Any, None] = {}
+    try:   # in slices, asking Postgres between them: hashing 200,000 texts takes a while
+        for start in interrupts.checked(range(0, len(values), interrupts.EVERY), every=1):
+            distinct.update(dict.fromkeys(values[start:start + interrupts.EVERY]))
+        return list(distinct)
     except TypeError:
         pass
     out: list[Any] = []

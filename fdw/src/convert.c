@@ -173,11 +173,21 @@ llmfdw_datum_to_python(Datum value, bool isnull, Oid typid)
 			return NULL;
 		for (int i = 0; i < n; i++)
 		{
-			PyObject   *item = llmfdw_datum_to_python(elems[i], nulls[i], elemtype);
+			PyObject   *item;
 
+			/* 200,000 texts take tens of milliseconds: stay cancellable */
+			if (i % LLMFDW_INTERRUPT_EVERY == LLMFDW_INTERRUPT_EVERY - 1 &&
+				llmfdw_interrupt_pending())
+			{
+				llmfdw_set_query_canceled();
+				item = NULL;
+			}
+			else
+				item = llmfdw_datum_to_python(elems[i], nulls[i], elemtype);
 			if (item == NULL)
 			{
-				Py_DECREF(list);
+				/* the unset items are NULL, which a list's deallocation skips */
+				llmfdw_free_later(list);
 				return NULL;
 			}
 			PyList_SET_ITEM(list, i, item);

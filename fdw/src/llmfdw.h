@@ -69,6 +69,18 @@ extern PyObject *llmfdw_import_attr(const char *module, const char *attr);
 extern PyObject *llmfdw_multicorn_attr(const char *attr);
 
 /*
+ * Cancels while Python runs (see python.c): llmfdw_interrupt_pending() lets
+ * signals through and says whether the query must stop; long C loops over
+ * Python objects ask every LLMFDW_INTERRUPT_EVERY items and, on true, set
+ * QueryCanceled and fail.  llmfdw_free_later() drops a big garbage object in
+ * another thread, so a cancel does not wait for it.  GIL held for all three.
+ */
+#define LLMFDW_INTERRUPT_EVERY 4096
+extern bool llmfdw_interrupt_pending(void);
+extern void llmfdw_set_query_canceled(void);
+extern void llmfdw_free_later(PyObject *garbage);
+
+/*
  * Every string between Postgres and Python goes through these: the server
  * encoding on the Postgres side, str (UTF-8 in the C API) on the Python side.
  * The first three are safe with the GIL held and report failure as a Python

@@ -22,13 +22,16 @@
  */
 #include "llmfdw.h"
 
+#include <pthread.h>
 #include <signal.h>
 
+#include "access/xact.h"
 #include "commands/dbcommands.h"
 #include "lib/stringinfo.h"
 #include "libpq/libpq.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "storage/ipc.h"
 #include "storage/pmsignal.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
@@ -357,17 +360,23 @@ check_client_connection(void)
 	}
 }
 
+/* Whether an interrupt that ends the query is pending (flags only: no signal is let through). */
+static bool
+stop_requested(void)
+{
+	return InterruptPending && (QueryCancelPending || ProcDiePending || ClientConnectionLost);
+}
+
 /*
- * interrupt_pending() -> bool
- *
  * Lets blocked signals through for a moment (their handlers only set flags),
- * then reports whether Postgres wants this query to stop.  FDW code that
- * waits on the network calls this every few tens of milliseconds and, when
- * it is true, cancels its work and raises; the host then turns the pending
- * interrupt into Postgres's own error ("canceling statement due to ...").
+ * then reports whether Postgres wants this query to stop.  Safe with the GIL
+ * held: nothing here longjmps.  The caller, on true, sets a Python exception
+ * (multicorn.utils.QueryCanceled) and unwinds; the host then turns the
+ * pending interrupt into Postgres's own error ("canceling statement due
+ * to ...").
  */
-static PyObject *
-host_interrupt_pending(PyObject *self, PyObject *args)
+bool
+llmfdw_interrupt_pending(void)
 {
 	sigset_t	blocked;
 	sigset_t	saved;
@@ -387,9 +396,54 @@ host_interrupt_pending(PyObject *self, PyObject *args)
 		InterruptPending = true;
 	}
 	check_client_connection();
-	if (InterruptPending && (QueryCancelPending || ProcDiePending || ClientConnectionLost))
-		Py_RETURN_TRUE;
-	Py_RETURN_FALSE;
+	return stop_requested();
+}
+
+/*
+ * interrupt_pending() -> bool
+ *
+ * llmfdw_interrupt_pending() for FDW code: code that waits on the network
+ * calls this every few milliseconds and, when it is true, cancels its work
+ * and raises.
+ */
+/* The backend's own thread: the one that started Python. */
+static pthread_t backend_thread;
+
+/*
+ * Whether the caller runs on the backend's thread, with a Python exception
+ * set when not.  Postgres is not thread-safe, and Python threads exist in a
+ * backend (gRPC's, the one that frees a cancelled query's objects, whose
+ * finalizers may run FDW code): every host function checks this first, so
+ * none of them ever enters Postgres from another thread.
+ */
+static bool
+on_backend_thread(void)
+{
+	if (pthread_equal(pthread_self(), backend_thread))
+		return true;
+	PyErr_SetString(PyExc_RuntimeError,
+					"llmfdw: Postgres may only be called from the backend's own thread");
+	return false;
+}
+
+static PyObject *
+host_interrupt_pending(PyObject *self, PyObject *args)
+{
+	if (!on_backend_thread())
+		return NULL;
+	return PyBool_FromLong(llmfdw_interrupt_pending());
+}
+
+/* Set multicorn.utils.QueryCanceled as the pending Python exception. */
+void
+llmfdw_set_query_canceled(void)
+{
+	PyObject   *exc = llmfdw_import_attr("multicorn.utils", "QueryCanceled");
+
+	if (exc == NULL)
+		return;					/* the import error is the pending exception */
+	PyErr_SetString(exc, "query canceled");
+	Py_DECREF(exc);
 }
 
 /*
@@ -406,6 +460,8 @@ host_statement_time_left(PyObject *self, PyObject *args)
 	long		secs;
 	int			usecs;
 
+	if (!on_backend_thread())
+		return NULL;
 	if (!get_timeout_active(STATEMENT_TIMEOUT))
 		Py_RETURN_NONE;
 	finish = get_timeout_finish_time(STATEMENT_TIMEOUT);
@@ -431,7 +487,8 @@ host_log(PyObject *self, PyObject *args)
 	MemoryContext oldcontext = CurrentMemoryContext;
 	volatile bool failed = false;
 
-	if (!PyArg_ParseTuple(args, "iO|OO", &level, &pymessage, &pyhint, &pydetail))
+	if (!on_backend_thread() ||
+		!PyArg_ParseTuple(args, "iO|OO", &level, &pymessage, &pyhint, &pydetail))
 		return NULL;
 	if (level >= ERROR)
 		level = WARNING;
@@ -489,6 +546,9 @@ host_session(PyObject *self, PyObject *args)
 	MemoryContext oldcontext = CurrentMemoryContext;
 	PyObject   *result;
 	PyObject   *pid;
+
+	if (!on_backend_thread())
+		return NULL;
 
 	/* A catalog lookup failure leaves the name empty rather than failing. */
 	PG_TRY();
@@ -635,6 +695,7 @@ llmfdw_python_init(void)
 
 	if (PyImport_AppendInittab("_llmfdw_host", init_host_module) == -1)
 		elog(ERROR, "llmfdw: could not register the _llmfdw_host module");
+	backend_thread = pthread_self();
 
 	PyConfig_InitIsolatedConfig(&config);
 	config.install_signal_handlers = 0;
@@ -758,6 +819,165 @@ py_traceback(PyObject *type, PyObject *value, PyObject *tb)
 	return result;
 }
 
+/* ---------------------------------------------------------------------
+ * Freeing a cancelled query's Python objects off the main thread
+ *
+ * A cancelled `input = ANY(<200,000 texts>)` leaves hundreds of thousands of
+ * Python objects behind (in its traceback's frames, or a half-built list);
+ * freeing them takes milliseconds of CPU, tens beside a busy sidecar, and a
+ * user's Ctrl-C would wait for that: the client has its answer only once the
+ * abort is over.  So they are kept aside until the transaction (or
+ * subtransaction) has ended, when the abort no longer needs the GIL (it
+ * closes the scan's generator), and then freed by a short-lived thread in
+ * steps, letting the GIL go between steps, while the backend answers the
+ * client.  The thread starts with every signal blocked, so it never runs
+ * Postgres's handlers; the backend never finalizes Python, so a thread still
+ * running at exit does no harm.
+ * --------------------------------------------------------------------- */
+
+/* List items freed between two GIL releases (a few hundred microseconds). */
+#define LLMFDW_FREE_STEP 4096
+
+/* Garbage set aside, freed when the (sub)transaction ends: a list, or NULL. */
+static PyObject *garbage_pile = NULL;
+
+/* Let a thread waiting for the GIL (the main one) take it. */
+static void
+yield_gil(void)
+{
+	Py_BEGIN_ALLOW_THREADS
+	Py_END_ALLOW_THREADS
+}
+
+/* Free one object: a list we alone hold from its end, a traceback frame by frame. */
+static void
+free_one_in_steps(PyObject *obj)
+{
+	if (PyList_CheckExact(obj) && Py_REFCNT(obj) == 1)
+	{
+		for (Py_ssize_t n = PyList_GET_SIZE(obj); n > 0; n -= Min(n, LLMFDW_FREE_STEP))
+		{
+			if (PyList_SetSlice(obj, n - Min(n, LLMFDW_FREE_STEP), n, NULL) < 0)
+				PyErr_Clear();
+			yield_gil();
+		}
+	}
+	else if (PyTraceBack_Check(obj))
+	{
+		for (PyTracebackObject *tb = (PyTracebackObject *) obj; tb != NULL; tb = tb->tb_next)
+		{
+			PyObject   *r = PyObject_CallMethod((PyObject *) tb->tb_frame, "clear", NULL);
+
+			Py_XDECREF(r);
+			PyErr_Clear();
+			yield_gil();
+		}
+	}
+}
+
+/* The thread: free every object of the pile (a list it owns), then the pile. */
+static void
+free_pile(void *arg)
+{
+	PyObject   *pile = arg;
+	PyGILState_STATE gil = PyGILState_Ensure();
+
+	while (PyList_GET_SIZE(pile) > 0)
+	{
+		Py_ssize_t	last = PyList_GET_SIZE(pile) - 1;
+		PyObject   *obj = Py_NewRef(PyList_GET_ITEM(pile, last));
+
+		if (PyList_SetSlice(pile, last, last + 1, NULL) < 0)
+		{
+			PyErr_Clear();
+			Py_DECREF(obj);
+			break;
+		}
+		free_one_in_steps(obj);
+		Py_DECREF(obj);
+		yield_gil();
+	}
+	Py_DECREF(pile);
+	PyGILState_Release(gil);
+}
+
+/* At the end of a (sub)transaction: hand the pile to a new thread.  Without the GIL. */
+static void
+free_garbage_pile(void)
+{
+	PyObject   *pile = garbage_pile;
+	sigset_t	all;
+	sigset_t	saved;
+	unsigned long id;
+
+	if (pile == NULL)
+		return;
+	garbage_pile = NULL;
+	if (proc_exit_inprogress)
+		return;					/* the process ends: nothing to free */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &saved);	/* the thread inherits this */
+	id = PyThread_start_new_thread(free_pile, pile);
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+	if (id == PYTHREAD_INVALID_THREAD_ID)
+	{
+		LlmfdwPyState st;
+
+		llmfdw_enter(&st);
+		Py_DECREF(pile);
+		llmfdw_leave(&st);
+	}
+}
+
+static void
+garbage_xact_callback(XactEvent event, void *arg)
+{
+	free_garbage_pile();
+}
+
+static void
+garbage_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						 SubTransactionId parentSubid, void *arg)
+{
+	if (event == SUBXACT_EVENT_ABORT_SUB || event == SUBXACT_EVENT_COMMIT_SUB)
+		free_garbage_pile();
+}
+
+/*
+ * Set garbage (steals the reference) aside, to be freed in another thread
+ * once the transaction has ended (see above); at once if that cannot be
+ * arranged.  GIL held; never raises a Postgres ERROR.
+ */
+void
+llmfdw_free_later(PyObject *garbage)
+{
+	static bool registered = false;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (garbage == NULL)
+		return;
+	if (!registered)
+	{
+		PG_TRY();
+		{
+			RegisterXactCallback(garbage_xact_callback, NULL);
+			RegisterSubXactCallback(garbage_subxact_callback, NULL);
+			registered = true;
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(cxt);
+			FlushErrorState();
+		}
+		PG_END_TRY();
+	}
+	if (registered && garbage_pile == NULL)
+		garbage_pile = PyList_New(0);
+	if (!registered || garbage_pile == NULL || PyList_Append(garbage_pile, garbage) < 0)
+		PyErr_Clear();
+	Py_DECREF(garbage);
+}
+
 /*
  * Turn the pending Python exception into a SQL ERROR.  Must be called with
  * the GIL held (inside LLMFDW_WITH_PYTHON); releases it before reporting,
@@ -789,6 +1009,7 @@ llmfdw_raise_python_error(LlmfdwPyState *st, const char *context)
 	char	   *sqlstate = NULL;
 	bool		expected = false;
 	int			code = ERRCODE_FDW_ERROR;
+	bool		stopping = stop_requested();
 
 	PyErr_Fetch(&type, &value, &tb);
 	if (type != NULL)
@@ -818,14 +1039,23 @@ llmfdw_raise_python_error(LlmfdwPyState *st, const char *context)
 			if (tname == NULL)
 				tname = pstrdup("Exception");
 			message = text && *text ? psprintf("%s: %s", tname, text) : tname;
-			traceback = py_traceback(type, value, tb);
+			/* a cancel's traceback is never shown: Postgres's own error wins */
+			traceback = stopping ? NULL : py_traceback(type, value, tb);
 		}
 		hint = py_attr_message(value, "hint");
 		sqlstate = py_attr_message(value, "sqlstate");
 	}
 	Py_XDECREF(type);
-	Py_XDECREF(value);
-	Py_XDECREF(tb);
+	if (stopping)
+	{
+		llmfdw_free_later(tb);
+		llmfdw_free_later(value);
+	}
+	else
+	{
+		Py_XDECREF(value);
+		Py_XDECREF(tb);
+	}
 
 	/* Leave Python before anything can longjmp. */
 	llmfdw_leave(st);

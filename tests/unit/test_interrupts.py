@@ -46,6 +46,13 @@ def test_splitting_a_long_list_into_parts_stops_at_a_cancel(host):
     assert host.asked == 4
 
 
+def test_the_distinct_values_of_a_long_list_stop_at_a_cancel(host):
+    """Hashing 200,000 texts takes tens of milliseconds: it goes in slices, asking in between."""
+    with pytest.raises(QueryCanceled):
+        keycolumns._distinct([f"text {i}" for i in range(100_000)])
+    assert host.asked == 4
+
+
 def test_without_a_cancel_nothing_changes(monkeypatch):
     monkeypatch.setattr(interrupts, "_host", FakeHost(after=10**9))
     values = [f"t{i % 50_000}" for i in range(100_000)]
