@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
 
 from deploy import embedded
+from roles import llm_user_role
 from sidecar_process import sample, scrape
 
 GEN_MODEL = "smollm2-135m-instruct"
@@ -28,13 +28,8 @@ ROLE = "bounded_alice"
 @pytest.fixture(scope="module")
 def alice(pg_dsn):
     """The conninfo of a plain role that may query the llm tables."""
-    with psycopg.connect(pg_dsn, autocommit=True) as c:
-        c.execute(f"CREATE ROLE {ROLE} LOGIN")
-        c.execute(f"GRANT llm_user TO {ROLE}")
-    yield make_conninfo(pg_dsn, user=ROLE)
-    with psycopg.connect(pg_dsn, autocommit=True) as c:
-        c.execute(f"DROP OWNED BY {ROLE}")
-        c.execute(f"DROP ROLE {ROLE}")
+    with llm_user_role(pg_dsn, ROLE) as conninfo:
+        yield conninfo
 
 
 def _peak_kib(pid: int) -> int:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+
+from roles import llm_user_role
 
 ROLE = "cancel_carol"
 BIG = ("SELECT count(*) FROM llm.embeddings WHERE input = ANY(ARRAY("
@@ -25,13 +26,8 @@ SMALL = "SELECT count(*) FROM llm.embeddings WHERE input = ANY(ARRAY['one', 'two
 @pytest.fixture(scope="module")
 def carol(pg_dsn):
     """The conninfo of a plain role that may query the llm tables."""
-    with psycopg.connect(pg_dsn, autocommit=True) as c:
-        c.execute(f"CREATE ROLE {ROLE} LOGIN")
-        c.execute(f"GRANT llm_user TO {ROLE}")
-    yield make_conninfo(pg_dsn, user=ROLE)
-    with psycopg.connect(pg_dsn, autocommit=True) as c:
-        c.execute(f"DROP OWNED BY {ROLE}")
-        c.execute(f"DROP ROLE {ROLE}")
+    with llm_user_role(pg_dsn, ROLE) as conninfo:
+        yield conninfo
 
 
 def test_cancels_at_every_stage_of_a_long_array_end_the_query_and_the_backend_goes_on(carol):
