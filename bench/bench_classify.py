@@ -5,9 +5,11 @@
 Throughput: `rows` reviews classified into positive/negative by
     SELECT ... FROM reviews r CROSS JOIN LATERAL llm.classify_each(r.body, ARRAY[...]) c
 (the batched nested loop: one prompt = ANY(...) request per batch of rows), against the sidecar's
-own llama.cpp engine (LlamaCppEngine) loaded in this process after the deployment is gone, given
-the very same prompts (llm.classify_prompt's text) and constraint (the labels as choices), with
-as many requests in flight as the model has slots.  The ratio is SQL rows/s over engine rows/s.
+own llama.cpp engine (LlamaCppEngine, the sidecar's settings) loaded in this process, given the
+very same prompts (llm.classify_prompt's text) and constraint (the labels as choices), with as many
+requests in flight as the model has slots.  The two alternate in --rounds rounds over disjoint rows
+(so both meet the same machine load, and no result cache answers); the ratio is SQL rows/s over
+engine rows/s over all rounds, and is also given per round.
 
 Accuracy, on bench/data/sentiment.csv (80 short reviews we wrote, 40 positive, 40 negative), of:
   classify     llm.classify_each (the template, the labels as choices: always a label);
@@ -79,83 +81,112 @@ def accuracy(conn: psycopg.Connection, data: list[tuple[str, str]]) -> dict:
     }
 
 
-def through_sql(conn: psycopg.Connection, data: list[tuple[str, str]], rows: int) -> tuple[float, list[str]]:
-    """Seconds to classify `rows` distinct reviews through SQL, and the prompts it sent."""
+def make_reviews(conn: psycopg.Connection, data: list[tuple[str, str]], rows: int) -> None:
+    """`rows` distinct reviews (so that neither side's result cache answers), and the plan check."""
     conn.execute("CREATE TABLE reviews (id int PRIMARY KEY, body text)")
     with conn.cursor().copy("COPY reviews FROM STDIN") as copy:
         for i in range(rows):
             copy.write_row((i, f"{data[i % len(data)][0]} (review {i})"))
     conn.execute("ANALYZE reviews")
-    sql = "SELECT r.id, c.label FROM reviews r CROSS JOIN LATERAL llm.classify_each(r.body, %s) c"
-    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + sql, (LABELS,)))
+    plan = "\n".join(r[0] for r in conn.execute("EXPLAIN (COSTS OFF) " + SQL, (LABELS, 0, rows)))
     assert "LLM Batched Nested Loop" in plan, plan
     print(plan)
+
+
+SQL = ("SELECT r.id, c.label FROM reviews r CROSS JOIN LATERAL llm.classify_each(r.body, %s) c "
+       "WHERE r.id >= %s AND r.id < %s")
+
+
+def through_sql(conn: psycopg.Connection, first: int, end: int) -> tuple[float, list[str]]:
+    """Seconds to classify reviews [first, end) through SQL, and the prompts it sent."""
     started = time.perf_counter()
-    got = conn.execute(sql, (LABELS,)).fetchall()
+    got = conn.execute(SQL, (LABELS, first, end)).fetchall()
     seconds = time.perf_counter() - started
-    assert len(got) == rows and all(label in LABELS for _, label in got)
-    prompts = [r[0] for r in conn.execute("SELECT llm.classify_prompt(body, %s) FROM reviews ORDER BY id", (LABELS,))]
+    assert len(got) == end - first and all(label in LABELS for _, label in got)
+    prompts = [r[0] for r in conn.execute("SELECT llm.classify_prompt(body, %s) FROM reviews "
+                                          "WHERE id >= %s AND id < %s ORDER BY id", (LABELS, first, end))]
     return seconds, prompts
 
 
-async def engine_alone(prompts: list[str]) -> float:
-    """Seconds for the sidecar's llama.cpp engine, in this process, to answer the prompts under
-    the same constraint, as many at once as the model has slots."""
-    from llm_sidecar.config import load_config
-    from llm_sidecar.engines.base import GenerateParams
-    from llm_sidecar.engines.llama_cpp import LlamaCppEngine
-    from llm_sidecar.metering import Metered
+class Engine:
+    """The sidecar's llama.cpp engine (LlamaCppEngine) in this process, with the sidecar's model
+    settings, answering prompts under the labels as choices, as many at once as it has slots."""
 
-    config = next(m for m in load_config().models if m.task == "generate")
-    engine = LlamaCppEngine(config)
-    await engine.load()
-    params = GenerateParams({"max_tokens": 128, "temperature": 0.0}, choices=tuple(LABELS))
-    slots = asyncio.Semaphore(config.parallel)
+    def __init__(self) -> None:
+        from llm_sidecar.config import load_config
+        from llm_sidecar.engines.base import GenerateParams
+        from llm_sidecar.engines.llama_cpp import LlamaCppEngine
 
-    async def one(prompt: str) -> str:
+        self.config = next(m for m in load_config().models if m.task == "generate")
+        self.engine = LlamaCppEngine(self.config)
+        self.params = GenerateParams({"max_tokens": 128, "temperature": 0.0}, choices=tuple(LABELS))
+
+    async def one(self, prompt: str, slots: asyncio.Semaphore) -> str:
+        from llm_sidecar.metering import Metered
+
         async with slots:
-            return "".join([e async for e in engine.generate(prompt, "", False, params, Metered())
+            return "".join([e async for e in self.engine.generate(prompt, "", False, self.params, Metered())
                             if isinstance(e, str)])
 
-    try:
-        await one("warm-up")
+    async def seconds(self, prompts: list[str]) -> float:
+        """Seconds to answer all the prompts."""
+        slots = asyncio.Semaphore(self.config.parallel)
         started = time.perf_counter()
-        answers = await asyncio.gather(*(one(p) for p in prompts))
-        seconds = time.perf_counter() - started
-    finally:
-        await engine.close()
-    assert all(a in LABELS for a in answers)
-    return seconds
+        answers = await asyncio.gather(*(self.one(p, slots) for p in prompts))
+        elapsed = time.perf_counter() - started
+        assert all(a in LABELS for a in answers)
+        return elapsed
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating SQL / engine rounds over disjoint rows")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "classify.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     data = labelled()
+    bounds = [args.rows * r // args.rounds for r in range(args.rounds + 1)]
     layout = scratch_layout("classify")
+    sql_s, engine_s, ratios = [], [], []
+    loop = asyncio.new_event_loop()
+    engine = Engine()
     try:
         uri = embedded.up(layout, port=embedded.free_port(), demo=False)
+        loop.run_until_complete(engine.engine.load())
+        loop.run_until_complete(engine.seconds(["warm-up"]))
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("SELECT llm.classify('warm-up', %s)", (LABELS,))
             scores = accuracy(conn, data)
-            sql_s, prompts = through_sql(conn, data, args.rows)
+            make_reviews(conn, data, args.rows)
+            # alternating rounds on disjoint rows: both sides see the same machine load
+            for first, end in zip(bounds, bounds[1:]):
+                seconds, prompts = through_sql(conn, first, end)
+                sql_s.append(seconds)
+                engine_s.append(loop.run_until_complete(engine.seconds(prompts)))
+                ratios.append(engine_s[-1] / sql_s[-1])
+                print(f"round of {end - first} rows: SQL {seconds:.1f} s, engine {engine_s[-1]:.1f} s, "
+                      f"SQL / engine {ratios[-1]:.2f}")
     finally:
+        loop.run_until_complete(engine.engine.close())
+        loop.close()
         remove(layout)
-    engine_s = asyncio.run(engine_alone(prompts))
+    sql_total, engine_total = sum(sql_s), sum(engine_s)
     results = {
-        "rows": args.rows, "labels": LABELS, "data": str(DATA.relative_to(REPO)),
-        "sql": {"seconds": sql_s, "rows_per_s": args.rows / sql_s},
-        "engine": {"seconds": engine_s, "rows_per_s": args.rows / engine_s},
-        "sql_vs_engine": engine_s / sql_s,
+        "rows": args.rows, "rounds": args.rounds, "labels": LABELS, "data": str(DATA.relative_to(REPO)),
+        "sql": {"seconds": sql_total, "rows_per_s": args.rows / sql_total, "rounds_s": sql_s},
+        "engine": {"seconds": engine_total, "rows_per_s": args.rows / engine_total, "rounds_s": engine_s},
+        "sql_vs_engine": engine_total / sql_total,
+        "sql_vs_engine_by_round": ratios,
+        "load_average_after": os.getloadavg(),
         "accuracy": scores,
     }
+    sql_s, engine_s = sql_total, engine_total
     print(f"\nClassifying {args.rows} rows into {LABELS} (SmolLM2-135M, {os.cpu_count()} CPUs)")
     print(f"  SQL (llm.classify_each, batched):  {results['sql']['rows_per_s']:7.1f} rows/s  ({sql_s:.1f} s)")
     print(f"  engine called directly (choices): {results['engine']['rows_per_s']:7.1f} rows/s  ({engine_s:.1f} s)")
-    print(f"  SQL / engine: {results['sql_vs_engine']:.2f}")
+    print(f"  SQL / engine: {results['sql_vs_engine']:.2f} "
+          f"(by round: {', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"Accuracy on {scores['rows']} labelled reviews ({results['data']}):")
     print(f"  llm.classify (choices)       {scores['classify']:.1%}")
     print(f"  plain completion + parsing   {scores['plain_completion_parsed']:.1%} "
