@@ -11,17 +11,32 @@ picks the behaviour:
   typeerror  - raises TypeError, an unexpected exception
   thread     - calls each host function from a Python thread: one row per function, with what the
                call gave there (a thread must never enter Postgres: the host refuses it)
+  freed      - rows ("x", "1") and ("x", "2"), noting which thread drops the last reference to
+               the quals it was given: "backend thread" or "another thread" (the host's freeing
+               thread, fdw/src/rowsource.c); "not yet" until then
+  where_freed - one row: ("where", what the last `freed` scan noted)
 
 "The text below" is built from option `codepoints` (decimal code points, comma-separated), so a
 table in a LATIN1 database can still ask for characters that LATIN1 cannot hold.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from multicorn import ColumnDefinition, ForeignDataWrapper
 from multicorn.utils import ERROR, WARNING, log_to_postgres
+
+# where the last `freed` scan's quals were freed (module state: it outlives the scan)
+_freed = {"where": "no scan"}
+
+
+def _note_where_freed() -> None:
+    """A weakref callback: runs in the thread that drops a `freed` scan's last Qual."""
+    on_backend = threading.get_ident() == threading.main_thread().ident
+    _freed["where"] = "backend thread" if on_backend else "another thread"
 
 
 class BoundaryFdw(ForeignDataWrapper):
@@ -60,6 +75,14 @@ class BoundaryFdw(ForeignDataWrapper):
             yield {"name": "warning", "value": self.text()}
         elif self.mode == "thread":
             yield from self.from_a_thread()
+        elif self.mode == "freed":
+            _freed["where"] = "not yet"
+            for qual in quals:
+                weakref.finalize(qual, _note_where_freed)
+            yield {"name": "x", "value": "1"}
+            yield {"name": "x", "value": "2"}
+        elif self.mode == "where_freed":
+            yield {"name": "where", "value": _freed["where"]}
         elif self.mode == "typeerror":
             yield {"name": "sum", "value": sum(["a", "b"])}  # TypeError: int + str
         else:

@@ -8,9 +8,13 @@ ends in Postgres's own cancel error (57014) and leaves a backend that answers th
 correctly, also when the cancel is caught inside a transaction.  They assert no timing: the
 statement_timeout values only spread the cancel over the stages of the query (the array's
 subquery, the conversion, the FDW's Python, the calls to the sidecar).
-Everything runs as a plain role (a member of llm_user).
+Everything runs as a plain role (a member of llm_user), but for the superuser's setup of a
+server for tests/boundary_fdw.py.
 """
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -73,3 +77,48 @@ def test_a_cancel_caught_in_a_transaction_lets_it_go_on(carol):
                 RAISE NOTICE 'then %', n;
             END $$""")
         assert notices == ["caught 57014", "then 2"]
+
+
+@pytest.fixture(scope="module")
+def freed_table(pg_dsn, carol) -> Iterator[None]:
+    """freeing.freed and freeing.where_freed (tests/boundary_fdw.py), readable by the plain role."""
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("DROP SCHEMA IF EXISTS freeing CASCADE")
+        c.execute("DROP SERVER IF EXISTS freeing CASCADE")
+        c.execute("CREATE SCHEMA freeing")
+        c.execute("CREATE SERVER freeing FOREIGN DATA WRAPPER llmfdw OPTIONS (wrapper 'boundary_fdw.BoundaryFdw')")
+        for mode in ("freed", "where_freed"):
+            c.execute(f"CREATE FOREIGN TABLE freeing.{mode} (name text, value text) "
+                      f"SERVER freeing OPTIONS (mode '{mode}')")
+        c.execute(f"GRANT USAGE ON SCHEMA freeing TO {ROLE}")
+        c.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA freeing TO {ROLE}")
+    yield
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        c.execute("DROP SCHEMA freeing CASCADE")
+        c.execute("DROP SERVER freeing CASCADE")
+
+
+def where_freed(c: psycopg.Connection) -> str:
+    """Where the last freeing.freed scan's quals were freed, once they are (the freeing thread
+    runs after the transaction, beside the backend: this waits for it, asserting no time)."""
+    for _ in range(400):
+        where = c.execute("SELECT value FROM freeing.where_freed").fetchone()[0]
+        if where != "not yet":
+            return where
+        time.sleep(0.05)
+    return where
+
+
+def test_an_aborted_scan_frees_its_quals_off_the_backend_thread(carol, freed_table):
+    """Postgres fails between two rows: the abort closes the generator on the backend's thread
+    (its finally blocks cancel its calls there) but leaves its quals, which for `input =
+    ANY(<200,000 texts>)` took milliseconds to free, to the freeing thread.  A scan that ends
+    normally frees them at once, on the backend's thread."""
+    scan = "SELECT {} FROM freeing.freed WHERE name = ANY(ARRAY['x', 'y'])"
+    with psycopg.connect(carol, autocommit=True) as c:
+        assert c.execute(scan.format("count(*)")).fetchone() == (2,)
+        assert where_freed(c) == "backend thread"
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            c.execute(scan.format("1 / (value::int - 2)"))   # fails on the second row
+        assert where_freed(c) == "another thread"
+        assert c.execute(scan.format("count(*)")).fetchone() == (2,)   # and the backend goes on

@@ -197,6 +197,7 @@ typedef struct LlmfdwRowSource
 {
 	PyObject   *instance;		/* the table's FDW class instance */
 	PyObject   *iterator;		/* execute()'s rows; NULL when none runs */
+	PyObject   *quals;			/* the quals execute() was given, while it runs */
 	LlmfdwColumn *columns;
 	int			natts;
 	Bitmapset  *needed;			/* attnos the query reads */

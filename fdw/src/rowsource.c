@@ -24,6 +24,13 @@
  * An aborted query never reaches EndForeignScan (Multicorn leaks its
  * generator then, #140); a callback on the query's memory context always
  * runs, so the generator is closed and its gRPC call cancelled.
+ *
+ * The row source holds the quals execute() was given.  When the scan ends
+ * normally they are dropped with the generator; when it is aborted (a
+ * cancel), closing the generator on the backend's thread still runs its
+ * finally blocks, but the quals, which hold the values of `input =
+ * ANY(<200,000 texts>)`, are handed to llmfdw_free_later: freeing them took
+ * milliseconds of the backend's time that the cancelled client waited for.
  * --------------------------------------------------------------------- */
 
 /* Close the generators among objs and drop every reference; takes the GIL. */
@@ -52,10 +59,50 @@ llmfdw_release_python(PyObject **objs, int n)
 	llmfdw_leave(&st);
 }
 
+/*
+ * Set quals (a new reference, which this steals) aside for
+ * llmfdw_free_later.  A list-valued Qual's list goes in an entry of its own,
+ * before the quals: the freeing thread takes the quals first, so the list is
+ * then its alone and is freed in steps that let the GIL go.  The quals and
+ * their values are objects the host made (Qual, lists, str, numbers): no
+ * finalizer of theirs needs the backend's thread (one that an execute()
+ * hung on them runs in the freeing thread, where the host refuses calls).
+ */
+static void
+free_quals_later(PyObject *quals)
+{
+	if (PyList_CheckExact(quals))
+	{
+		for (Py_ssize_t i = 0; i < PyList_GET_SIZE(quals); i++)
+		{
+			PyObject   *value = PyObject_GetAttrString(PyList_GET_ITEM(quals, i),
+													   "value");
+
+			if (value != NULL && PyList_CheckExact(value))
+				llmfdw_free_later(value);
+			else
+				Py_XDECREF(value);
+			PyErr_Clear();
+		}
+	}
+	llmfdw_free_later(quals);
+}
+
+/* The query's memory context goes (an abort, or the end of a query). */
 static void
 rowsource_cleanup(void *arg)
 {
-	llmfdw_rowsource_release((LlmfdwRowSource *) arg);
+	LlmfdwRowSource *src = arg;
+	LlmfdwPyState st;
+	PyObject   *quals = src->quals;
+
+	src->quals = NULL;
+	llmfdw_rowsource_release(src);
+	if (quals == NULL)
+		return;
+	llmfdw_enter(&st);
+	free_quals_later(quals);
+	llmfdw_leave(&st);
 }
 
 /*
@@ -74,6 +121,7 @@ llmfdw_rowsource_init(LlmfdwRowSource *src, Oid foreigntableid, TupleDesc desc,
 	src->row.nulls = palloc0(sizeof(bool) * src->natts);
 	src->row.binary = palloc0(sizeof(bool) * src->natts);
 	src->iterator = NULL;
+	src->quals = NULL;
 	src->instance = llmfdw_get_instance(foreigntableid);
 	src->cleanup.func = rowsource_cleanup;
 	src->cleanup.arg = src;
@@ -83,8 +131,9 @@ llmfdw_rowsource_init(LlmfdwRowSource *src, Oid foreigntableid, TupleDesc desc,
 /*
  * Call execute(quals, columns, **kwargs) (kwargs may be NULL) and keep the
  * iterator it returns.  False when it returns None: no rows.  GIL held
- * through st; a Python error becomes a Postgres ERROR.  Consumes quals and
- * kwargs, so that no reference is left behind when the ERROR unwinds.
+ * through st; a Python error becomes a Postgres ERROR.  Consumes quals (the
+ * row source keeps them until the next stop or release) and kwargs, so that
+ * no reference is left behind when the ERROR unwinds.
  */
 bool
 llmfdw_rowsource_start(LlmfdwRowSource *src, LlmfdwPyState *st, PyObject *quals,
@@ -95,7 +144,7 @@ llmfdw_rowsource_start(LlmfdwRowSource *src, LlmfdwPyState *st, PyObject *quals,
 	PyObject   *meth = args ? PyObject_GetAttrString(src->instance, "execute") : NULL;
 	PyObject   *result = meth ? PyObject_Call(meth, args, kwargs) : NULL;
 
-	Py_DECREF(quals);
+	Py_XSETREF(src->quals, quals);
 	Py_XDECREF(kwargs);
 	Py_XDECREF(cols);
 	Py_XDECREF(args);
@@ -169,20 +218,28 @@ llmfdw_rowsource_store(LlmfdwRowSource *src, TupleTableSlot *slot)
 	llmfdw_strings_to_slot(slot, src->columns, &src->row);
 }
 
-/* Drop the running execute(), if any: closing its generator cancels its calls. */
+/*
+ * Drop the running execute(), if any: closing its generator cancels its
+ * calls.  Its quals go after it, when nothing of it can use them any more.
+ */
 void
 llmfdw_rowsource_stop(LlmfdwRowSource *src)
 {
-	llmfdw_release_python(&src->iterator, 1);
+	PyObject   *objs[2] = {src->iterator, src->quals};
+
+	src->iterator = NULL;
+	src->quals = NULL;
+	llmfdw_release_python(objs, 2);
 }
 
 /* Drop every Python object of the row source (the end of the scan). */
 void
 llmfdw_rowsource_release(LlmfdwRowSource *src)
 {
-	PyObject   *objs[2] = {src->iterator, src->instance};
+	PyObject   *objs[3] = {src->iterator, src->quals, src->instance};
 
 	src->iterator = NULL;
+	src->quals = NULL;
 	src->instance = NULL;
-	llmfdw_release_python(objs, 2);
+	llmfdw_release_python(objs, 3);
 }
