@@ -25,7 +25,7 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import corpus, remove, save, scratch_layout  # noqa: E402
+from bench.common import corpus, remove, save, scratch_layout, status_mib  # noqa: E402
 from deploy import embedded  # noqa: E402
 
 UPDATE = ("UPDATE big t SET embedding = e.embedding FROM llm.embeddings e "
@@ -33,10 +33,8 @@ UPDATE = ("UPDATE big t SET embedding = e.embedding FROM llm.embeddings e "
 
 
 def rss_anon_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no RssAnon for {pid}")
+    """The private memory of `pid` (not the shared buffers it touches), in MiB."""
+    return status_mib(pid, "RssAnon")
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ import psycopg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import corpus, save  # noqa: E402
+from bench.common import corpus, save, status_mib  # noqa: E402
 from deploy import embedded  # noqa: E402
 
 GEN = "smollm2-135m-instruct"
@@ -73,13 +73,6 @@ def metrics(port: int) -> dict[str, float]:
             if s.name.startswith("llmfdw_cache"):
                 out[s.name] = out.get(s.name, 0.0) + s.value
     return out
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def timed(conn: psycopg.Connection, sql: str) -> tuple[float, int]:
@@ -123,7 +116,7 @@ def run(args: argparse.Namespace, state: Path) -> dict:
             cached = [timed(conn, CLASSIFY.format(extra=""))[0] for _ in range(3)]
             all_hits = hits(conn) - before == 3 * args.rows
             off, _ = timed(conn, CLASSIFY.format(extra="AND cache = false"))
-            rss_before = rss_mb(sidecar.pid)
+            rss_before = status_mib(sidecar.pid, "VmRSS")
             texts = corpus(args.flood)
             embedded_n = conn.execute("SELECT count(*) FROM llm.embeddings WHERE input = ANY(%s)",
                                       (texts,)).fetchone()[0]
@@ -140,7 +133,7 @@ def run(args: argparse.Namespace, state: Path) -> dict:
                       "evictions": int(m.get("llmfdw_cache_evictions_total", -1)),
                       "held_within_bound": 0 < m.get("llmfdw_cache_bytes", -1) <= bound,
                       "sidecar_rss_mb_before_flood": round(rss_before, 1),
-                      "sidecar_rss_mb_after_flood": round(rss_mb(sidecar.pid), 1)},
+                      "sidecar_rss_mb_after_flood": round(status_mib(sidecar.pid, "VmRSS"), 1)},
         }
     finally:
         if server is not None:

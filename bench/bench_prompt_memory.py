@@ -25,18 +25,10 @@ from psycopg.conninfo import make_conninfo
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import remove, save, scratch_layout  # noqa: E402
+from bench.common import remove, save, scratch_layout, status_mib  # noqa: E402
 from deploy import embedded  # noqa: E402
 
 ROLE = "bench_prompts"
-
-
-def peak_mib(pid: int) -> float:
-    """The process's peak resident memory (VmHWM), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
 def main() -> int:
@@ -55,7 +47,7 @@ def main() -> int:
         with psycopg.connect(make_conninfo(uri, user=ROLE, password=password), autocommit=True) as c:
             pid = c.info.backend_pid
             c.execute("SELECT completion FROM llm.completions WHERE prompt = 'Say hi.' AND max_tokens = 1").fetchall()
-            before = peak_mib(pid)
+            before = status_mib(pid, "VmHWM")
             c.execute(f"SET statement_timeout = '{args.timeout}'")
             try:
                 c.execute("SELECT count(*) FROM llm.completions WHERE prompt = ANY(ARRAY(SELECT 'p' || g "
@@ -63,7 +55,7 @@ def main() -> int:
                 ended = "finished"
             except psycopg.errors.QueryCanceled:
                 ended = "cancelled by statement_timeout"
-            after = peak_mib(pid)
+            after = status_mib(pid, "VmHWM")
     finally:
         remove(layout)
     results = {"prompts": args.prompts, "statement_timeout": args.timeout, "ended": ended,

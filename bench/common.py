@@ -20,6 +20,14 @@ def corpus(n: int) -> list[str]:
             for i in range(n)]
 
 
+def status_mib(pid: int, field: str) -> float:
+    """One memory field of /proc/<pid>/status (VmHWM, VmRSS, RssAnon, ...) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
 def save(results: dict, out: str) -> None:
     """Write results (with the machine they ran on) as JSON, and say where."""
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}

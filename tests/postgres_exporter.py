@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from http_process import serving  # tests/http_process.py
 
 EXPORTER = shutil.which("prometheus-postgres-exporter") or "/usr/bin/prometheus-postgres-exporter"
 QUERIES = Path(__file__).resolve().parents[1] / "dashboards" / "postgres_exporter_queries.yaml"
@@ -29,34 +29,11 @@ def running(dsn: str, databases: list[str], port: int, log_path: Path) -> Iterat
         raise RuntimeError("prometheus-postgres-exporter is not installed: run `make postgres-exporter` "
                            "(apt-get install prometheus-postgres-exporter)")
     env = {"PATH": os.environ.get("PATH", "/usr/bin"), "DATA_SOURCE_NAME": dsn}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([EXPORTER, f"--extend.query-path={QUERIES}", "--auto-discover-databases",
-                                 f"--include-databases={','.join(databases)}", "--no-collector.bgwriter",
-                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/metrics"
-        try:
-            _wait_listening(proc, url, log_path)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_listening(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, log_path.read_text()
-        try:
-            urllib.request.urlopen(url, timeout=10).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"the exporter did not listen: {log_path.read_text()}"
-            time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}/metrics"
+    with serving([EXPORTER, f"--extend.query-path={QUERIES}", "--auto-discover-databases",
+                  f"--include-databases={','.join(databases)}", "--no-collector.bgwriter",
+                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], url, log_path, env):
+        yield url
 
 
 def samples(url: str, name: str) -> dict[tuple[str, str], float]:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -32,6 +31,7 @@ from psycopg.conninfo import make_conninfo
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dashboards import grafana  # noqa: E402
 from deploy import embedded  # noqa: E402
+from http_process import serving  # noqa: E402 (tests/http_process.py)
 from postgres_exporter import running  # noqa: E402 (tests/postgres_exporter.py)
 
 DASHBOARD = grafana.load("llmfdw-prometheus.json")
@@ -100,31 +100,11 @@ def prometheus(tmp_path_factory, sidecar_metrics_port, sidecar_socket, vectorize
         "  - job_name: llmfdw-vectorizers\n"
         f"    static_configs: [{{targets: ['127.0.0.1:{vectorizer_exporter}']}}]\n")
     port = embedded.free_port()
-    log = open(work / "prometheus.log", "wb")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (work / "prometheus.log").read_text()
-            try:
-                if urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            time.sleep(0.2)
+    with serving([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                 f"{url}/-/ready", work / "prometheus.log"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def wait_scraped(url: str, timeout: float = 30) -> None:
