@@ -181,10 +181,9 @@ def main() -> int:
         "load_average_after": os.getloadavg(),
         "accuracy": scores,
     }
-    sql_s, engine_s = sql_total, engine_total
     print(f"\nClassifying {args.rows} rows into {LABELS} (SmolLM2-135M, {os.cpu_count()} CPUs)")
-    print(f"  SQL (llm.classify_each, batched):  {results['sql']['rows_per_s']:7.1f} rows/s  ({sql_s:.1f} s)")
-    print(f"  engine called directly (choices): {results['engine']['rows_per_s']:7.1f} rows/s  ({engine_s:.1f} s)")
+    print(f"  SQL (llm.classify_each, batched):  {results['sql']['rows_per_s']:7.1f} rows/s  ({sql_total:.1f} s)")
+    print(f"  engine called directly (choices): {results['engine']['rows_per_s']:7.1f} rows/s  ({engine_total:.1f} s)")
     print(f"  SQL / engine: {results['sql_vs_engine']:.2f} "
           f"(by round: {', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"Accuracy on {scores['rows']} labelled reviews ({results['data']}):")
