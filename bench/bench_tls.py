@@ -41,7 +41,9 @@ EMBED_MODEL = "all-minilm-l6-v2"
 
 def embed_only_config(path: Path) -> Path:
     packaged = yaml.safe_load((REPO / "sidecar" / "llm_sidecar" / "models.yaml").read_text())
-    path.write_text(yaml.safe_dump({"models": [m for m in packaged["models"] if m["name"] == EMBED_MODEL]}))
+    # the result cache off: the rounds send the same texts again, and a hit is no transport cost
+    path.write_text(yaml.safe_dump({"cache": {"max_bytes": 0},
+                                    "models": [m for m in packaged["models"] if m["name"] == EMBED_MODEL]}))
     path.chmod(0o644)
     return path
 
