@@ -24,11 +24,13 @@ LLMFDW_VLLM_PYTHON), not on a GPU.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from typing import Any
 
 from llm_sidecar.engines.base import READY, RerankEngine, RerankResult, bound_torch_caches, readable_part
+from llm_sidecar.engines.compute_thread import ComputeThread
 from llm_sidecar.engines.vllm import _Vllm
 from llm_sidecar.metering import Metered
 
@@ -54,10 +56,15 @@ class CrossEncoderEngine(RerankEngine):
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        self._model = await asyncio.to_thread(CrossEncoder, self.config.path(), device="cpu")
+        threads = self.config.threads or torch.get_num_threads()
+        # loading and scoring on a thread that ends when idle (compute_thread.py says why)
+        self._compute = ComputeThread(f"{self.name}-score", functools.partial(torch.set_num_threads, threads))
+        loop = asyncio.get_running_loop()
+        self._model = await loop.run_in_executor(self._compute, functools.partial(CrossEncoder, self.config.path(),
+                                                                                  device="cpu"))
         self.context_length = int(self._model.max_length or self._model.tokenizer.model_max_length)
         self._busy = asyncio.Lock()   # one batch at a time for the whole engine
-        await asyncio.to_thread(self._score, [("warm", "up")])   # oneDNN sets up its kernels
+        await loop.run_in_executor(self._compute, self._score, [("warm", "up")])   # oneDNN sets up its kernels
         self.state = READY
 
     async def rerank(self, query: str, documents: list[str], usage: Metered) -> RerankResult:
@@ -71,7 +78,8 @@ class CrossEncoderEngine(RerankEngine):
                 if start == 0:
                     usage.queue_ns += time.monotonic_ns() - waited
                 began = time.monotonic_ns()
-                part, read = await asyncio.to_thread(self._score, pairs[start:end])
+                part, read = await asyncio.get_running_loop().run_in_executor(self._compute, self._score,
+                                                                              pairs[start:end])
                 usage.compute_ns += time.monotonic_ns() - began
             scores += part
             tokens += read

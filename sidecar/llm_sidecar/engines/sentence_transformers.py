@@ -9,7 +9,9 @@ sidecar/llm_sidecar/batching.py, shared with the vLLM engine.  This engine:
   tokenizer, safe from several threads, without the GIL);
 - runs each batch as one forward pass of the model's modules on the padded
   token ids batching.Batch.arrays() builds (no second tokenization inside
-  SentenceTransformer.encode), in a thread of its own, one batch at a time;
+  SentenceTransformer.encode), in a thread of its own, one batch at a time
+  (engines/compute_thread.py: it ends when idle, so that its OpenMP pool does
+  not slow down llama.cpp's in the same process);
 - returns the batch's vectors as one float32 array; each text's result is a
   row of it.
 
@@ -27,8 +29,8 @@ checked at load: the sidecar does not start otherwise).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import numpy as np
@@ -37,6 +39,7 @@ from llm_sidecar import metrics
 from llm_sidecar.batching import Batch, Batcher, Group, Request, TokenIds
 from llm_sidecar.chunking import TokenChunker
 from llm_sidecar.engines.base import READY, EmbeddingEngine, bound_torch_caches, check_dtype
+from llm_sidecar.engines.compute_thread import ComputeThread
 from llm_sidecar.metering import Metered
 
 
@@ -51,14 +54,16 @@ class SentenceTransformersEngine(EmbeddingEngine):
         self.dtype = check_dtype(self.name, self.config.dtype)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        # Every forward pass runs in this one thread, kept for the engine's life (one batch runs at a
-        # time): a hand-off to it costs less than one to asyncio's shared pool (bench/bench_hops.py),
-        # and torch's thread count, an OpenMP setting of the calling thread, is set there once.
+        # Loading and every forward pass run on one thread (one batch at a time): a hand-off to it
+        # costs less than one to asyncio's shared pool (bench/bench_hops.py), torch's thread count
+        # (an OpenMP setting of the calling thread) is set there, and it ends when idle, taking its
+        # OpenMP pool with it (compute_thread.py says why that matters).
         threads = self.config.threads or torch.get_num_threads()
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-forward",
-                                           initializer=torch.set_num_threads, initargs=(threads,))
+        self._compute = ComputeThread(f"{self.name}-forward", functools.partial(torch.set_num_threads, threads))
         kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if self.dtype == "bfloat16" else {}
-        self._model = await asyncio.to_thread(SentenceTransformer, self.config.path(), device="cpu", **kwargs)
+        loop = asyncio.get_running_loop()
+        self._model = await loop.run_in_executor(
+            self._compute, functools.partial(SentenceTransformer, self.config.path(), device="cpu", **kwargs))
         self._model.eval()
         self.dimensions = self._model.get_embedding_dimension()
         self.max_tokens = self.context_length = int(self._model.max_seq_length)
@@ -71,13 +76,13 @@ class SentenceTransformersEngine(EmbeddingEngine):
         warm = Request(1, Metered())
         warm.extend(self._tokenize(["warm up"]))
         batch = Batch([(warm, np.array([0]))], self.max_tokens, self._tokenize.tail)
-        await asyncio.get_running_loop().run_in_executor(self._compute, self._forward, batch)
+        await loop.run_in_executor(self._compute, self._forward, batch)
         self._worker = asyncio.create_task(self._run(), name=f"{self.name}-batcher")
         self.state = READY
 
     async def close(self) -> None:
         self._worker.cancel()
-        self._compute.shutdown(wait=False)
+        self._compute.shutdown()
 
     def embed(self, texts: list[str], usage: Metered) -> AsyncIterator[Group]:
         return self._batcher.embed(texts, usage, self._tokenize)
