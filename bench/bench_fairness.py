@@ -99,7 +99,7 @@ class Hog:
 
 
 def generation_fairness(stub: pb_grpc.InferenceStub, hog_requests: int = 16, hog_tokens: int = 2000,
-                        repeats: int = 3, slots_for_hog: int = 7) -> dict:
+                        repeats: int = 3, slots_for_hog: int = 8) -> dict:
     """B's short completion alone and beside A's hog (once A decodes on `slots_for_hog` slots)."""
     short_completion(stub, "B")   # warm-up: the first call pays for the channel
     alone = timed(lambda: short_completion(stub, "B"), repeats)

@@ -40,8 +40,8 @@ def write(tmp_path, model_extra: str = "", top: str = ""):
     (", defaults: {frequency_penalty: 2.5}", "", "models[0].defaults.frequency_penalty: must be <= 2, not 2.5"),
     (", defaults: {repetition_penalty: 0}", "", "models[0].defaults.repetition_penalty: must be > 0, not 0"),
     (", defaults: {tempreature: 0.5}", "", "models[0].defaults: unknown keys ['tempreature']"),
-    (", parallel: 8, session_reserve: 8", "",
-     "models[0].session_reserve: must be in [0, parallel - 1] = [0, 7], not 8"),
+    (", parallel: 8, session_reserve: 9", "",
+     "models[0].session_reserve: must be in [0, parallel] = [0, 8], not 9"),
     (', session_reserve: "1"', "", "models[0].session_reserve: must be an integer, not '1' (remove the quotes)"),
     (", parallel: true", "", "models[0].parallel: must be an integer, not True"),
     (", batch_wait_ms: -1", "", "models[0].batch_wait_ms: must be >= 0, not -1"),
@@ -59,7 +59,7 @@ def test_config_values_of_the_wrong_type_or_range_fail_naming_the_key(tmp_path, 
 def test_config_defaults_reserve_and_input_limit(tmp_path):
     config = load_config(write(tmp_path, ", parallel: 8"))
     assert config.max_input_bytes == LIMIT and config.models[0].reserve() == 1
-    assert load_config(write(tmp_path, ", parallel: 1")).models[0].reserve() == 0
+    assert load_config(write(tmp_path, ", parallel: 1")).models[0].slots() == 2
     assert load_config(write(tmp_path, ", parallel: 32")).models[0].reserve() == 4
     assert load_config(write(tmp_path, ", parallel: 8, session_reserve: 0")).models[0].reserve() == 0
 

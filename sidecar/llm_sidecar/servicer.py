@@ -192,8 +192,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.engines = engines
         self.config = config
         self.on_engine_failure = on_engine_failure
-        # a generation model runs `parallel` requests at once; the embedding batcher takes all
-        self.admission = Admission({name: e.config.parallel if e.config.task == "generate" else None
+        # a generation model runs slots() requests at once (`parallel` per session); the embedding
+        # batcher takes all
+        self.admission = Admission({name: e.config.slots() if e.config.task == "generate" else None
                                     for name, e in engines.items()},
                                    {name: e.config.reserve() for name, e in engines.items()})
         self.book = UsageBook()

@@ -26,11 +26,12 @@ more than one slot anyway.
 Running generations cannot be preempted, so fairness on hand-out alone
 would let one session that arrives first with `prompt = ANY(16 prompts)`
 fill every slot and make the next session wait for a whole long answer.  So
-one session may hold at most `parallel - session_reserve` slots of a model
-(at least 1; session_reserve defaults to max(1, parallel // 8), 0 when
-parallel is 1, see config.py): a newcomer always finds a free slot at once,
-and as the hog's answers finish, its freed slots go to sessions holding
-fewer.  The time spent waiting here is the request's queue time.
+the engine has `session_reserve` slots beyond the model's `parallel` (default
+max(1, parallel // 8), see config.py) and one session may hold at most
+`parallel` of them: a newcomer always finds a free slot at once, and as the
+hog's answers finish, its freed slots go to sessions holding fewer.  The
+reserve is added, not carved out, so one session alone still runs `parallel`
+sequences at once.  The time spent waiting here is the request's queue time.
 """
 from __future__ import annotations
 

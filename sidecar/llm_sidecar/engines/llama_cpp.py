@@ -97,8 +97,8 @@ class LlamaCppEngine(GenerationEngine):
         cfg = self.config
         params = xllamacpp.CommonParams()
         params.model.path = cfg.path()
-        params.n_parallel = cfg.parallel
-        params.n_ctx = cfg.context_length * cfg.parallel   # each slot gets context_length
+        params.n_parallel = cfg.slots()
+        params.n_ctx = cfg.context_length * cfg.slots()   # each slot gets context_length
         threads = cfg.threads or os.cpu_count() or 1
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
@@ -118,7 +118,7 @@ class LlamaCppEngine(GenerationEngine):
             shutil.rmtree(self._http_dir, ignore_errors=True)
             raise
         # One thread per in-flight request; the slots bound real concurrency.
-        self._pool = ThreadPoolExecutor(max_workers=max(8, cfg.parallel * 8), thread_name_prefix=cfg.name)
+        self._pool = ThreadPoolExecutor(max_workers=max(8, cfg.slots() * 8), thread_name_prefix=cfg.name)
         self.state = READY
 
     async def close(self) -> None:

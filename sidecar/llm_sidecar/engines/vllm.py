@@ -158,7 +158,7 @@ class VllmGenerationEngine(_Vllm, GenerationEngine):
     engine_name = "vllm"
 
     async def load(self) -> None:
-        await self._start(max_num_seqs=self.config.parallel, max_model_len=self.config.context_length)
+        await self._start(max_num_seqs=self.config.slots(), max_model_len=self.config.context_length)
         self._tokenizer = self._llm.get_tokenizer()
         self.state = READY
 
