@@ -192,6 +192,12 @@ bench-vectorizer: install
 bench-classify: install
 	$(PY) bench/bench_classify.py
 
+# One-text embeddings in a process with and without llama.cpp (why llama.cpp runs in a process of
+# its own: torch and llama.cpp share libgomp): bench/results/openmp.json
+.PHONY: bench-openmp
+bench-openmp: install
+	$(PY) bench/bench_openmp.py
+
 # Cancel latency under 0-14 loading sessions (median, p90, p99, max): bench/results/cancel.json
 bench-cancel: install
 	$(PY) bench/bench_cancel.py

@@ -26,8 +26,10 @@ import argparse
 import asyncio
 import csv
 import os
+import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -111,8 +113,9 @@ def through_sql(conn: psycopg.Connection, first: int, end: int) -> tuple[float, 
 
 
 class Engine:
-    """The sidecar's llama.cpp engine (LlamaCppEngine) in this process, with the sidecar's model
-    settings, answering prompts under the labels as choices, as many at once as it has slots."""
+    """llama.cpp's server (xllamacpp) in this process, built as the sidecar's engine builds it
+    (LlamaCppEngine.settings, llama_worker's own constructor), given the request body the
+    sidecar's engine sends (the labels as choices), as many at once as one session may run."""
 
     def __init__(self) -> None:
         from llm_sidecar.config import load_config
@@ -122,13 +125,30 @@ class Engine:
         self.config = next(m for m in load_config().models if m.task == "generate")
         self.engine = LlamaCppEngine(self.config)
         self.params = GenerateParams({"max_tokens": 128, "temperature": 0.0}, choices=tuple(LABELS))
+        self.server = None
+        self.directory = ""
+
+    def load(self) -> None:
+        from llm_sidecar.engines.llama_worker import _server
+
+        self.server, self.directory = _server(self.engine.settings())
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def answer(self, prompt: str) -> str:
+        kind, body = self.engine._request(prompt, "", False, self.params)
+        parts: list[str] = []
+
+        def on_chunk(chunk: dict) -> bool:
+            parts.extend((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices", ()))
+            return False
+        self.server.handle_chat_completions(body, on_chunk)
+        return "".join(parts)
 
     async def one(self, prompt: str, slots: asyncio.Semaphore) -> str:
-        from llm_sidecar.metering import Metered
-
         async with slots:
-            return "".join([e async for e in self.engine.generate(prompt, "", False, self.params, Metered())
-                            if isinstance(e, str)])
+            return await asyncio.to_thread(self.answer, prompt)
 
     async def seconds(self, prompts: list[str]) -> float:
         """Seconds to answer all the prompts."""
@@ -152,10 +172,11 @@ def main() -> int:
     layout = scratch_layout("classify")
     sql_s, engine_s, ratios = [], [], []
     loop = asyncio.new_event_loop()
+    loop.set_default_executor(ThreadPoolExecutor(32))   # asyncio's default has 6 threads on 2 CPUs
     engine = Engine()
     try:
         uri = embedded.up(layout, port=embedded.free_port(), demo=False)
-        loop.run_until_complete(engine.engine.load())
+        engine.load()
         loop.run_until_complete(engine.seconds(["warm-up"]))
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("SELECT llm.classify('warm-up', %s)", (LABELS,))
@@ -173,7 +194,7 @@ def main() -> int:
                 print(f"round of {end - first} rows: SQL {seconds:.1f} s, engine {engine_s[-1]:.1f} s, "
                       f"SQL / engine {ratios[-1]:.2f}")
     finally:
-        loop.run_until_complete(engine.engine.close())
+        engine.close()
         loop.close()
         remove(layout)
     sql_total, engine_total = sum(sql_s), sum(engine_s)

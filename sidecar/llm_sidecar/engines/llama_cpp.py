@@ -1,12 +1,14 @@
 """Generation on GGUF models on the CPU, with llama.cpp's own server loop.
 
-xllamacpp runs llama.cpp's server in-process: `parallel` slots decode
+xllamacpp runs llama.cpp's server, here in a child process of the sidecar
+(engines/llama_worker.py says why: OpenMP, and crashes): its slots decode
 concurrently (continuous batching), so requests from different Postgres
 sessions share decoding steps and a long answer never blocks a short one.
 
-Each request runs in a worker thread blocked in handle_chat_completions; its
-streaming callback forwards chunks to the event loop and returns True to
-make llama.cpp drop the request, which it does when the gRPC call went away.
+Each request runs in a thread of that process blocked in
+handle_chat_completions; its streaming callback sends chunks back over the
+pipe, and returns True to make llama.cpp drop the request once the sidecar
+has said stop, which it does when the gRPC call went away.
 The sidecar's admission never hands llama.cpp more requests than it has
 slots, so a request starts decoding as soon as it gets here: its queue time
 is measured in admission, not hidden in llama.cpp's own task queue.
@@ -24,11 +26,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from llm_sidecar import metrics
@@ -37,6 +36,7 @@ from llm_sidecar.metering import Metered
 from llm_inference.v1.constraints import choices_grammar
 from llm_sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
+from llm_sidecar.engines.llama_worker import ChildDied, LlamaWorker
 
 _FINISH = {"stop": "stop", "length": "length"}
 # How long a cancelled request may take to leave its slot (llama.cpp checks at each token;
@@ -89,41 +89,35 @@ class LlamaCppEngine(GenerationEngine):
         if listener:  # raised by engines.build: the sidecar refuses to start, before loading anything
             raise ValueError(f"model {config.name}: engine_args {listener} would open llama.cpp's HTTP "
                              f"server; the sidecar keeps it private and serves only through gRPC")
-        self._http_dir = ""
+        self._worker: LlamaWorker | None = None
 
     async def load(self) -> None:
-        import xllamacpp
-
-        cfg = self.config
-        params = xllamacpp.CommonParams()
-        params.model.path = cfg.path()
-        params.n_parallel = cfg.slots()
-        params.n_ctx = cfg.context_length * cfg.slots()   # each slot gets context_length
-        threads = cfg.threads or os.cpu_count() or 1
-        params.cpuparams.n_threads = threads
-        params.cpuparams_batch.n_threads = threads
-        params.use_jinja = False        # llama.cpp's built-in template for the model
-        # llama.cpp keeps finished prompts' KV state in host memory for reuse, 8 GiB by default:
-        # with many distinct prompts (one sidecar for many databases) that is what a soak saw as
-        # steady growth.  Bound it; engine_args: {cache_ram_mib: N} changes it (0: off).
-        params.cache_ram_mib = PROMPT_CACHE_MIB
-        for key, value in cfg.engine_args.items():
-            setattr(params, key, value)
-        if not os.path.exists(params.model.path):
-            raise FileNotFoundError(params.model.path)
-        self._http_dir = private_listener(params)
-        try:
-            self._server = await asyncio.to_thread(xllamacpp.Server, params)
-        except Exception:   # not on cancellation: the thread may still bind there
-            shutil.rmtree(self._http_dir, ignore_errors=True)
-            raise
-        # One thread per in-flight request; the slots bound real concurrency.
-        self._pool = ThreadPoolExecutor(max_workers=max(8, cfg.slots() * 8), thread_name_prefix=cfg.name)
+        settings = self.settings()
+        if not os.path.exists(settings["model_path"]):
+            raise FileNotFoundError(settings["model_path"])
+        self._worker = LlamaWorker(settings)
+        await asyncio.to_thread(self._worker.start)
         self.state = READY
 
+    def settings(self) -> dict[str, Any]:
+        """What llama_worker builds llama.cpp's server from: the model, the threads, and
+        CommonParams fields (engine_args last: they may change any but the listener's)."""
+        cfg = self.config
+        params = {
+            "n_parallel": cfg.slots(),
+            "n_ctx": cfg.context_length * cfg.slots(),   # each slot gets context_length
+            "use_jinja": False,        # llama.cpp's built-in template for the model
+            # llama.cpp keeps finished prompts' KV state in host memory for reuse, 8 GiB by default:
+            # with many distinct prompts (one sidecar for many databases) that is what a soak saw as
+            # steady growth.  Bound it; engine_args: {cache_ram_mib: N} changes it (0: off).
+            "cache_ram_mib": PROMPT_CACHE_MIB,
+            **cfg.engine_args,
+        }
+        return {"model_path": cfg.path(), "threads": cfg.threads or os.cpu_count() or 1, "params": params}
+
     async def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self._http_dir, ignore_errors=True)   # llama.cpp leaves its socket behind
+        if self._worker is not None:
+            await asyncio.to_thread(self._worker.close)
 
     def _request(self, prompt: str, system: str, raw: bool, params: GenerateParams) -> tuple[str, dict]:
         """(which handler, the OpenAI-shaped body llama.cpp's server reads): each parameter under
@@ -148,34 +142,34 @@ class LlamaCppEngine(GenerationEngine):
         kind, body = self._request(prompt, system, raw, params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
+        left = asyncio.Event()     # the request left llama.cpp ("done")
         done = object()
         tokens = metrics.ENGINE_TOKENS.labels(self.name)
         decoded = 0
 
-        def on_chunk(chunk: Any) -> bool:
+        def route(message: tuple) -> None:   # on the worker's reader thread
             nonlocal decoded
-            if any((ch.get("delta") or {}).get("content") or ch.get("text") for ch in chunk.get("choices", ())):
-                tokens.inc()
-                decoded += 1
-            loop.call_soon_threadsafe(events.put_nowait, chunk)
-            return stop.is_set()
-
-        def run() -> None:
-            try:
-                handler = self._server.handle_chat_completions if kind == "chat" else self._server.handle_completions
-                result = handler(body, on_chunk)
-                if isinstance(result, dict) and "error" in result:
-                    loop.call_soon_threadsafe(events.put_nowait, result)
-            except ValueError as err:   # llama.cpp refused this request (std::invalid_argument)
-                loop.call_soon_threadsafe(events.put_nowait, {"error": {"message": str(err)}})
-            except Exception as err:  # the engine itself broke
-                loop.call_soon_threadsafe(events.put_nowait, EngineFailed(str(err)))
-            finally:
-                loop.call_soon_threadsafe(events.put_nowait, done)
+            what = message[0]
+            if what == "chunk":
+                chunk = message[2]
+                if any((ch.get("delta") or {}).get("content") or ch.get("text") for ch in chunk.get("choices", ())):
+                    tokens.inc()
+                    decoded += 1
+                item: Any = chunk
+            elif what == "refused":   # llama.cpp refused this request (std::invalid_argument)
+                item = {"error": {"message": message[2]}}
+            elif what == "broken":    # the engine itself broke (or its process died)
+                item = EngineFailed(message[2])
+            else:
+                loop.call_soon_threadsafe(left.set)
+                item = done
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
         started = time.monotonic_ns()
-        future = loop.run_in_executor(self._pool, run)
+        try:
+            rid = self._worker.submit(kind, body, route)
+        except ChildDied as err:
+            raise EngineFailed(str(err)) from None
         finish, counts, timings = "stop", {}, {}
         completed = False
         try:
@@ -208,7 +202,13 @@ class LlamaCppEngine(GenerationEngine):
                 # The caller went away or the request failed: the next token's callback
                 # tells llama.cpp to drop it.  Wait for that (one decoding step), so the
                 # slot is free before admission hands it on, and meter what it cost.
-                stop.set()
-                await asyncio.wait({future}, timeout=STOP_WAIT_S)
+                try:
+                    self._worker.stop(rid)
+                except ChildDied:
+                    pass   # nothing left to stop
+                try:
+                    await asyncio.wait_for(left.wait(), timeout=STOP_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
                 usage.output_tokens = decoded
                 usage.compute_ns = time.monotonic_ns() - started

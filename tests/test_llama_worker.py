@@ -1,0 +1,82 @@
+"""llama.cpp runs in a child process of the sidecar (engines/llama_worker.py): found there, a
+crash of it fails the engine loudly (the call gets UNAVAILABLE, the sidecar exits 3 for its
+supervisor to restart it) instead of hanging, and it does not outlive a killed sidecar."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llm_inference.v1 import inference_pb2 as pb
+from llm_inference.v1 import inference_pb2_grpc as pb_grpc
+from sidecar_process import running_sidecar, smollm2
+
+GEN = "smollm2-135m-instruct"
+WORKER = b"llm_sidecar.engines.llama_worker"
+
+
+def workers(parent: int) -> list[int]:
+    """The llama.cpp worker processes whose parent is `parent`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(next(l for l in (entry / "status").read_text().splitlines() if l.startswith("PPid:")).split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            continue
+        if ppid == parent and WORKER in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def sidecar(run_dir, work_dir, request):
+    config = work_dir / f"worker-{request.node.name[:40]}.yaml"
+    config.write_text("models:\n" + smollm2(max_tokens=2000, parallel=2, context_length=4096))
+    config.chmod(0o644)
+    sock = run_dir / f"worker-{os.getpid()}-{len(request.node.name)}.sock"
+    with running_sidecar(str(sock), str(config), log_path=str(work_dir / "worker-sidecar.log")) as proc:
+        yield proc, sock
+
+
+def test_a_crash_of_llama_cpp_fails_the_call_and_stops_the_sidecar(sidecar):
+    proc, sock = sidecar
+    (child,) = workers(proc.pid)
+    with grpc.insecure_channel(f"unix://{sock}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        call = stub.Generate(pb.GenerateRequest(model=GEN, prompt="Write a very long story about a dragon.",
+                                                params=pb.GenerationParams(max_tokens=2000)), timeout=60)
+        next(call)                         # it is generating
+        os.kill(child, signal.SIGKILL)     # as a segfault inside llama.cpp would end it
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in call:
+                pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in err.value.details()
+    assert proc.wait(timeout=60) == 3      # NOT_SERVING, then exit: the supervisor restarts it
+
+
+def test_the_worker_does_not_outlive_a_killed_sidecar(sidecar):
+    proc, _ = sidecar
+    (child,) = workers(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert gone(child, 10), "llama.cpp's process outlived the sidecar"
