@@ -19,27 +19,35 @@ A restarted call is recomputed from scratch, so no result is given twice.
 """
 from __future__ import annotations
 
+import collections
 import heapq
 import json
+import os
 import queue
 import re
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
+from llm_tables import interrupts
 from llm_tables.errors import (INVALID_PARAMETER_VALUE, PROGRAM_LIMIT_EXCEEDED, LlmError, QueryCanceled,
                                 error_from_rpc, mark_of)
 from llm_tables.tls import TlsSettings
 from llm_inference.v1 import inference_pb2 as pb
 from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
-# How often a waiting call asks Postgres whether to stop: a cancel waits half of it on average.
-# A check costs about a microsecond; 200 a second is nothing beside the wait itself.
+# How often a waiting call asks Postgres whether to stop where it must poll (under a real
+# Multicorn2): a cancel waits half of it on average.  Inside the llmfdw host a waiting backend
+# sleeps in Postgres's own wait instead, woken at once by a message or a signal (_Inbox), and
+# this is only how often it also asks while messages keep coming.
 POLL_SECONDS = 0.005
+# The longest such a sleep lasts with nothing happening (a safety net: a signal wakes it).
+HOST_WAIT_SECONDS = 1.0
 # Calls one scan keeps open at once (prompt = ANY(array) runs its prompts
 # concurrently so the sidecar batches them, but not thousands at a time).
 MAX_IN_FLIGHT = 16
@@ -263,7 +271,7 @@ class SidecarClient:
         one of this scan's own calls ends, so a scan never needs more room than its tenant
         has.  While the consumer does not resume this generator (an idle cursor), a watchdog
         cancels the calls it has had nothing of yet; they are sent again when it resumes."""
-        inbox: queue.Queue = queue.Queue()
+        inbox = _Inbox()
         deadline = time.monotonic() + self._deadline()
         fresh = enumerate(requests)
         again: list[tuple[int, Any]] = []   # a heap, lowest index first: calls to send again
@@ -302,8 +310,9 @@ class SidecarClient:
                         raise QueryCanceled("query canceled")
                     next_poll = time.monotonic() + POLL_SECONDS
                 try:
-                    entry, item = inbox.get(timeout=POLL_SECONDS)
+                    entry, item = inbox.get()
                 except queue.Empty:
+                    next_poll = 0.0   # woken by a signal (or the wait ran out): ask Postgres now
                     continue
                 if opened.get(entry.index) is not entry:
                     continue   # from a call that was cancelled to be sent again
@@ -434,7 +443,48 @@ def _queue_full(err: grpc.RpcError) -> bool:
     return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and mark_of(err) == QUEUE_FULL
 
 
-def _pump(call, entry: _Open, inbox: queue.Queue) -> None:
+class _Inbox:
+    """What the gRPC threads hand the backend's thread.  Inside the llmfdw host the backend sleeps
+    in Postgres's own wait on an eventfd that put() signals (interrupts.wait_readable), so a
+    message or a signal (a cancel sets the latch) wakes it at once and nothing polls: it had woken
+    every POLL_SECONDS, 200 times a second per waiting backend.  Elsewhere, a queue polled every
+    POLL_SECONDS.  The eventfd is closed when the last thread holding the inbox lets it go (a
+    gRPC thread may still put() after the scan ended)."""
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if interrupts.can_wait() else -1
+        self._items: collections.deque = collections.deque()
+        self._queue: queue.Queue | None = None
+        if self._fd < 0:
+            self._queue = queue.Queue()
+        else:
+            weakref.finalize(self, os.close, self._fd)
+
+    def put(self, item: Any) -> None:
+        """From any thread."""
+        if self._queue is not None:
+            self._queue.put(item)
+            return
+        self._items.append(item)
+        os.eventfd_write(self._fd, 1)
+
+    def get(self) -> Any:
+        """The next item; queue.Empty when woken without one (a signal, or the wait ran out)."""
+        if self._queue is not None:
+            return self._queue.get(timeout=POLL_SECONDS)
+        if not self._items:
+            interrupts.wait_readable(self._fd, HOST_WAIT_SECONDS)
+            try:
+                os.eventfd_read(self._fd)
+            except BlockingIOError:
+                pass
+        try:
+            return self._items.popleft()
+        except IndexError:
+            raise queue.Empty from None
+
+
+def _pump(call, entry: _Open, inbox: _Inbox) -> None:
     """Move a streaming call's messages into the inbox (runs in a helper thread)."""
     try:
         for message in call:
@@ -446,7 +496,7 @@ def _pump(call, entry: _Open, inbox: queue.Queue) -> None:
     inbox.put((entry, _END))
 
 
-def _deliver_unary(inbox: queue.Queue, entry: _Open, future) -> None:
+def _deliver_unary(inbox: _Inbox, entry: _Open, future) -> None:
     if future.cancelled():
         inbox.put((entry, _END))
         return

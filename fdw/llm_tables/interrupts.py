@@ -32,6 +32,18 @@ def pending() -> bool:
     return bool(_host.interrupt_pending()) if _host is not None else False
 
 
+def can_wait() -> bool:
+    """Whether wait_readable() sleeps in Postgres's own wait (inside the llmfdw host)."""
+    return _host is not None and hasattr(_host, "wait_readable")
+
+
+def wait_readable(fd: int, seconds: float) -> bool:
+    """Sleep until fd is readable, a signal reaches the backend (a cancel, statement_timeout,
+    termination: ask pending() next), or `seconds` pass, without the GIL; whether fd is readable.
+    Only where can_wait()."""
+    return bool(_host.wait_readable(fd, max(0, int(seconds * 1000))))
+
+
 def check() -> None:
     """Raise QueryCanceled if Postgres asked the running query to stop (the host then reports
     Postgres's own error: "canceling statement due to user request", or the timeout)."""

@@ -31,7 +31,9 @@
 #include "libpq/libpq.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
 #include "storage/pmsignal.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
@@ -39,6 +41,7 @@
 #include "utils/varlena.h"
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 static bool python_ready = false;
 
@@ -434,6 +437,79 @@ host_interrupt_pending(PyObject *self, PyObject *args)
 	return PyBool_FromLong(llmfdw_interrupt_pending());
 }
 
+/*
+ * wait_readable(fd, timeout_ms) -> bool
+ *
+ * Sleep in Postgres's own wait (WaitLatchOrSocket) until fd is readable, the
+ * latch is set, or timeout_ms pass, with the GIL released and signals let
+ * through; True when fd is readable.  The client's gRPC threads make an
+ * eventfd readable when a message arrives, and every interrupt that can end
+ * the query (cancel, statement_timeout, termination, the client-connection
+ * check's timer) sets the latch, so a backend waiting on the sidecar wakes at
+ * once for either and spends nothing polling: it had woken every 5 ms to
+ * ask interrupt_pending(), 200 times a second per waiting backend.  The
+ * caller asks interrupt_pending() after every wake-up.  The wait is reported
+ * as whatever wait event the caller's fetch set (LlmfdwSidecar).
+ */
+static PyObject *
+host_wait_readable(PyObject *self, PyObject *args)
+{
+	int			fd;
+	long		timeout_ms;
+	int			rc = 0;
+	bool		failed = false;
+	uint32		outer = *my_wait_event_info;
+	uint32		event = outer ? outer : PG_WAIT_EXTENSION;
+	sigset_t	all;
+	sigset_t	saved;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (!on_backend_thread())
+		return NULL;
+	if (!PyArg_ParseTuple(args, "il", &fd, &timeout_ms))
+		return NULL;
+	if (fd < 0 || timeout_ms < 0)
+	{
+		PyErr_SetString(PyExc_ValueError, "wait_readable: fd and timeout_ms must not be negative");
+		return NULL;
+	}
+	sigfillset(&all);
+	Py_BEGIN_ALLOW_THREADS
+	pthread_sigmask(SIG_UNBLOCK, &all, &saved);
+	PG_TRY();
+	{
+		rc = WaitLatchOrSocket(MyLatch,
+							   WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT | WL_POSTMASTER_DEATH,
+							   fd, timeout_ms, event);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		FlushErrorState();
+		failed = true;
+	}
+	PG_END_TRY();
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+	Py_END_ALLOW_THREADS
+	/* WaitLatchOrSocket ended its wait event: the caller's fetch is still waiting */
+	if (outer)
+		pgstat_report_wait_start(outer);
+	if (failed)
+	{
+		PyErr_SetString(PyExc_OSError, "llmfdw: waiting for the sidecar failed");
+		return NULL;
+	}
+	if (rc & WL_LATCH_SET)
+		ResetLatch(MyLatch);
+	if (rc & WL_POSTMASTER_DEATH)
+	{
+		/* as llmfdw_interrupt_pending() does: the host's error path ends the session */
+		ProcDiePending = true;
+		InterruptPending = true;
+	}
+	return PyBool_FromLong((rc & WL_SOCKET_READABLE) != 0);
+}
+
 /* Set multicorn.utils.QueryCanceled as the pending Python exception. */
 void
 llmfdw_set_query_canceled(void)
@@ -579,6 +655,8 @@ host_session(PyObject *self, PyObject *args)
 static PyMethodDef host_methods[] = {
 	{"interrupt_pending", host_interrupt_pending, METH_NOARGS,
 	"True when Postgres wants the current query to stop."},
+	{"wait_readable", host_wait_readable, METH_VARARGS,
+	"wait_readable(fd, timeout_ms): sleep until fd is readable, a signal, or the timeout."},
 	{"statement_time_left", host_statement_time_left, METH_NOARGS,
 	"Seconds left under statement_timeout, or None."},
 	{"log", host_log, METH_VARARGS,
