@@ -13,7 +13,8 @@ until --minutes are up:
   usage      - llm.usage
   cancel     - a 500-token completion under statement_timeout 200ms (cancelled)
   error      - llm.completions without a prompt qual (refused)
-Every --sample-s seconds it reads the sidecar's VmRSS, VmHWM and thread count from
+Every --sample-s seconds it reads the sidecar's VmRSS, VmHWM and thread count (with its
+llama.cpp worker process's) from
 /proc/<pid>/status and prints one line with the queries done so far.  At the end it prints the
 curve per minute and the RSS growth in the first and second half of the run, stops everything and
 writes bench/results/soak.json.  Every loop is bounded by the deadline (and every query by a
@@ -137,15 +138,23 @@ def session(uri: str, seed: int, deadline: float, reconnect_every: int, stats: S
             time.sleep(1)
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (the sidecar's llama.cpp worker, engines/llama_worker.py)."""
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()]
+
+
 def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM in MB and the thread count of `pid`."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) / 1024
-        elif key == "Threads":
-            out[key] = int(value)
+    """VmRSS and VmHWM in MB and the thread count of `pid` and its children, summed (llama.cpp
+    runs in a child of the sidecar)."""
+    out: dict[str, float] = {}
+    for one in [pid, *children(pid)]:
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = out.get(key, 0) + int(value.split()[0]) / 1024
+            elif key == "Threads":
+                out[key] = out.get(key, 0) + int(value)
     return out
 
 
