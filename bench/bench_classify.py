@@ -129,9 +129,9 @@ class Engine:
         self.directory = ""
 
     def load(self) -> None:
-        from llm_sidecar.engines.llama_worker import _server
+        from llm_sidecar.engines.llama_worker import build_server
 
-        self.server, self.directory = _server(self.engine.settings())
+        self.server, self.directory = build_server(self.engine.settings())
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -210,20 +210,14 @@ def through_pgbouncer(uri: str, state: Path, seconds: int, connections: int) -> 
 
 def llama_direct(threads_list: tuple[int, ...], seconds: float) -> dict:
     """An 8-token greedy chat through llama.cpp itself, with the sidecar's model and parameters."""
-    import xllamacpp
-
     from llm_sidecar.config import load_config
-    from llm_sidecar.engines.llama_cpp import private_listener
+    from llm_sidecar.engines.llama_cpp import LlamaCppEngine
+    from llm_sidecar.engines.llama_worker import build_server
 
     cfg = next(m for m in load_config().models if m.task == "generate")
-    params = xllamacpp.CommonParams()
-    params.model.path = cfg.path()
-    params.n_parallel = cfg.parallel
-    params.n_ctx = cfg.context_length * cfg.parallel
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = cfg.threads or os.cpu_count() or 1
-    params.use_jinja = False
-    directory = private_listener(params)
-    server = xllamacpp.Server(params)
+    settings = LlamaCppEngine(cfg).settings()   # as the sidecar's worker builds it,
+    settings["params"].update(n_parallel=cfg.parallel, n_ctx=cfg.context_length * cfg.parallel)  # `parallel` slots
+    server, directory = build_server(settings)
 
     def chat(text: str) -> None:
         body = {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0.0,

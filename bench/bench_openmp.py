@@ -34,8 +34,8 @@ models = load_config().models
 emb = next(m for m in models if m.task == "embed")
 if beside_llama:
     from llm_sidecar.engines.llama_cpp import LlamaCppEngine
-    from llm_sidecar.engines.llama_worker import _server
-    server, directory = _server(LlamaCppEngine(next(m for m in models if m.task == "generate")).settings())
+    from llm_sidecar.engines.llama_worker import build_server
+    server, directory = build_server(LlamaCppEngine(next(m for m in models if m.task == "generate")).settings())
     server.handle_chat_completions({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                                     "stream": True}, lambda chunk: False)
     shutil.rmtree(directory, ignore_errors=True)

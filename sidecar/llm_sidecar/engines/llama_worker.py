@@ -144,7 +144,7 @@ class ChildDied(RuntimeError):
 
 # -- the child ----------------------------------------------------------------
 
-def _server(settings: dict[str, Any]) -> tuple[Any, str]:
+def build_server(settings: dict[str, Any]) -> tuple[Any, str]:
     """xllamacpp.Server from the settings LlamaCppEngine made (its CommonParams fields)."""
     import xllamacpp
 
@@ -166,7 +166,7 @@ def _server(settings: dict[str, Any]) -> tuple[Any, str]:
 def _serve(conn: Connection) -> None:
     settings = conn.recv()
     try:
-        server, directory = _server(settings)
+        server, directory = build_server(settings)
     except Exception as err:
         conn.send(("failed", f"llama.cpp could not load the model: {err}"))
         return
