@@ -346,7 +346,8 @@ def configure(pgdata: Path, *, port: int, socket_dir: Path, python_path: list[Pa
         "# Directories the llmfdw extension prepends to the backend's sys.path.\n"
         f"llmfdw.python_path = '{':'.join(map(str, python_path))}'\n"
         "# The vectorizer's background workers (fdw/src/vectorizer.c) drain the queues of database\n"
-        "# llmfdw (llmfdw.vectorizer_databases); Python starts in them, never in the postmaster.\n"
+        "# llmfdw (llmfdw.vectorizer_databases).  Preloaded, llmfdw also imports its Python modules\n"
+        "# in the postmaster (llmfdw.preload_python), so a new connection's first query skips that.\n"
         "shared_preload_libraries = 'llmfdw'\n"
     )
     conf = pgdata / "postgresql.conf"

@@ -67,6 +67,10 @@ def mc2_server(work_dir, run_dir, pg_server):
     embedded.init_cluster(pgdata)
     embedded.configure(pgdata, port=embedded.free_port(), socket_dir=run_dir,
                        python_path=[embedded.site_packages()])
+    with (pgdata / "llmfdw.conf").open("a") as conf:
+        # Multicorn2's backends must start their own interpreter, with PYTHONPATH's multicorn
+        # first; a preloaded one would have llmfdw's (multicorn.get_class says so)
+        conf.write("llmfdw.preload_python = off\n")
     python_path = [multicorn2.python_dir(), embedded.site_packages()]
     for directory in python_path:
         embedded.check_server_can_reach(directory)

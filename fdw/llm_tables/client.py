@@ -71,9 +71,22 @@ RECONNECT_BACKOFF_MS = {"initial": 100, "min": 10000, "max": 1000}
 # them instead.
 QUEUE_FULL = "queue-full"
 
-# This backend's session, for the sidecar's fairness between sessions of one tenant (each
-# backend is its own process and imports this module once).
-SESSION_ID = uuid.uuid4().hex
+_session_id = uuid.uuid4().hex
+
+
+def session_id() -> str:
+    """This backend's session, for the sidecar's fairness between sessions of one tenant."""
+    return _session_id
+
+
+def _new_session() -> None:
+    """A new id in a forked child: backends forked from a postmaster that preloaded this module
+    (llmfdw.preload_python) must not share their parent's, and so each other's, session."""
+    global _session_id
+    _session_id = uuid.uuid4().hex
+
+
+os.register_at_fork(after_in_child=_new_session)
 
 # Several sidecars behind one server: the `address` option may list targets separated by commas
 # (or be one dns:///name:port, which resolves to every address of a headless Service).  gRPC

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from multicorn import ColumnDefinition, ForeignDataWrapper, Qual, TableDefinition
 
 from llm_tables import interrupts, statements
-from llm_tables.client import SESSION_ID, CallControl, SidecarClient, new_request_id
+from llm_tables.client import CallControl, SidecarClient, new_request_id, session_id
 from llm_tables.declarations import COMPLETIONS, EMBEDDINGS, MODELS, REQUESTS, SPECS, USAGE, TableSpec
 from llm_tables.errors import INVALID_PARAMETER_VALUE, LlmError
 from llm_tables.keycolumns import KeyColumns, Range, Resolved, range_hint
@@ -72,7 +72,7 @@ def _context(options: dict[str, Any]) -> pb.RequestContext:
     database = session.get("database", "")
     return pb.RequestContext(tenant=options.get("tenant") or database, token=options.get("token", ""),
                              request_id=new_request_id(), database=database, role=session.get("role", ""),
-                             session=SESSION_ID, backend_pid=session.get("pid", 0))
+                             session=session_id(), backend_pid=session.get("pid", 0))
 
 
 class SidecarTable(ForeignDataWrapper):

@@ -165,3 +165,13 @@ class ForeignDataWrapper:
     def import_schema(cls, schema: str, srv_options: dict[str, str], options: dict[str, str],
                       restriction_type: str | None, restricts: list[str]) -> list["TableDefinition"]:
         raise NotImplementedError("This FDW does not support IMPORT FOREIGN SCHEMA")
+
+
+def get_class(name: str) -> type:
+    """What Multicorn2's C library asks its own `multicorn` package for first.  Reaching this one
+    means Multicorn2 runs in a backend whose interpreter llmfdw's postmaster started, with this
+    package first on sys.path (llmfdw.preload_python): say how to separate them."""
+    raise RuntimeError(
+        f"Multicorn2 found llmfdw's multicorn module (looking up {name!r}): llmfdw preloads Python in "
+        "this cluster's postmaster, and its backends share that interpreter. In a cluster that also "
+        "runs Multicorn2, set llmfdw.preload_python = off in postgresql.conf and restart.")

@@ -45,6 +45,9 @@
 /* GUC: directories prepended to the embedded interpreter's sys.path. */
 extern char *llmfdw_python_path;
 
+/* GUC: start Python in the postmaster when preloaded (python.c). */
+extern bool llmfdw_preload_python;
+
 /* ---- python.c ---- */
 
 /*
@@ -62,6 +65,7 @@ typedef struct LlmfdwPyState
 } LlmfdwPyState;
 
 extern void llmfdw_python_init(void);
+extern void llmfdw_python_preload(void);
 extern void llmfdw_enter(LlmfdwPyState *st);
 extern void llmfdw_leave(LlmfdwPyState *st);
 pg_noreturn extern void llmfdw_raise_python_error(LlmfdwPyState *st, const char *context);

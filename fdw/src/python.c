@@ -22,6 +22,7 @@
  */
 #include "llmfdw.h"
 
+#include <dirent.h>
 #include <pthread.h>
 #include <signal.h>
 
@@ -759,20 +760,24 @@ done:
 	return result != NULL;
 }
 
-void
-llmfdw_python_init(void)
+/*
+ * Start the interpreter on this thread and set sys.path, leaving the GIL held.
+ * Returns false, after reporting at `elevel`, when Python cannot start at all;
+ * *path_ok says whether sys.path could be set (the server log has why not).
+ */
+static bool
+start_interpreter(int elevel, bool *path_ok)
 {
 	PyConfig	config;
 	PyStatus	status;
 	char	   *rawpath;
 	List	   *dirs = NIL;
-	bool		path_ok;
-
-	if (python_ready)
-		return;
 
 	if (PyImport_AppendInittab("_llmfdw_host", init_host_module) == -1)
-		elog(ERROR, "llmfdw: could not register the _llmfdw_host module");
+	{
+		ereport(elevel, (errmsg("llmfdw: could not register the _llmfdw_host module")));
+		return false;
+	}
 	backend_thread = pthread_self();
 
 	PyConfig_InitIsolatedConfig(&config);
@@ -785,18 +790,122 @@ llmfdw_python_init(void)
 		status = Py_InitializeFromConfig(&config);
 	PyConfig_Clear(&config);
 	if (PyStatus_Exception(status))
-		ereport(ERROR,
+	{
+		ereport(elevel,
 				(errcode(ERRCODE_FDW_ERROR),
 				 errmsg("llmfdw: could not start the embedded Python interpreter: %s",
 						status.err_msg ? status.err_msg : "unknown error")));
+		return false;
+	}
 
 	/* From here on Python is up; set sys.path before any import. */
 	rawpath = pstrdup(llmfdw_python_path ? llmfdw_python_path : "");
 	if (!SplitDirectoriesString(rawpath, ':', &dirs))
 		dirs = NIL;
-	path_ok = setup_sys_path(dirs);
-	if (!path_ok)
+	*path_ok = setup_sys_path(dirs);
+	if (!*path_ok)
 		PyErr_Print();			/* to the server log */
+	return true;
+}
+
+/* Threads of this process (/proc/self/task), or -1 if it cannot be read. */
+static int
+process_threads(void)
+{
+	DIR		   *dir = opendir("/proc/self/task");
+	struct dirent *de;
+	int			n = 0;
+
+	if (dir == NULL)
+		return -1;
+	while ((de = readdir(dir)) != NULL)
+		if (de->d_name[0] != '.')
+			n++;
+	closedir(dir);
+	return n;
+}
+
+/*
+ * Preloading: with llmfdw in shared_preload_libraries and
+ * llmfdw.preload_python on, the postmaster starts the interpreter and imports
+ * the modules a first query needs (the FDW classes, their gRPC client, the
+ * proto messages: about 100 ms), so that every backend inherits them through
+ * fork instead of paying for them at its first llm.* query.
+ *
+ * Why this is safe, and the conditions it keeps:
+ *	- Importing them starts no thread (checked below: the postmaster refuses to
+ *	  start otherwise) and opens no channel: gRPC's core starts its threads and
+ *	  its fork handlers only when the first channel is made (grpc_init), which
+ *	  happens in each backend.  With GRPC_ENABLE_FORK_SUPPORT unset (the
+ *	  default) nothing of gRPC's runs at fork.
+ *	- The postmaster keeps the GIL (no other thread could want it), so a child
+ *	  starts as one forked by os.fork() does; at its first use it calls
+ *	  PyOS_AfterFork_Child, which resets the interpreter's locks and thread
+ *	  states for the new process and runs os.register_at_fork's child hooks
+ *	  (the random module reseeds; llm_tables makes its per-session id there).
+ *	- The postmaster never runs Python after this.
+ *
+ * What a backend shares with its siblings: the interpreter's pages until it
+ * writes to them (reference counts make most of what it uses its own, as
+ * without preloading), and str hashing's random key (chosen once per server
+ * start instead of once per backend).  llmfdw.python_path is read once, at
+ * server start.
+ */
+static bool python_preloaded = false;
+static pid_t preload_pid = 0;
+static bool preload_path_ok = false;
+
+static const char *const preload_modules[] = {"multicorn", "llm_tables.tables"};
+
+void
+llmfdw_python_preload(void)
+{
+	int			threads;
+
+	if (!start_interpreter(WARNING, &preload_path_ok))
+		return;					/* backends try again, and say why, at their first query */
+	python_preloaded = true;
+	preload_pid = getpid();
+	for (int i = 0; preload_path_ok && i < lengthof(preload_modules); i++)
+	{
+		PyObject   *mod = PyImport_ImportModule(preload_modules[i]);
+
+		if (mod == NULL)
+		{
+			PyErr_Print();		/* to the server log */
+			ereport(WARNING,
+					(errmsg("llmfdw: could not preload Python module \"%s\"", preload_modules[i]),
+					 errdetail("Backends import it at their first llm.* query, where the error shows again.")));
+			break;
+		}
+		Py_DECREF(mod);
+	}
+	threads = process_threads();
+	if (threads != 1)
+		ereport(FATAL,
+				(errmsg("llmfdw: preloading Python left %d threads in the postmaster", threads),
+				 errdetail("A process that forks must have one thread."),
+				 errhint("Set llmfdw.preload_python = off, or remove llmfdw from shared_preload_libraries.")));
+}
+
+void
+llmfdw_python_init(void)
+{
+	bool		path_ok;
+
+	if (python_ready)
+		return;
+
+	if (python_preloaded)
+	{
+		/* Started by llmfdw_python_preload; this thread holds the GIL. */
+		backend_thread = pthread_self();
+		if (getpid() != preload_pid)
+			PyOS_AfterFork_Child();
+		path_ok = preload_path_ok;
+	}
+	else if (!start_interpreter(ERROR, &path_ok))
+		return;					/* not reached: ERROR */
 
 	/*
 	 * Hand the GIL back: from now on every entry takes it explicitly.  The

@@ -22,9 +22,9 @@
  *	  that cannot run (an error, or -1: its sidecar is down, say) rests,
  *	  from the naptime doubling up to a minute, while the others go on.
  *
- * Python (and gRPC's threads) never start in the postmaster: _PG_init only
- * registers workers; the FDW host starts Python lazily, in the worker, at
- * its first llm.* query.  A worker killed mid-batch loses nothing: its
+ * gRPC's threads never start in the postmaster: _PG_init registers workers
+ * (and may preload Python's modules, python.c); a worker makes its channel,
+ * like any backend, at its first llm.* query.  A worker killed mid-batch loses nothing: its
  * transaction never committed, so the batch's queue entries are still there
  * and the restarted worker takes them again (bgw_restart_time for the
  * launcher; the launcher restarts the database workers).

@@ -261,3 +261,29 @@ def test_the_mark_not_the_message_decides(code, details, trailing, sqlstate, rea
     err = errors.error_from_rpc(FakeRpcError(code, details, trailing), "unix:///run/sidecar.sock")
     assert err.sqlstate == sqlstate
     assert ("not reachable" not in str(err)) == reachable
+
+
+def test_a_forked_child_gets_a_session_of_its_own():
+    """Backends forked from a postmaster that preloaded llm_tables (llmfdw.preload_python) must
+    not share their parent's session id: the sidecar's fairness is per session."""
+    import os
+
+    parent = client.session_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, client.session_id().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert child and child != parent
+    assert client.session_id() == parent
+
+
+def test_multicorn2_meeting_our_multicorn_module_is_told_what_to_set():
+    import multicorn
+
+    with pytest.raises(RuntimeError, match="llmfdw.preload_python = off"):
+        multicorn.get_class("llm_tables.tables.SidecarTables")
