@@ -16,7 +16,10 @@ dtype auto, SmolLM2 on llama.cpp) and measures, side by side in one run:
   completion     - bench/complete_8.pgbench (8 tokens, greedy) at 1 and 8 clients vs llama.cpp
                    called directly (xllamacpp.Server with the sidecar's parameters, the same
                    chat request, 1 and 8 threads, in a process without torch);
-  first query    - a new connection's first one-row embedding minus its second;
+  first query    - a new connection's first one-row embedding minus its second, with Python
+                   preloaded in the postmaster (llmfdw.preload_python, the default) and, at the
+                   end of the run after a restart, without; a backend's and the postmaster's
+                   memory in both;
   pgbouncer      - where /usr/sbin/pgbouncer is (Debian's package): the one-row embedding at 1
                    and 16 clients through it in transaction mode, and its first-query cost.
 Other processes on the machine skew the figures: the load average is recorded before and after.
@@ -162,6 +165,36 @@ def first_query(uri: str, n: int) -> dict:
             "extra_p50_ms": round(float(np.median(first) - np.median(second)), 2)}
 
 
+def backend_memory(uri: str) -> dict:
+    """After a one-row embedding: a backend's resident and private (its own, not shared with the
+    postmaster or other backends) memory, and the postmaster's resident memory, in MiB."""
+    def rollup(pid: int) -> dict:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+        kib = {k: int(v.split()[0]) for k, v in fields.items()}
+        return {"rss_mib": round(kib["Rss"] / 1024, 1),
+                "private_mib": round((kib["Private_Clean"] + kib["Private_Dirty"]) / 1024, 1)}
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("SELECT vector_dims(embedding) FROM llm.embeddings WHERE input = 'memory'").fetchall()
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        backend = rollup(pid)
+        status = Path(f"/proc/{pid}/status").read_text()
+        postmaster = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        return {"backend": backend, "postmaster_rss_mib": rollup(postmaster)["rss_mib"]}
+
+
+def without_preload(layout, uri: str, connections: int) -> dict:
+    """The first query and the memory with llmfdw.preload_python off (Python started and llm_tables
+    imported by each backend at its first query, as before preloading): Postgres restarted."""
+    port = psycopg.conninfo.conninfo_to_dict(uri)["port"]
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET llmfdw.preload_python = off")
+    embedded.stop_cluster(layout.pgdata)
+    uri = embedded.up(layout, port=int(port), demo=False)
+    with psycopg.connect(uri, autocommit=True) as conn:
+        assert conn.execute("SHOW llmfdw.preload_python").fetchone()[0] == "off"
+    return {"first_query": first_query(uri, connections), "memory": backend_memory(uri)}
+
+
 PGBOUNCER = "/usr/sbin/pgbouncer"
 
 
@@ -298,12 +331,14 @@ def main() -> int:
             "in_process_batch64_texts_per_s": round(bulk_rate, 1),
             "sql": {k: {**v, "vs_in_process": round(v["qps"] / bulk_rate, 2)} for k, v in sql_runs.items()}}
         results["first_query"] = first_query(uri, args.connections)
+        results["memory"] = backend_memory(uri)
         if os.path.exists(PGBOUNCER):
             results["pgbouncer"] = through_pgbouncer(uri, layout.state, args.seconds, args.connections)
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("SELECT completion FROM llm.completions WHERE prompt = 'Hi' AND max_tokens = 2").fetchall()
         results["completion_8_tokens"] = {"sql": {str(c): pgbench(uri, "complete_8.pgbench", c, args.seconds)
                                                   for c in (1, 8)}}
+        results["without_preload"] = without_preload(layout, uri, args.connections)   # restarts Postgres: last
     finally:
         remove(layout)
     results["completion_8_tokens"]["engine_direct"] = llama_direct_apart((1, 8), args.seconds)
@@ -333,7 +368,13 @@ def report(r: dict) -> None:
               f"{x['p99_ms']:>8.1f}{x['failed']:>8}")
     f = r["first_query"]
     print(f"\nnew connection: first query p50 {f['first']['p50_ms']} ms, second {f['second']['p50_ms']} ms, "
-          f"extra {f['extra_p50_ms']} ms")
+          f"extra {f['extra_p50_ms']} ms (Python preloaded in the postmaster)")
+    w = r["without_preload"]["first_query"]
+    print(f"{'':16}without preloading: first {w['first']['p50_ms']} ms, second {w['second']['p50_ms']} ms, "
+          f"extra {w['extra_p50_ms']} ms")
+    for name, m in (("preloaded", r["memory"]), ("not preloaded", r["without_preload"]["memory"])):
+        print(f"memory, {name}: a backend after one query {m['backend']['rss_mib']} MiB resident, "
+              f"{m['backend']['private_mib']} MiB its own; the postmaster {m['postmaster_rss_mib']} MiB resident")
     if "pgbouncer" in r:
         b = r["pgbouncer"]
         for x in b["embed"].values():

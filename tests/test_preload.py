@@ -45,7 +45,7 @@ def _threads(pid: int) -> int:
 def _postmaster_pid(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as c:
         backend = c.execute("SELECT pg_backend_pid()").fetchone()[0]
-    status = Path(f"/proc/{backend}/status").read_text()
+        status = Path(f"/proc/{backend}/status").read_text()   # while the backend lives
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
 
 
@@ -82,6 +82,32 @@ def second_cluster(work_dir, run_dir, backend_test_modules, pg_server):
                                       python_path=python_path)
     yield start, log
     embedded.stop_cluster(pgdata)
+
+
+def test_after_a_backend_crash_the_postmaster_forks_inherited_interpreters_again(second_cluster, site_and_tests):
+    import os
+    import signal
+    import time
+
+    start, _ = second_cluster
+    server = start(site_and_tests)
+    dsn = server.dsn("postgres")
+    _make_table(dsn)
+    victim = psycopg.connect(dsn, autocommit=True)
+    pid = victim.execute("SELECT pid FROM process").fetchone()[0]
+    os.kill(pid, signal.SIGKILL)   # the postmaster resets every backend and restarts them
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            rows = _first_queries(dsn, 2)
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline, "the cluster did not come back after the crash"
+            time.sleep(0.5)
+    victim.close()
+    assert [inherited for *_, inherited in rows] == [True, True]
+    assert _threads(_postmaster_pid(dsn)) == 1
+    embedded.stop_cluster(server.pgdata)
 
 
 def test_preloading_off_starts_python_in_each_backend(second_cluster, site_and_tests):
