@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,3 +81,18 @@ def test_the_worker_does_not_outlive_a_killed_sidecar(sidecar):
     proc.kill()
     proc.wait()
     assert gone(child, 10), "llama.cpp's process outlived the sidecar"
+
+
+def test_the_next_sidecar_removes_what_a_killed_one_left(sidecar, run_dir, work_dir):
+    proc, _ = sidecar
+    (child,) = workers(proc.pid)
+    (left,) = Path(tempfile.gettempdir()).glob(f"llmfdw-llama-{child}-*")   # llama.cpp's listener
+    proc.kill()
+    proc.wait()
+    assert gone(child, 10) and left.exists()   # nobody was left to remove it
+    config = work_dir / "worker-next.yaml"
+    config.write_text("models:\n" + smollm2(max_tokens=16, parallel=1, context_length=1024))
+    config.chmod(0o644)
+    with running_sidecar(str(run_dir / f"worker-next-{os.getpid()}.sock"), str(config),
+                         log_path=str(work_dir / "worker-sidecar.log")):
+        assert not left.exists()

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
+import shutil
 import tempfile
 import time
 from typing import Any, AsyncIterator
@@ -52,14 +54,44 @@ LISTENER_ARGS = ("hostnames", "port", "reuse_port", "api_keys", "endpoint_slots"
                  "endpoint_metrics", "n_threads_http", "ssl_file_cert", "ssl_file_key")
 
 
+LISTENER_PREFIX = "llmfdw-llama-"
+_LISTENER_NAME = re.compile(re.escape(LISTENER_PREFIX) + r"(\d+)-[a-z0-9_]+")
+
+
+def sweep_listeners(root: str) -> None:
+    """Remove this user's listener directories whose process is gone (SIGKILLed: a sidecar and
+    its llama.cpp worker die together), leaving every other process's alone."""
+    for entry in os.scandir(root):
+        match = _LISTENER_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != os.getuid():
+            continue
+        if not _alive(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (another user's process counts: not ours to judge); a zombie does not
+    (an orphan in a container whose first process does not reap stays one)."""
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except PermissionError:
+        return True
+    except (ProcessLookupError, FileNotFoundError, IndexError):
+        return False
+
+
 def private_listener(params: Any) -> str:
     """Confine llama.cpp's HTTP server, which xllamacpp cannot leave out, to this process's user.
 
     Upstream llama.cpp listens on a Unix socket when a host name ends in .sock; the socket sits
     in a fresh 0700 directory (mkdtemp), so no other user can connect.  A random key and closed
     slots and metrics endpoints keep it shut should that directory ever be opened.  Returns the
-    directory, for close() to remove."""
-    directory = tempfile.mkdtemp(prefix="llmfdw-llama-")
+    directory, for close() to remove.  Its name carries this process's pid, so that what a killed
+    process could not remove is removed by the next one here (sweep_listeners)."""
+    sweep_listeners(tempfile.gettempdir())
+    directory = tempfile.mkdtemp(prefix=f"{LISTENER_PREFIX}{os.getpid()}-")
     params.hostnames = [os.path.join(directory, "http.sock")]
     params.api_keys = [secrets.token_urlsafe(32)]
     params.endpoint_slots = False

@@ -90,7 +90,7 @@ class LlamaWorker:
         return rid
 
     def stop(self, rid: int) -> None:
-        if not self._dead:
+        if not self._dead and rid in self._routes:   # not for a request that is done
             self._send(("stop", rid))
 
     def _send(self, message: tuple) -> None:
@@ -172,6 +172,10 @@ def _serve(conn: Connection) -> None:
         return
     conn.send(("ready", directory))
     send_lock = threading.Lock()
+    # a stop that arrives after its request finished must leave nothing behind: both sets
+    # change only under state_lock, and only running requests can be stopped
+    state_lock = threading.Lock()
+    running: set[int] = set()
     stopped: set[int] = set()
 
     def send(message: tuple) -> None:
@@ -192,7 +196,9 @@ def _serve(conn: Connection) -> None:
         except Exception as err:  # the engine itself broke
             send(("broken", rid, str(err)))
         finally:
-            stopped.discard(rid)
+            with state_lock:
+                running.discard(rid)
+                stopped.discard(rid)
             send(("done", rid))
 
     while True:
@@ -201,9 +207,13 @@ def _serve(conn: Connection) -> None:
         except (EOFError, OSError):
             os._exit(0)   # the sidecar closed the pipe or died: llama.cpp's threads need no goodbye
         if message[0] == "generate":
+            with state_lock:
+                running.add(message[1])
             threading.Thread(target=run, args=message[1:], daemon=True).start()
         elif message[0] == "stop":
-            stopped.add(message[1])
+            with state_lock:
+                if message[1] in running:
+                    stopped.add(message[1])
 
 
 def main() -> None:
