@@ -96,3 +96,11 @@ def test_the_next_sidecar_removes_what_a_killed_one_left(sidecar, run_dir, work_
     with running_sidecar(str(run_dir / f"worker-next-{os.getpid()}.sock"), str(config),
                          log_path=str(work_dir / "worker-sidecar.log")):
         assert not left.exists()
+
+
+def test_a_worker_that_dies_while_idle_stops_the_sidecar_at_once(sidecar):
+    """Not at the next request: its supervisor restarts it before anyone is refused."""
+    proc, sock = sidecar
+    (child,) = workers(proc.pid)
+    os.kill(child, signal.SIGKILL)
+    assert proc.wait(timeout=60) == 3

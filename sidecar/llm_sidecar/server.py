@@ -161,6 +161,8 @@ class Sidecar:
             *([("grpc.max_connection_age_ms", int(max_connection_age * 1000))] if max_connection_age else []),
         ])
         self.servicer = InferenceServicer(models, config, self.engine_failed)
+        for engine in models.values():
+            engine.on_failure = self.engine_failed
         pb_grpc.add_InferenceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if tls is not None and all(unix_path(a) is not None for a in listen):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import abc
 import os
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import numpy as np
 
@@ -130,6 +130,9 @@ class Engine(abc.ABC):
         self.error = ""
         self.dimensions = 0
         self.context_length = config.context_length
+        # Set by the sidecar: called on its event loop when the engine dies between requests
+        # (a request that meets a dead engine raises EngineFailed instead)
+        self.on_failure: Callable[[EngineFailed], None] | None = None
 
     @property
     def name(self) -> str:

@@ -36,7 +36,7 @@ from llm_sidecar import metrics
 from llm_sidecar.config import ModelConfig
 from llm_sidecar.metering import Metered
 from llm_inference.v1.constraints import choices_grammar
-from llm_sidecar.engines.base import (READY, EngineFailed, GenerateFinal, GenerateParams,
+from llm_sidecar.engines.base import (FAILED, READY, EngineFailed, GenerateFinal, GenerateParams,
                                          GenerationEngine)
 from llm_sidecar.engines.llama_worker import ChildDied, LlamaWorker
 
@@ -127,9 +127,21 @@ class LlamaCppEngine(GenerationEngine):
         settings = self.settings()
         if not os.path.exists(settings["model_path"]):
             raise FileNotFoundError(settings["model_path"])
-        self._worker = LlamaWorker(settings)
+        loop = asyncio.get_running_loop()
+
+        def on_death(why: str) -> None:   # on the worker's reader thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._died, why)
+        self._worker = LlamaWorker(settings, on_death=on_death)
         await asyncio.to_thread(self._worker.start)
         self.state = READY
+
+    def _died(self, why: str) -> None:
+        """llama.cpp's process ended on its own (killed, crashed while idle): the model is failed
+        now, not at the next request, so that the sidecar stops and its supervisor restarts it."""
+        self.state, self.error = FAILED, why
+        if self.on_failure is not None:
+            self.on_failure(EngineFailed(why))
 
     def settings(self) -> dict[str, Any]:
         """What llama_worker builds llama.cpp's server from: the model, the threads, and

@@ -8,7 +8,8 @@ or a forward pass.  In one process, a one-text embedding took 16.8 ms instead of
 loaded llama.cpp (2 CPUs), and generation ran 20-40% slower beside an embedding model
 (engines/compute_thread.py).  In its own process each library has its libgomp to itself.  It
 also keeps a crash inside llama.cpp (an abort, a segfault) from taking the sidecar down: the
-engine reports EngineFailed and the sidecar goes NOT_SERVING as for any broken engine.
+engine reports EngineFailed and the sidecar goes NOT_SERVING as for any broken engine (at once
+when the child dies between requests: on_death).
 
 The protocol over a socketpair (multiprocessing.connection, pickled tuples), parent -> child:
   ("generate", rid, kind, body)  run handle_chat_completions ("chat") or handle_completions;
@@ -43,8 +44,9 @@ class LlamaWorker:
     """The sidecar's end: starts the child, sends it requests, routes what comes back to each
     request's callback (called on the reader thread), and fails them all if the child dies."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], on_death: Callable[[str], None] | None = None) -> None:
         self._settings = settings
+        self._on_death = on_death   # called on the reader thread when the child dies unasked
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
@@ -111,11 +113,14 @@ class LlamaWorker:
                     route(message)
         except (EOFError, OSError):
             code = self._proc.wait() if self._proc else None
+            asked = self._dead == "closed"
             self._dead = f"llama.cpp's process exited (status {code})"
             for rid, route in list(self._routes.items()):
                 route(("broken", rid, self._dead))
                 route(("done", rid))
             self._routes.clear()
+            if not asked and self._on_death is not None:
+                self._on_death(self._dead)
 
     def close(self) -> None:
         """Close the pipe (the child exits), then make sure it did."""
