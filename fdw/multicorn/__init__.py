@@ -7,13 +7,26 @@ ColumnDefinition objects from this module; their shapes follow Multicorn2's.
 """
 from __future__ import annotations
 
+import os
 import pkgutil
 from collections import OrderedDict, namedtuple
 from typing import Any, Iterable, Mapping
 
 # Modules written for Multicorn2's package (its testfdw.py, say, which imports ``.utils``) can sit
 # in a ``multicorn/`` directory anywhere on sys.path: it joins this package's path.
+_OWN_PATH = list(__path__)
 __path__ = pkgutil.extend_path(__path__, __name__)
+
+
+def _look_again() -> None:
+    """In a forked child: a backend that inherited this package from a postmaster that preloaded
+    it (llmfdw.preload_python) finds the ``multicorn/`` directories there are now, as a backend
+    importing it itself would, not only those of the server's start."""
+    global __path__
+    __path__ = pkgutil.extend_path(list(_OWN_PATH), __name__)
+
+
+os.register_at_fork(after_in_child=_look_again)
 
 __all__ = [
     "ANY",
