@@ -29,7 +29,6 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -302,7 +301,8 @@ class SidecarClient:
                 entry.call.add_done_callback(lambda f: _deliver_unary(inbox, entry, f))
             else:
                 entry.call = method(request, timeout=timeout)
-                _pumps().submit(_pump, entry.call, entry, inbox)
+                threading.Thread(target=_pump, args=(entry.call, entry, inbox), daemon=True,
+                                 name="llmfdw-grpc").start()
 
         def fill() -> None:
             while len(opened) < window:
@@ -495,24 +495,6 @@ class _Inbox:
             return self._items.popleft()
         except IndexError:
             raise queue.Empty from None
-
-
-_pump_pool: tuple[int, ThreadPoolExecutor] | None = None   # (pid, the pool), made at first use
-
-
-def _pumps() -> ThreadPoolExecutor:
-    """This process's threads that move streaming calls' messages into inboxes.
-
-    Reused, not started per call: Thread.start() waits until the new thread runs, a scheduler
-    round trip on every one-row query.  A thread whose call ended takes the next; a new one is
-    started only when none is idle, and the bound is far above what is ever open at once
-    (MAX_IN_FLIGHT per scan), so a call never waits for a pump while another call's messages
-    wait on it.  Made at first use in each process: never in a postmaster that preloads this
-    module (it must fork with one thread), and never inherited by a forked child."""
-    global _pump_pool
-    if _pump_pool is None or _pump_pool[0] != os.getpid():
-        _pump_pool = (os.getpid(), ThreadPoolExecutor(max_workers=1024, thread_name_prefix="llmfdw-grpc"))
-    return _pump_pool[1]
 
 
 def _pump(call, entry: _Open, inbox: _Inbox) -> None:
