@@ -175,6 +175,10 @@ def channel_for(address: str, tls: TlsSettings | None = None) -> grpc.Channel:
             ("grpc.service_config", SERVICE_CONFIG if several_sidecars(target) else SINGLE_SERVICE_CONFIG),
             ("grpc.service_config_disable_resolution", 1),   # never a config from DNS TXT records
             ("grpc.enable_retries", 1),
+            # A streaming call's messages are read by the thread that iterates it (our _pump),
+            # not handed over from a "channel spin" thread that grpc starts whenever a channel
+            # goes from no call to one, i.e. on every one-row query of a backend
+            ("SingleThreadedUnaryStream", 1),   # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream
         ]
         if tls is None:
             chan = grpc.insecure_channel(target, options=options)
