@@ -880,8 +880,8 @@ llmfdw_python_preload(void)
 		}
 		Py_DECREF(mod);
 	}
-	threads = process_threads();
-	if (threads != 1)
+	threads = process_threads();	/* -1 without /proc: nothing to check */
+	if (threads > 1)
 		ereport(FATAL,
 				(errmsg("llmfdw: preloading Python left %d threads in the postmaster", threads),
 				 errdetail("A process that forks must have one thread."),
