@@ -29,13 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deploy import embedded  # noqa: E402
-from bench.common import remove, save, scratch_layout  # noqa: E402
-from llm_sidecar.config import DEFAULT_CONFIG  # noqa: E402
+from bench.common import remove, save, scratch_layout, uncached_config, write_config  # noqa: E402
 from llm_sidecar.engines.base import cpu_bf16  # noqa: E402
 
 FP32, BF16 = "all-minilm-l6-v2", "all-minilm-l6-v2-bf16"
@@ -60,13 +58,12 @@ def texts(n: int, low: int, high: int, seed: int) -> list[str]:
 def sidecar_config(path: Path, bf16: bool) -> None:
     """The packaged config with the embedding model served in float32, and again in bfloat16, and
     the result cache off: the rounds embed the same texts again, and a hit measures no model."""
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw["cache"] = {"max_bytes": 0}
+    raw = uncached_config()
     emb = next(m for m in raw["models"] if m["task"] == "embed")
     emb.update(name=FP32, dtype="float32")
     if bf16:
         raw["models"].append({**emb, "name": BF16, "dtype": "bfloat16"})
-    path.write_text(yaml.safe_dump(raw))
+    write_config(raw, path)
 
 
 def load_table(conn: psycopg.Connection, table: str, bodies: list[str]) -> None:
@@ -137,7 +134,6 @@ def main() -> int:
     state = layout.state
     config = state / "sidecar.yaml"
     sidecar_config(config, bf16)
-    config.chmod(0o644)
     try:
         uri = embedded.up(layout, port=embedded.free_port(), config=config, demo=False)
         with psycopg.connect(uri, autocommit=True) as conn:

@@ -35,7 +35,7 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from deploy import embedded  # noqa: E402
-from bench.common import WORDS, corpus, remove, save, scratch_layout  # noqa: E402
+from bench.common import WORDS, corpus, remove, save, scratch_layout, uncached_config, write_config  # noqa: E402
 
 def engine_alone(texts: list[str], batch: int) -> float:
     from sentence_transformers import SentenceTransformer
@@ -83,21 +83,6 @@ LATERAL_FORM = ("lateral_generation",
 NODE = "LLM Batched Nested Loop"
 THINGS = ("colour fruit river city planet metal flower bird tree language instrument sport "
           "mountain ocean insect spice").split()
-
-
-def uncached_config(layout: embedded.Layout) -> Path:
-    """The packaged models with the sidecar's result cache off: the rounds embed the same texts
-    again, and a form that ran after another would otherwise be timed on cache hits."""
-    import yaml
-
-    from llm_sidecar.config import DEFAULT_CONFIG
-
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw["cache"] = {"max_bytes": 0}
-    path = layout.state / "models.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    path.chmod(0o644)
-    return path
 
 
 def mixed_corpus(n: int) -> list[str]:
@@ -194,7 +179,7 @@ def main() -> int:
     texts = corpus(args.rows)
     results: dict = {"rows": args.rows}
     try:
-        uri = embedded.up(layout, port=embedded.free_port(), config=uncached_config(layout), demo=False)
+        uri = embedded.up(layout, port=embedded.free_port(), config=write_config(uncached_config(), layout.state / "models.yaml"), demo=False)
         with psycopg.connect(uri, autocommit=True) as conn:
             conn.execute("CREATE TABLE dst (id int, body text, embedding vector(384))")
             conn.execute("SELECT count(*) FROM llm.embeddings WHERE input = 'warm-up'")

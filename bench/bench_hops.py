@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from deploy import embedded  # noqa: E402
-from bench.common import save  # noqa: E402
+from bench.common import save, uncached_config, write_config  # noqa: E402
 from bench.bench_interactive import EMBED_MODEL, EMBED_TEXT, PROMPT, load_encoder, texts  # noqa: E402
 from sidecar_process import open_to_server_user  # noqa: E402
 from llm_sidecar.engines.base import check_dtype  # noqa: E402
@@ -180,19 +180,14 @@ def in_process(model, text: str) -> tuple[float, float]:
 
 def run(variants: dict[str, str | None], calls: int, dtype: str) -> dict:
     import grpc
-    import yaml
 
-    from llm_sidecar.config import DEFAULT_CONFIG
     from llm_inference.v1 import inference_pb2 as pb
     from llm_inference.v1 import inference_pb2_grpc as pb_grpc
 
     model = load_encoder(dtype)
     work = Path(tempfile.mkdtemp(prefix="llmfdw-hops-", dir="/tmp"))
     work.chmod(0o755)
-    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    config["cache"] = {"max_bytes": 0}   # every call reaches the engine
-    (work / "models.yaml").write_text(yaml.safe_dump(config))
-    (work / "models.yaml").chmod(0o644)
+    write_config(uncached_config(), work / "models.yaml")   # every call reaches the engine
     samples = {v: {"embed": [], "generate": []} for v in variants}
     local: dict[str, list[float]] = {"encode": [], "forward": []}
     with ExitStack() as stack:

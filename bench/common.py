@@ -48,3 +48,24 @@ def remove(layout: embedded.Layout) -> None:
     """Stop what a scratch layout started and delete its files."""
     embedded.down(layout)
     shutil.rmtree(layout.state, ignore_errors=True)
+
+
+def uncached_config() -> dict:
+    """The packaged models file with the sidecar's result cache off: a benchmark that sends the
+    same inputs again (rounds, interleaved ways) must reach the engine every time, not the cache."""
+    import yaml
+
+    from llm_sidecar.config import DEFAULT_CONFIG
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["cache"] = {"max_bytes": 0}
+    return raw
+
+
+def write_config(raw: dict, path: Path) -> Path:
+    """`raw` as a models file that the sidecar (the server OS user) can read."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    path.chmod(0o644)
+    return path
