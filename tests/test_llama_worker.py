@@ -1,6 +1,7 @@
 """llama.cpp runs in a child process of the sidecar (engines/llama_worker.py): found there, a
-crash of it fails the engine loudly (the call gets UNAVAILABLE, the sidecar exits 3 for its
-supervisor to restart it) instead of hanging, and it does not outlive a killed sidecar."""
+crash of it fails the calls it was running loudly (UNAVAILABLE, marked "restarting") instead of
+hanging, a new process takes over while the sidecar stays up, a crash loop stops the sidecar
+(exit 3, for its supervisor), and the process does not outlive a killed sidecar."""
 from __future__ import annotations
 
 import os
@@ -59,7 +60,38 @@ def sidecar(run_dir, work_dir, request):
         yield proc, sock
 
 
-def test_a_crash_of_llama_cpp_fails_the_call_and_stops_the_sidecar(sidecar):
+def new_worker(proc, old: int, timeout: float = 60) -> int:
+    """The llama.cpp process that replaced `old`, once there is one."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = [pid for pid in workers(proc.pid) if pid != old]
+        if found:
+            return found[0]
+        assert proc.poll() is None, f"the sidecar exited ({proc.returncode}) instead of restarting llama.cpp"
+        time.sleep(0.05)
+    raise AssertionError("no new llama.cpp process")
+
+
+def model_state(stub) -> tuple[int, str]:
+    (info,) = [m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models if m.name == GEN]
+    return info.state, info.error
+
+
+def generates(stub, timeout: float = 60) -> str:
+    """A short answer, once the model takes requests again (UNAVAILABLE "loading" until then)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return "".join(r.delta for r in stub.Generate(pb.GenerateRequest(
+                model=GEN, prompt="Say hi.", params=pb.GenerationParams(max_tokens=4, temperature=0)), timeout=60))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE and "starting again" in err.details(), err
+            assert dict(err.trailing_metadata())["llmfdw-unavailable"] == "loading"
+            assert time.monotonic() < end, "the model did not come back"
+            time.sleep(0.1)
+
+
+def test_a_crash_of_llama_cpp_fails_its_call_and_a_new_process_takes_over(sidecar):
     proc, sock = sidecar
     (child,) = workers(proc.pid)
     with grpc.insecure_channel(f"unix://{sock}") as channel:
@@ -71,8 +103,15 @@ def test_a_crash_of_llama_cpp_fails_the_call_and_stops_the_sidecar(sidecar):
         with pytest.raises(grpc.RpcError) as err:
             for _ in call:
                 pass
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "engine failed" in err.value.details()
-    assert proc.wait(timeout=60) == 3      # NOT_SERVING, then exit: the supervisor restarts it
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dict(err.value.trailing_metadata())["llmfdw-unavailable"] == "restarting"
+        assert "exited (status -9) while running this request" in err.value.details()
+        assert gone(child, 10)
+        new_worker(proc, child)
+        assert generates(stub)
+        assert model_state(stub) == (pb.MODEL_STATE_READY, "")
+    assert proc.poll() is None
+    assert not list(Path(tempfile.gettempdir()).glob(f"llmfdw-llama-{child}-*"))   # its listener went with it
 
 
 def test_the_worker_does_not_outlive_a_killed_sidecar(sidecar):
@@ -98,9 +137,21 @@ def test_the_next_sidecar_removes_what_a_killed_one_left(sidecar, run_dir, work_
         assert not left.exists()
 
 
-def test_a_worker_that_dies_while_idle_stops_the_sidecar_at_once(sidecar):
-    """Not at the next request: its supervisor restarts it before anyone is refused."""
+def test_a_worker_that_dies_while_idle_is_replaced_at_once_and_a_crash_loop_stops_the_sidecar(sidecar):
+    """Not at the next request: the new process loads while nobody waits.  Dying more than
+    MAX_RESTARTS times within RESTART_WINDOW_S is a loop a restart in place does not mend: the
+    sidecar exits 3 for its supervisor."""
+    from llm_sidecar.engines.llama_cpp import MAX_RESTARTS
+
     proc, sock = sidecar
     (child,) = workers(proc.pid)
-    os.kill(child, signal.SIGKILL)
+    with grpc.insecure_channel(f"unix://{sock}") as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        for _ in range(MAX_RESTARTS):
+            os.kill(child, signal.SIGKILL)
+            child = new_worker(proc, child)
+            assert generates(stub)
+        os.kill(child, signal.SIGKILL)
     assert proc.wait(timeout=60) == 3
+
+

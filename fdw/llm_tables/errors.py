@@ -66,6 +66,9 @@ _BY_CODE: dict[tuple[grpc.StatusCode, str | None], tuple[str, str | None, str]] 
         "{text}", "The sidecar restarts (its supervisor starts it again); "
                   "SELECT name, state, error FROM llm.models; shows why the model failed.",
         CANNOT_CONNECT_NOW),
+    (grpc.StatusCode.UNAVAILABLE, "restarting"): (
+        "{text}", "Run the statement again in a few seconds, once the model has loaded in its new process; "
+                  "SELECT name, state, error FROM llm.models; shows it.", CANNOT_CONNECT_NOW),
     (grpc.StatusCode.UNAVAILABLE, "draining"): (
         "{text}", "Retry shortly: the sidecar is restarting.", CANNOT_CONNECT_NOW),
     (grpc.StatusCode.UNAVAILABLE, ANY_MARK): ("{text}", _RETRY_HINT, CANNOT_CONNECT_NOW),

@@ -22,6 +22,8 @@ QUEUE_TIME = Histogram("llmfdw_queue_seconds", "Time from arrival until the engi
 FIRST_TOKEN = Histogram("llmfdw_time_to_first_token_seconds", "Time to the first generated text",
                         ["model"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 ENGINE_TOKENS = Counter("llmfdw_engine_tokens", "Tokens the engine decoded", ["model"])
+ENGINE_RESTARTS = Counter("llmfdw_engine_restarts", "Times a model's engine process died (and was started again "
+                          "unless it died too often)", ["model"])
 INPUT_TOKENS = Counter("llmfdw_input_tokens", "Prompt or input tokens read", ["model", "tenant"])
 OUTPUT_TOKENS = Counter("llmfdw_output_tokens", "Tokens returned to callers", ["model", "tenant"])
 EMBEDDED = Counter("llmfdw_embedded_inputs", "Texts embedded", ["model", "tenant"])

@@ -66,8 +66,8 @@ from llm_sidecar.chunking import (DEFAULT_MAX_CHARS, DEFAULT_SEPARATORS, Chunk a
                                   character_chunks)
 from llm_sidecar.config import SidecarConfig
 from llm_sidecar.engines.base import (CHARS_PER_TOKEN, FAILED, READY, EmbeddingEngine, Engine,
-                                         EngineFailed, GenerateFinal, GenerateParams, GenerationEngine,
-                                         RerankEngine)
+                                         EngineFailed, EngineRestarting, GenerateFinal, GenerateParams,
+                                         GenerationEngine, RerankEngine)
 from llm_sidecar.history import Bounds, History, Record
 from llm_sidecar.metering import Metered, UsageBook
 from llm_sidecar.progress import Key as ProgressKey, ProgressBook
@@ -96,7 +96,8 @@ ADMISSION_REJECTED = (("llmfdw-rejected", "queue-full"),)
 # UNAVAILABLE that the sidecar sent (it is up): why it cannot serve the request now.
 UNAVAILABLE_KEY = "llmfdw-unavailable"
 MODEL_LOADING = ((UNAVAILABLE_KEY, "loading"),)     # the model is loading: retry shortly
-MODEL_FAILED = ((UNAVAILABLE_KEY, "failed"),)       # failed to load / engine died: the sidecar exits
+MODEL_FAILED = ((UNAVAILABLE_KEY, "failed"),)       # failed to load / engine broke: the sidecar exits
+RESTARTING = ((UNAVAILABLE_KEY, "restarting"),)     # the engine's process died and is starting again
 DRAINING = ((UNAVAILABLE_KEY, "draining"),)         # shutting down (SIGTERM): retry once restarted
 
 
@@ -135,6 +136,7 @@ _STATUS: dict[type[BaseException], tuple[grpc.StatusCode, tuple[tuple[str, str],
     ModelLoading: (grpc.StatusCode.UNAVAILABLE, MODEL_LOADING),
     ModelFailed: (grpc.StatusCode.UNAVAILABLE, MODEL_FAILED),
     EngineFailed: (grpc.StatusCode.UNAVAILABLE, MODEL_FAILED),
+    EngineRestarting: (grpc.StatusCode.UNAVAILABLE, RESTARTING),
     Draining: (grpc.StatusCode.UNAVAILABLE, DRAINING),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, ()),
     LimitExceeded: (grpc.StatusCode.RESOURCE_EXHAUSTED, ADMISSION_REJECTED),
@@ -234,8 +236,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise WrongTask(f"model {name!r} is a {engine.config.task} model; it cannot {task}")
         if engine.state == FAILED:
             raise ModelFailed(f"model {name!r} failed to load: {engine.error}")
-        if engine.state != READY:
-            raise ModelLoading(f"model {name!r} is still loading; retry shortly")
+        if engine.state != READY:   # loading, or starting again after its process died (error says)
+            why = f"is starting again ({engine.error})" if engine.error else "is still loading"
+            raise ModelLoading(f"model {name!r} {why}; retry shortly")
         return engine
 
     @staticmethod

@@ -229,6 +229,9 @@ def test_oversized_request_fails_before_sending():
      [(errors.UNAVAILABLE_KEY, "loading")], errors.CANNOT_CONNECT_NOW, ["still loading"]),
     (grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down and takes no new requests",
      [(errors.UNAVAILABLE_KEY, "draining")], errors.CANNOT_CONNECT_NOW, ["shutting down"]),
+    (grpc.StatusCode.UNAVAILABLE, "model 'x': llama.cpp's process exited (status -9) while running this request; "
+     "a new one is starting, retry shortly", [(errors.UNAVAILABLE_KEY, "restarting")], errors.CANNOT_CONNECT_NOW,
+     ["exited (status -9)", "retry shortly"]),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (70000000 vs. 67108864)", (),
      errors.PROGRAM_LIMIT_EXCEEDED, ["too large"]),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant 'x' already has 2 requests running",
@@ -243,6 +246,12 @@ def test_status_codes_become_sql_errors(code, details, trailing, sqlstate, words
         assert word in str(err)
     if "not reachable" not in words:
         assert "not reachable" not in str(err)
+
+
+def test_a_restarting_engine_tells_the_user_to_run_the_statement_again():
+    err = errors.error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "model 'x': ... exited",
+                                             [(errors.UNAVAILABLE_KEY, "restarting")]), "unix:///s.sock")
+    assert err.sqlstate == errors.CANNOT_CONNECT_NOW and "Run the statement again" in err.hint
 
 
 # the sidecar's mark decides, never the message text (the proto's status contract)

@@ -121,6 +121,11 @@ class EngineFailed(RuntimeError):
     """The engine can no longer serve: the sidecar reports NOT_SERVING and exits."""
 
 
+class EngineRestarting(RuntimeError):
+    """The engine's process died under the request and is being started again (the sidecar
+    stays up): the request is lost, a retry shortly is served by the new process."""
+
+
 class Engine(abc.ABC):
     engine_name = ""
 
@@ -130,8 +135,8 @@ class Engine(abc.ABC):
         self.error = ""
         self.dimensions = 0
         self.context_length = config.context_length
-        # Set by the sidecar: called on its event loop when the engine dies between requests
-        # (a request that meets a dead engine raises EngineFailed instead)
+        # Set by the sidecar: called on its event loop when the engine can no longer serve and
+        # will not recover (a request that meets a dead engine raises EngineFailed instead)
         self.on_failure: Callable[[EngineFailed], None] | None = None
 
     @property

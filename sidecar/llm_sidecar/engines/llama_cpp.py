@@ -13,6 +13,13 @@ The sidecar's admission never hands llama.cpp more requests than it has
 slots, so a request starts decoding as soon as it gets here: its queue time
 is measured in admission, not hidden in llama.cpp's own task queue.
 
+A llama.cpp process that dies (a crash on some input, the OOM killer) is
+started again in place: the requests it ran fail with UNAVAILABLE
+("restarting"), the model answers "starting again" until the new process has
+loaded it, and every other model keeps serving.  More than MAX_RESTARTS deaths
+within RESTART_WINDOW_S is a crash loop, which a restart in place cannot
+mend: the engine fails and the sidecar exits 3 for its supervisor.
+
 llama.cpp's HTTP server comes with it: xllamacpp always starts its listener
 (an empty host list crashes the process), by default on 127.0.0.1 at a random
 port without a key, where any local user could generate past the sidecar's
@@ -24,6 +31,7 @@ has its slots and metrics endpoints off; engine_args may not change that.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -36,11 +44,17 @@ from llm_sidecar import metrics
 from llm_sidecar.config import ModelConfig
 from llm_sidecar.metering import Metered
 from llm_inference.v1.constraints import choices_grammar
-from llm_sidecar.engines.base import (FAILED, READY, EngineFailed, GenerateFinal, GenerateParams,
-                                         GenerationEngine)
+from llm_sidecar.engines.base import (FAILED, LOADING, READY, EngineFailed, EngineRestarting, GenerateFinal,
+                                         GenerateParams, GenerationEngine)
 from llm_sidecar.engines.llama_worker import ChildDied, LlamaWorker
 
+log = logging.getLogger("llm_sidecar")
+
 _FINISH = {"stop": "stop", "length": "length"}
+# A dead llama.cpp process is started again, unless it died more than MAX_RESTARTS times within
+# RESTART_WINDOW_S (a model that crashes on load, or on every request, would restart forever).
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 600.0
 # How long a cancelled request may take to leave its slot (llama.cpp checks at each token;
 # a long prompt still being read is not interrupted, so do not wait for it forever).
 STOP_WAIT_S = 2.0
@@ -122,24 +136,57 @@ class LlamaCppEngine(GenerationEngine):
             raise ValueError(f"model {config.name}: engine_args {listener} would open llama.cpp's HTTP "
                              f"server; the sidecar keeps it private and serves only through gRPC")
         self._worker: LlamaWorker | None = None
+        self._deaths: list[float] = []              # when its processes died (time.monotonic)
+        self._restart: asyncio.Task | None = None   # starting a new process
 
     async def load(self) -> None:
         settings = self.settings()
         if not os.path.exists(settings["model_path"]):
             raise FileNotFoundError(settings["model_path"])
+        self._worker = await self._start()
+        self.state = READY
+
+    async def _start(self) -> LlamaWorker:
+        """A new llama.cpp process with the model loaded; its death calls _died on this loop."""
         loop = asyncio.get_running_loop()
 
         def on_death(why: str) -> None:   # on the worker's reader thread
             if not loop.is_closed():
-                loop.call_soon_threadsafe(self._died, why)
-        self._worker = LlamaWorker(settings, on_death=on_death)
-        await asyncio.to_thread(self._worker.start)
-        self.state = READY
+                loop.call_soon_threadsafe(self._died, worker, why)
+        worker = LlamaWorker(self.settings(), on_death=on_death)
+        await asyncio.to_thread(worker.start)
+        return worker
 
-    def _died(self, why: str) -> None:
-        """llama.cpp's process ended on its own (killed, crashed while idle): the model is failed
-        now, not at the next request, so that the sidecar stops and its supervisor restarts it."""
+    def _died(self, worker: LlamaWorker, why: str) -> None:
+        """llama.cpp's process ended on its own (killed, crashed): start another at once, not at
+        the next request, unless this is a crash loop; then the model is failed, so that the
+        sidecar stops and its supervisor restarts it."""
+        if worker is not self._worker or self.state == FAILED:
+            return
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+        metrics.ENGINE_RESTARTS.labels(self.name).inc()
+        if len(self._deaths) > MAX_RESTARTS:
+            self._fail(f"{why}, the {len(self._deaths)}th time in {RESTART_WINDOW_S:.0f} s: not started again")
+            return
+        log.warning("model %s: %s; starting a new llama.cpp process", self.name, why)
+        self.state, self.error = LOADING, why
+        self._restart = asyncio.create_task(self._start_again(worker), name=f"{self.name}-restart")
+
+    async def _start_again(self, dead: LlamaWorker) -> None:
+        await asyncio.to_thread(dead.close)   # reaped already; removes its listener directory
+        try:
+            worker = await self._start()
+        except Exception as err:
+            self._fail(f"{self.error}; starting it again failed: {err}")
+            return
+        self._worker = worker
+        self.state, self.error = READY, ""
+        log.info("model %s ready again (llama.cpp process restarted)", self.name)
+
+    def _fail(self, why: str) -> None:
         self.state, self.error = FAILED, why
+        log.error("model %s: %s", self.name, why)
         if self.on_failure is not None:
             self.on_failure(EngineFailed(why))
 
@@ -160,6 +207,8 @@ class LlamaCppEngine(GenerationEngine):
         return {"model_path": cfg.path(), "threads": cfg.threads or os.cpu_count() or 1, "params": params}
 
     async def close(self) -> None:
+        if self._restart is not None:
+            self._restart.cancel()   # a process it was starting dies with the sidecar (PDEATHSIG)
         if self._worker is not None:
             await asyncio.to_thread(self._worker.close)
 
@@ -202,18 +251,22 @@ class LlamaCppEngine(GenerationEngine):
                 item: Any = chunk
             elif what == "refused":   # llama.cpp refused this request (std::invalid_argument)
                 item = {"error": {"message": message[2]}}
-            elif what == "broken":    # the engine itself broke (or its process died)
+            elif what == "broken":    # the engine itself broke
                 item = EngineFailed(message[2])
+            elif what == "died":      # its process died: _died starts another
+                item = EngineRestarting(f"model {self.name!r}: {message[2]} while running this request; "
+                                        f"a new one is starting, retry shortly")
             else:
                 loop.call_soon_threadsafe(left.set)
                 item = done
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         started = time.monotonic_ns()
+        worker = self._worker   # the process this request runs in, even if a new one starts
         try:
-            rid = self._worker.submit(kind, body, route)
-        except ChildDied as err:
-            raise EngineFailed(str(err)) from None
+            rid = worker.submit(kind, body, route)
+        except ChildDied as err:   # it died just now; its on_death is on the way
+            raise EngineRestarting(f"model {self.name!r}: {err}; a new one is starting, retry shortly") from None
         finish, counts, timings = "stop", {}, {}
         completed = False
         try:
@@ -247,7 +300,7 @@ class LlamaCppEngine(GenerationEngine):
                 # tells llama.cpp to drop it.  Wait for that (one decoding step), so the
                 # slot is free before admission hands it on, and meter what it cost.
                 try:
-                    self._worker.stop(rid)
+                    worker.stop(rid)
                 except ChildDied:
                     pass   # nothing left to stop
                 try:

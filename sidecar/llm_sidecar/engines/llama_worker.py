@@ -7,9 +7,9 @@ thread sleeps in the kernel and is woken again, at each of the ~100 barriers of 
 or a forward pass.  In one process, a one-text embedding took 16.8 ms instead of 9.1 ms beside a
 loaded llama.cpp (2 CPUs), and generation ran 20-40% slower beside an embedding model
 (engines/compute_thread.py).  In its own process each library has its libgomp to itself.  It
-also keeps a crash inside llama.cpp (an abort, a segfault) from taking the sidecar down: the
-engine reports EngineFailed and the sidecar goes NOT_SERVING as for any broken engine (at once
-when the child dies between requests: on_death).
+also keeps a crash inside llama.cpp (an abort, a segfault, the OOM killer) from taking the
+sidecar down: the requests it was running fail (UNAVAILABLE, "restarting"), and the engine
+starts a new child (engines/llama_cpp.py: on_death) while the other models keep serving.
 
 The protocol over a socketpair (multiprocessing.connection, pickled tuples), parent -> child:
   ("generate", rid, kind, body)  run handle_chat_completions ("chat") or handle_completions;
@@ -20,6 +20,8 @@ child -> parent:
   ("refused", rid, message)          llama.cpp refused the request (std::invalid_argument);
   ("broken", rid, message)           the engine itself failed on it;
   ("done", rid)                      the request left llama.cpp.
+and, made up by the reader here when the child is gone, to each request it was running:
+  ("died", rid, message), then ("done", rid).
 The child dies with the sidecar (PR_SET_PDEATHSIG) and exits when the pipe closes; its stdout and
 stderr (llama.cpp's log lines) reach the sidecar's stderr through another pipe.
 """
@@ -116,7 +118,7 @@ class LlamaWorker:
             asked = self._dead == "closed"
             self._dead = f"llama.cpp's process exited (status {code})"
             for rid, route in list(self._routes.items()):
-                route(("broken", rid, self._dead))
+                route(("died", rid, self._dead))
                 route(("done", rid))
             self._routes.clear()
             if not asked and self._on_death is not None:
