@@ -35,6 +35,8 @@ RUN apt-get update \
 COPY --from=build /out/ /
 COPY --from=build /opt/llmfdw /opt/llmfdw
 COPY sql/llm_schema.sql /usr/share/llmfdw/llm_schema.sql
+# the exporter's login role, which the chart's DDL Job makes (postgres.exporter)
+COPY sql/monitor_role.sql /usr/share/llmfdw/monitor_role.sql
 # postgres_exporter's vectorizer queries (the chart's optional exporter container: postgres.exporter)
 COPY dashboards/postgres_exporter_queries.yaml /usr/share/llmfdw/postgres_exporter_queries.yaml
 RUN echo "llmfdw.python_path = '/opt/llmfdw/venv/lib/python3.11/site-packages'" \

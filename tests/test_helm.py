@@ -388,9 +388,21 @@ def test_colocated_exporter_serves_vectorizer_metrics_as_a_monitoring_role(rende
     assert {"name": "exporter", "port": 9187, "targetPort": "exporter", "protocol": "TCP"} in service["spec"]["ports"]
     dockerfile = (DOCKER / "postgres.Dockerfile").read_text()
     assert "prometheus-postgres-exporter" in dockerfile and "dashboards/postgres_exporter_queries.yaml" in dockerfile
+    # the DDL Job makes that role (sql/monitor_role.sql, tests/test_monitor_role.py) from the same Secret
+    assert "COPY sql/monitor_role.sql /usr/share/llmfdw/monitor_role.sql" in dockerfile
+    job = _kind(docs, "Job")[0]
+    script = _containers(job)["ddl"]["command"][-1]
+    assert ("LLMFDW_MONITOR_PASSWORD_FILE=/etc/llmfdw/exporter/password psql \"$conn\" -v ON_ERROR_STOP=1 "
+            "-v monitor_user='llm_monitor' -f /usr/share/llmfdw/monitor_role.sql") in script
+    assert script.index("llm_schema.sql") < script.index("monitor_role.sql")   # llm_dashboard exists by then
+    job_secret = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "exporter-password"]
+    assert job_secret[0]["secret"] == secret[0]["secret"]
+    assert {"name": "exporter-password", "mountPath": "/etc/llmfdw/exporter", "readOnly": True} in \
+        _containers(job)["ddl"]["volumeMounts"]
     # off by default; on without a password Secret, refused
     default = _render(chart, {"mode": "colocated", "postgres": {"auth": {"password": "x"}}})
     assert "exporter" not in _containers(_kind(default, "StatefulSet", "postgres")[0])
+    assert "monitor_role.sql" not in _containers(_kind(default, "Job")[0])["ddl"]["command"][-1]
     with pytest.raises(Exception, match="passwordSecret"):
         _render(chart, {"mode": "colocated", "postgres": {"auth": {"password": "x"}, "exporter": {"enabled": True}}})
 
