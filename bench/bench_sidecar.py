@@ -35,7 +35,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from bench.common import WORDS, corpus, save  # noqa: E402
+from bench.common import WORDS, corpus, save, uncached_config, write_config  # noqa: E402
 from sidecar_process import running_sidecar  # noqa: E402
 
 from llm_sidecar import engines  # noqa: E402
@@ -223,7 +223,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="llmfdw-bench-") as tmp:
         socket = os.path.join(tmp, "sidecar.sock")
-        with running_sidecar(socket, log_path=os.path.join(tmp, "sidecar.log")):
+        # the result cache off: the rounds send the same texts and prompts again, and the in-process
+        # side has no cache (it calls the engines)
+        config = write_config(uncached_config(), Path(tmp) / "models.yaml")
+        with running_sidecar(socket, str(config), log_path=os.path.join(tmp, "sidecar.log")):
             results = asyncio.run(bench(args, socket))
     results["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     for n, row in results["generate"].items():
