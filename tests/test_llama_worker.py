@@ -7,10 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from llm_inference.v1 import inference_pb2 as pb
@@ -112,6 +114,54 @@ def test_a_crash_of_llama_cpp_fails_its_call_and_a_new_process_takes_over(sideca
         assert model_state(stub) == (pb.MODEL_STATE_READY, "")
     assert proc.poll() is None
     assert not list(Path(tempfile.gettempdir()).glob(f"llmfdw-llama-{child}-*"))   # its listener went with it
+
+
+def test_through_sql_the_lost_query_says_to_run_it_again_and_the_next_one_is_answered(sidecar, pg_dsn):
+    """What a user sees: SQLSTATE 57P03 with the cause and a hint for the query that was running,
+    then answers again from the new process, on the same connection."""
+    proc, sock = sidecar
+    (child,) = workers(proc.pid)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("DROP SCHEMA IF EXISTS llama_restart CASCADE")
+        admin.execute("DROP SERVER IF EXISTS llama_restart CASCADE")
+        admin.execute(f"CREATE SERVER llama_restart FOREIGN DATA WRAPPER llmfdw OPTIONS (address 'unix://{sock}')")
+        admin.execute("CREATE SCHEMA llama_restart")
+        admin.execute("IMPORT FOREIGN SCHEMA llm LIMIT TO (completions) FROM SERVER llama_restart INTO llama_restart")
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            outcome: dict = {}
+
+            def long_query() -> None:
+                try:
+                    conn.execute("SELECT completion FROM llama_restart.completions WHERE max_tokens = 2000 "
+                                 "AND prompt = 'Write a very long story about a lighthouse.'").fetchall()
+                except psycopg.Error as err:
+                    outcome["error"] = err
+            pid = conn.info.backend_pid
+            query = threading.Thread(target=long_query)
+            query.start()
+            with psycopg.connect(pg_dsn, autocommit=True) as watch:   # its 2,000 tokens take ~20 s here
+                end = time.monotonic() + 30
+                while watch.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() != ("active",):
+                    assert time.monotonic() < end
+                    time.sleep(0.05)
+            time.sleep(1.0)   # past reading the prompt: decoding
+            with grpc.insecure_channel(f"unix://{sock}") as channel:
+                stub = pb_grpc.InferenceStub(channel)
+                os.kill(child, signal.SIGKILL)
+                query.join(30)
+                err = outcome["error"]
+                assert err.sqlstate == "57P03", err
+                assert "exited (status -9) while running this request" in err.diag.message_primary
+                assert "Run the statement again" in err.diag.message_hint
+                new_worker(proc, child)
+                generates(stub)   # the model is back
+            assert conn.execute("SELECT length(completion) > 0 FROM llama_restart.completions "
+                                "WHERE prompt = 'Say hi.' AND max_tokens = 4").fetchone() == (True,)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("DROP SCHEMA IF EXISTS llama_restart CASCADE")
+            admin.execute("DROP SERVER IF EXISTS llama_restart CASCADE")
 
 
 def test_the_worker_does_not_outlive_a_killed_sidecar(sidecar):
