@@ -74,6 +74,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-postgres" (include "llmfdw.fullname" .)) .Values.postgres.auth.existingSecret -}}
 {{- end -}}
 
+{{/* The exporter's password file (postgres.exporter): the exporter container and the DDL Job,
+which makes its role with it, mount the same volume. */}}
+{{- define "llmfdw.exporterPasswordVolume" -}}
+- name: exporter-password
+  secret:
+    secretName: {{ .Values.postgres.exporter.passwordSecret.name }}
+    defaultMode: 0440
+    items: [{key: {{ .Values.postgres.exporter.passwordSecret.key }}, path: password}]
+{{- end -}}
+
 {{/* The sidecar's YAML without tokens: what the ConfigMap holds. */}}
 {{- define "llmfdw.sidecarConfig" -}}
 {{- $tenants := list -}}

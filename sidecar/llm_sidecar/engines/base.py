@@ -136,7 +136,8 @@ class Engine(abc.ABC):
         self.dimensions = 0
         self.context_length = config.context_length
         # Set by the sidecar: called on its event loop when the engine can no longer serve and
-        # will not recover (a request that meets a dead engine raises EngineFailed instead)
+        # will not recover (a request that meets a dead engine raises EngineFailed, or
+        # EngineRestarting where the engine starts its process again)
         self.on_failure: Callable[[EngineFailed], None] | None = None
 
     @property

@@ -184,6 +184,10 @@ class LlamaCppEngine(GenerationEngine):
         self.state, self.error = READY, ""
         log.info("model %s ready again (llama.cpp process restarted)", self.name)
 
+    def _restarting(self, why: str) -> EngineRestarting:
+        """What a request that lost its llama.cpp process raises."""
+        return EngineRestarting(f"model {self.name!r}: {why}; a new one is starting, retry shortly")
+
     def _fail(self, why: str) -> None:
         self.state, self.error = FAILED, why
         log.error("model %s: %s", self.name, why)
@@ -254,8 +258,7 @@ class LlamaCppEngine(GenerationEngine):
             elif what == "broken":    # the engine itself broke
                 item = EngineFailed(message[2])
             elif what == "died":      # its process died: _died starts another
-                item = EngineRestarting(f"model {self.name!r}: {message[2]} while running this request; "
-                                        f"a new one is starting, retry shortly")
+                item = self._restarting(f"{message[2]} while running this request")
             else:
                 loop.call_soon_threadsafe(left.set)
                 item = done
@@ -266,7 +269,7 @@ class LlamaCppEngine(GenerationEngine):
         try:
             rid = worker.submit(kind, body, route)
         except ChildDied as err:   # it died just now; its on_death is on the way
-            raise EngineRestarting(f"model {self.name!r}: {err}; a new one is starting, retry shortly") from None
+            raise self._restarting(str(err)) from None
         finish, counts, timings = "stop", {}, {}
         completed = False
         try:
